@@ -1,0 +1,153 @@
+"""Config validation: every user mistake found before any heavy work.
+
+`validate(config)` returns a list of readable problems (empty when the config
+is good). It checks types, ranges and choices, the static shapes jit needs,
+and that the paths the run will read exist. The device-count check imports
+JAX; everything else is plain Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ml_collections import config_dict
+
+FIELD_HINT = (
+    "Check the spelling against ssr_jax/config_defaults.py "
+    "(e.g. --config.train.batch_size=8)."
+)
+
+MODES = ("train", "eval", "pseudo_labels")
+DATASETS = ("voc", "coco", "synthetic")
+PATCH = 16  # ViT-B/16 and ViT-S/16; the synthetic tiny encoders use 16 too
+
+
+class ConfigError(ValueError):
+    """A config problem found after start-up (e.g. by a loader)."""
+
+
+def _choice(errors, name, value, options):
+    if value not in options:
+        errors.append(f"{name}={value!r}: choose one of {', '.join(options)}")
+
+
+def _positive(errors, name, value, allow_zero=False):
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        errors.append(f"{name}={value!r}: must be {bound}")
+
+
+def _unit(errors, name, value):
+    if not 0.0 <= value <= 1.0:
+        errors.append(f"{name}={value!r}: must lie in [0, 1]")
+
+
+def validate(config: config_dict.ConfigDict, check_devices: bool = True):
+    """Returns a list of problems with `config` (empty if none)."""
+    e: list[str] = []
+    _choice(e, "mode", config.mode, MODES)
+    d = config.data
+    _choice(e, "data.name", d.name, DATASETS)
+    _choice(e, "data.normalization", d.normalization, ("imagenet", "clip"))
+    _choice(e, "data.label_source", d.label_source, ("auto", "mask", "xml"))
+    if d.crop_size % PATCH:
+        e.append(f"data.crop_size={d.crop_size}: must be a multiple of the "
+                 f"patch size {PATCH}")
+    _positive(e, "data.crop_size", d.crop_size)
+    _positive(e, "data.num_classes", d.num_classes)
+    if d.num_classes < 2:
+        e.append("data.num_classes must count background plus >= 1 class")
+    lo, hi = d.rescale_range
+    if not 0 < lo <= hi:
+        e.append(f"data.rescale_range={tuple(d.rescale_range)}: need "
+                 "0 < low <= high")
+    _positive(e, "data.max_classes_per_image", d.max_classes_per_image)
+    _positive(e, "data.num_workers", d.num_workers, allow_zero=True)
+
+    _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    _choice(e, "cam.target", config.cam.target, ("ln1_output", "ln1_input"))
+    _positive(e, "cam.logit_scale", config.cam.logit_scale)
+
+    p = config.cmpa
+    _choice(e, "cmpa.variant", p.variant, ("none", "feature", "intra", "cross"))
+    _choice(e, "cmpa.positive", p.positive, ("kmeans", "class"))
+    _positive(e, "cmpa.tau_init", p.tau_init)
+    _positive(e, "cmpa.tau_min", p.tau_min)
+    _positive(e, "cmpa.recluster_every", p.recluster_every)
+    _positive(e, "cmpa.bank_size", p.bank_size)
+    _positive(e, "cmpa.num_prototypes", p.num_prototypes, allow_zero=True)
+    if config.cam.projected and p.variant == "none":
+        e.append("cam.projected=True needs the CMPA heads; with "
+                 "cmpa.variant='none' set cam.projected=False")
+
+    s = config.sgc
+    _choice(e, "sgc.mask", s.mask, ("superpixel", "box", "none"))
+    _choice(e, "sgc.colour_space", s.colour_space, ("lab", "rgb"))
+    if s.use_dino_attn and not s.use_clip_attn and s.clip_weight > 0:
+        e.append("sgc.use_dino_attn without sgc.use_clip_attn: set "
+                 "sgc.clip_weight=0 to propagate with DINO alone")
+    for name in ("clip_weight", "dino_weight", "theta_h", "theta_r",
+                 "patch_fraction", "box_threshold"):
+        _unit(e, f"sgc.{name}", s[name])
+    _positive(e, "sgc.clip_layers", s.clip_layers)
+    _positive(e, "sgc.slic_segments", s.slic_segments)
+    if s.max_segments < s.slic_segments:
+        e.append(f"sgc.max_segments={s.max_segments} must be >= "
+                 f"sgc.slic_segments={s.slic_segments}")
+    _positive(e, "sgc.colour_k", s.colour_k)
+
+    _positive(e, "par.iters", config.par.iters, allow_zero=True)
+    for w in ("proto_weight", "seg_weight", "aff_weight"):
+        _positive(e, f"loss.{w}", config.loss[w], allow_zero=True)
+
+    o = config.optim
+    _positive(e, "optim.lr", o.lr)
+    _positive(e, "optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(e, "optim.decoder_lr_mult", o.decoder_lr_mult)
+    _positive(e, "optim.warmup_steps", o.warmup_steps, allow_zero=True)
+
+    t = config.train
+    _positive(e, "train.batch_size", t.batch_size)
+    _positive(e, "train.num_steps", t.num_steps)
+    _positive(e, "train.log_every", t.log_every)
+    _positive(e, "train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive(e, "train.keep_checkpoints", t.keep_checkpoints)
+
+    ev = config.eval
+    _positive(e, "eval.long_side", ev.long_side)
+    if not ev.scales or any(x <= 0 for x in ev.scales):
+        e.append(f"eval.scales={tuple(ev.scales)}: need positive scales")
+
+    _choice(e, "distributed.initialize", config.distributed.initialize,
+            ("auto", "yes", "no"))
+
+    if d.name != "synthetic":
+        _paths(e, config)
+    if check_devices and not e:
+        _devices(e, config)
+    return e
+
+
+def _paths(e: list[str], config) -> None:
+    if not config.data.root:
+        e.append("data.root is empty: point it at the dataset root "
+                 "(see README 'Data preparation')")
+    elif not os.path.isdir(config.data.root):
+        e.append(f"data.root={config.data.root!r} does not exist")
+    for name in ("clip_path", "dino_path"):
+        path = config.model[name]
+        if not path:
+            e.append(f"model.{name} is empty: point it at a Hugging Face "
+                     "snapshot directory (config.json + model.safetensors)")
+        elif not os.path.isdir(path):
+            e.append(f"model.{name}={path!r} does not exist")
+
+
+def _devices(e: list[str], config) -> None:
+    import jax
+
+    n = jax.device_count()
+    if config.train.batch_size % n:
+        e.append(f"train.batch_size={config.train.batch_size} is not "
+                 f"divisible by the {n} devices; use a multiple of {n}")

@@ -1,0 +1,243 @@
+"""Default values shared by every config in `configs/`.
+
+Plain `ml_collections`, no heavy imports: config files import this module.
+Tags in comments follow SPEC.md: [paper] stated by SSR, [WeCLIP] inherited
+from the WeCLIP code, [choice] our decision where the paper is silent. Every
+[choice] is a field here so that a user can change it from the command line,
+e.g. `--config.sgc.theta_r=0.6`.
+"""
+
+from ml_collections import config_dict
+
+VOC_MAX_CLASSES_PER_IMAGE = 6  # counted on VOC train_aug label files
+COCO_MAX_CLASSES_PER_IMAGE = 18  # counted on COCO train2014
+
+
+def base_config() -> config_dict.ConfigDict:
+    """Everything shared by VOC, COCO and the synthetic world."""
+    c = config_dict.ConfigDict()
+    c.mode = "train"  # train | eval | pseudo_labels
+    c.seed = 0
+
+    # --- data ---------------------------------------------------------------
+    c.data = d = config_dict.ConfigDict()
+    d.name = "voc"  # voc | coco | synthetic
+    d.root = ""  # dataset root (see README "Data preparation")
+    d.train_split = "train_aug"  # list file under ImageSets/Segmentation
+    d.val_split = "val"
+    d.seed_split = "train"  # split where CAM seeds and pseudo labels are scored
+    d.strict = True  # corrupt image: error (True) or counted skip (False)
+    d.num_classes = 21  # including background
+    d.ignore_index = 255
+    d.crop_size = 320  # [WeCLIP] training crop, multiple of the patch size
+    d.rescale_range = (0.5, 2.0)  # [WeCLIP] random rescale ratio
+    d.hflip = True  # [WeCLIP] random horizontal flip
+    d.normalization = "imagenet"  # [WeCLIP quirk] imagenet | clip mean/std
+    d.max_classes_per_image = VOC_MAX_CLASSES_PER_IMAGE  # static class padding
+    d.label_source = "auto"  # auto | mask | xml: where image labels come from
+    d.num_workers = 4  # input-pipeline threads (SLIC runs there)
+    d.prefetch = 8  # batches prefetched per process
+    d.cache_dir = ""  # label/SLIC caches; "" = <root>/.ssr_jax_cache
+    d.shuffle_seed = 0
+
+    # --- model --------------------------------------------------------------
+    c.model = m = config_dict.ConfigDict()
+    m.clip_path = ""  # HF snapshot dir of openai/clip-vit-base-patch16
+    m.dino_path = ""  # HF snapshot dir of facebook/dino-vits16
+    m.dtype = "float32"  # frozen-encoder compute dtype: float32 | bfloat16
+    m.decoder = dec = config_dict.ConfigDict()
+    dec.num_layers_in = 11  # [WeCLIP] CLIP blocks 1..11 feed the decoder
+    dec.embed_dim = 256  # [WeCLIP] per-block MLP width and fuse width
+    dec.depth = 3  # [WeCLIP] transformer decoder layers
+    dec.heads = 8  # [WeCLIP]
+    dec.dropout = 0.1  # [WeCLIP] Dropout2d after the fuse conv
+
+    # --- text bank ----------------------------------------------------------
+    c.text = t = config_dict.ConfigDict()
+    t.template = "a clean origami {}."  # [WeCLIP] prompt template
+    t.cache = True  # cache the embedded bank beside the workdir (.npz)
+
+    # --- initial CAM (GradCAM) ---------------------------------------------
+    c.cam = cam = config_dict.ConfigDict()
+    # [choice] logits through the CMPA heads, how CMPA raises the initial CAM.
+    cam.projected = True
+    # [choice] GradCAM activation: "ln1_output" is what CLIP-ES/WeCLIP hook
+    # (forward hook on resblocks[-1].ln_1); "ln1_input" is the block input.
+    cam.target = "ln1_output"
+    cam.logit_scale = 100.0  # [WeCLIP] cosine similarity scale
+
+    # --- CMPA (Eq. 1-6) -----------------------------------------------------
+    c.cmpa = p = config_dict.ConfigDict()
+    # [choice] Table 4 variants: none | feature | intra | cross (SSR)
+    p.variant = "cross"
+    p.hidden_dim = 512  # [choice] ISA/TSA: Dense(512)-BN-ReLU-Dense(dim)
+    p.dim = 256  # [choice] d2
+    p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
+    p.tau_min = 0.01  # [choice] clamp for log tau
+    p.recluster_every = 5000  # [paper] prototype update interval (steps)
+    p.positive = "kmeans"  # [choice] kmeans (cluster pseudo-label) | class
+    p.num_prototypes = 0  # [choice] K; 0 = number of foreground classes
+    p.kmeans_iters = 20  # [choice] Lloyd iterations
+    p.bank_size = 4096  # [choice] feature bank (ring buffer) in train state
+
+    # --- SGC (Eq. 7-11) -----------------------------------------------------
+    c.sgc = s = config_dict.ConfigDict()
+    s.use_clip_attn = True  # Table 3 step 2: propagate with CLIP attention
+    s.use_dino_attn = True  # Table 3 step 3: fuse DINO attention
+    # Table 3 step 4: superpixel (SGC) | box (WeCLIP/CLIP-ES CAA) | none
+    s.mask = "superpixel"
+    s.clip_weight = 0.4  # [paper] CLIP:DINO = 0.4:0.6
+    s.dino_weight = 0.6  # [paper]
+    s.clip_layers = 8  # [WeCLIP] mean of the last 8 blocks' attention
+    s.sinkhorn_iters = 3  # [WeCLIP] column/row normalisation rounds
+    s.box_threshold = 0.4  # [WeCLIP] scoremap2bbox threshold (COCO 0.7)
+    s.slic_segments = 100  # [choice] skimage SLIC n_segments
+    s.slic_compactness = 10.0  # [choice]
+    s.max_segments = 256  # [choice] static padding of superpixel ids
+    s.slic_cache = True  # [choice] SLIC once per image, ids transformed
+    s.colour_k = 8  # [choice] K of the colour K-means over superpixels
+    s.colour_iters = 10  # [choice] Lloyd iterations of the colour K-means
+    s.colour_space = "lab"  # [choice] lab | rgb
+    s.theta_h = 0.4  # [choice] high-confidence threshold (COCO 0.7)
+    s.theta_r = 0.5  # [choice] ratio threshold for a target cluster
+    s.patch_fraction = 0.5  # [choice] patch is target if >= this pixel share
+
+    # --- pseudo labels / PAR -----------------------------------------------
+    c.par = r = config_dict.ConfigDict()
+    r.iters = 20  # [WeCLIP]
+    r.dilations = (1, 2, 4, 8, 12, 24)  # [WeCLIP]
+    r.pos_weight = 0.01  # [WeCLIP] colour + 0.01 * position affinity
+    r.temperature = 0.3  # [WeCLIP]
+    r.bg_power = 1.0  # [WeCLIP] background = (1 - max cam) ** bg_power
+
+    # --- losses (Eq. 12) ----------------------------------------------------
+    c.loss = lo = config_dict.ConfigDict()
+    lo.proto_weight = 1.0  # [paper]
+    lo.seg_weight = 0.1  # [paper] gamma
+    lo.aff_weight = 0.0  # [WeCLIP] affinity loss, off for SSR (0.1 in WeCLIP)
+    lo.aff_radius = 8  # [WeCLIP]
+    lo.rfm = False  # [WeCLIP] refinement module, off for SSR
+    lo.rfm_start = 15000  # [WeCLIP] step at which RFM switches on
+
+    # --- optimiser ----------------------------------------------------------
+    c.optim = o = config_dict.ConfigDict()
+    o.preset = "paper"
+    o.lr = 1e-5  # [paper]
+    o.weight_decay = 2e-3  # [paper]
+    o.decoder_lr_mult = 1.0  # [WeCLIP] 10 in the weclip preset
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.warmup_steps = 50  # [WeCLIP] linear warmup
+    o.warmup_ratio = 1e-6  # [WeCLIP]
+    o.poly_power = 1.0  # [WeCLIP] poly decay; 0 = constant after warmup
+    o.grad_clip = 0.0  # [choice] global-norm clip, 0 = off
+
+    # --- training loop ------------------------------------------------------
+    c.train = tr = config_dict.ConfigDict()
+    tr.batch_size = 128  # [paper] global batch
+    tr.num_steps = 30000  # [paper]
+    tr.log_every = 50
+    tr.eval_every = 2000  # 0 = no in-training eval
+    tr.checkpoint_every = 1000
+    tr.keep_checkpoints = 3
+    tr.progress = True  # tqdm progress bar
+
+    # --- evaluation ---------------------------------------------------------
+    c.eval = ev = config_dict.ConfigDict()
+    ev.checkpoint = ""  # eval mode: checkpoint dir or step ("" = latest)
+    ev.split = "val"
+    ev.long_side = 512  # [WeCLIP]
+    ev.scales = (1.0, 0.75)  # [WeCLIP]
+    ev.flip = True  # [WeCLIP]
+    ev.crf = False  # DenseCRF (needs the optional pydensecrf2)
+    ev.crf_iters = 10  # [WeCLIP]
+    ev.crf_pos_xy = 3.0
+    ev.crf_pos_w = 3.0
+    ev.crf_bi_xy = 64.0
+    ev.crf_bi_rgb = 5.0
+    ev.crf_bi_w = 4.0
+    ev.crf_workers = 0  # 0 = half the CPU cores (DenseCRF is memory hungry)
+    ev.save_predictions = True  # PNGs with the VOC palette
+    ev.max_images = 0  # 0 = the whole split
+
+    # --- multi-host ---------------------------------------------------------
+    c.distributed = dist = config_dict.ConfigDict()
+    dist.initialize = "auto"  # auto (env vars / TPU VM) | yes | no
+    dist.coordinator_address = ""
+    dist.num_processes = 0
+    dist.process_id = -1
+    return c
+
+
+def apply_preset(c: config_dict.ConfigDict, preset: str, dataset: str) -> None:
+    """Optimiser presets: `paper` (SSR's numbers) and `weclip` (WeCLIP's)."""
+    voc = dataset != "coco"
+    if preset == "paper":
+        c.optim.preset = "paper"
+        c.optim.lr = 1e-5
+        c.optim.weight_decay = 2e-3
+        c.optim.decoder_lr_mult = 1.0
+        c.train.batch_size = 128 if voc else 256
+    elif preset == "weclip":
+        c.optim.preset = "weclip"
+        c.optim.lr = 2e-4
+        c.optim.weight_decay = 0.01
+        c.optim.decoder_lr_mult = 10.0
+        c.train.batch_size = 4 if voc else 8
+    else:
+        raise ValueError(
+            f"unknown preset {preset!r}; choose 'paper' or 'weclip'"
+        )
+    c.optim.warmup_steps = 50
+    c.optim.poly_power = 1.0
+    c.train.num_steps = 30000 if voc else 80000
+
+
+def shrink_for_tests(c: config_dict.ConfigDict) -> None:
+    """The `tiny` variant: same code path, laptop-sized numbers."""
+    c.data.crop_size = 64
+    c.data.num_workers = 2
+    c.data.prefetch = 2
+    c.train.batch_size = 2
+    c.train.num_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 1
+    c.train.progress = False
+    c.cmpa.bank_size = 64
+    c.cmpa.recluster_every = 1
+    c.cmpa.kmeans_iters = 3
+    c.sgc.slic_segments = 16
+    c.sgc.max_segments = 64
+    c.sgc.colour_iters = 3
+    c.par.iters = 2
+    c.eval.long_side = 64
+    c.eval.max_images = 2
+
+
+def dataset_config(dataset: str, arg: str) -> config_dict.ConfigDict:
+    """Config for `voc` or `coco` from an argument like "weclip,tiny"."""
+    parts = [p.strip() for p in (arg or "paper").split(",") if p.strip()]
+    presets = [p for p in parts if p in ("paper", "weclip")]
+    unknown = [p for p in parts if p not in ("paper", "weclip", "tiny")]
+    if unknown or len(presets) > 1:
+        raise ValueError(
+            f"bad config argument {arg!r}: use one of 'paper'/'weclip', "
+            "optionally followed by ',tiny'"
+        )
+    c = base_config()
+    c.data.name = dataset
+    if dataset == "coco":
+        c.data.num_classes = 81
+        c.data.train_split = "train"
+        c.data.val_split = "val"
+        c.data.seed_split = "train"
+        c.data.max_classes_per_image = COCO_MAX_CLASSES_PER_IMAGE
+        c.sgc.theta_h = 0.7  # [choice] as the CLIP-ES COCO box threshold
+        c.sgc.box_threshold = 0.7  # [WeCLIP]
+        c.loss.rfm_start = 40000  # [WeCLIP]
+    apply_preset(c, presets[0] if presets else "paper", dataset)
+    if "tiny" in parts:
+        shrink_for_tests(c)
+    return c
