@@ -1,0 +1,230 @@
+"""SSR put together: frozen encoders → CAM → SGC → PAR → decoder → losses.
+
+The composition of the method modules that `train`, `evaluate` and the
+benchmarks share. Everything here runs inside jit:
+
+- `SSRModel`: the trainable parts (WeCLIP decoder, CMPA heads with log τ).
+- `pseudo_label_path`: the online pseudo labels (SPEC 1.1–1.7): CLIP blocks
+  1..11 (no gradient), GradCAM through block 12 (Eq. 1–2 heads when
+  `cam.projected`), CLIP + DINO affinity, superpixel mask, refinement
+  (Eq. 7–11), PAR and argmax.
+- `loss_fn`: L = L_proto + γ·L_seg (+ optional WeCLIP affinity loss),
+  Eq. 12.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssr_jax import cam as cam_lib
+from ssr_jax import cmpa as cmpa_lib
+from ssr_jax import losses
+from ssr_jax import par as par_lib
+from ssr_jax import sgc as sgc_lib
+from ssr_jax.models import decoder as decoder_lib
+from ssr_jax.models.resize import resize
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise(image: Array, kind: str = "imagenet") -> Array:
+    """uint8 [B, H, W, 3] → float32, mean/std normalised (SPEC 1.11)."""
+    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if kind == "imagenet"
+                 else (CLIP_MEAN, CLIP_STD))
+    x = image.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+class SSRModel(nnx.Module):
+    """Trainable parts of SSR: the decoder and the CMPA heads (with log τ).
+
+    CLIP and DINO are frozen and live outside this module (and outside the
+    optimiser).
+    """
+
+    def __init__(self, config, *, clip_width: int, embed_dim: int,
+                 rngs: nnx.Rngs):
+        dc = config.model.decoder
+        self.decoder = decoder_lib.Decoder(
+            in_dim=clip_width, num_layers_in=dc.num_layers_in,
+            embed_dim=dc.embed_dim, depth=dc.depth, heads=dc.heads,
+            num_classes=config.data.num_classes, dropout=dc.dropout,
+            rngs=rngs)
+        self.heads = cmpa_lib.CMPAHeads(
+            in_dim=embed_dim, hidden_dim=config.cmpa.hidden_dim,
+            dim=config.cmpa.dim, tau_init=config.cmpa.tau_init, rngs=rngs)
+
+
+def _patch_tokens(x: Array) -> Array:
+    return x[:, 1:]
+
+
+def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
+                      text_bg: Array, config, *, all_steps: bool = False,
+                      ) -> dict[str, Any]:
+    """The online pseudo-label path, all inside jit (SPEC 1.1–1.7).
+
+    Args:
+      clip: the Flax CLIP (frozen).
+      dino: the Flax DINO ViT (frozen), or None when unused.
+      heads: `cmpa.CMPAHeads` (used in eval mode for the CAM), or None.
+      batch: the batch of docs/DESIGN.md ("image", "valid", "labels",
+        "superpixels").
+      text_fg: [C, E] foreground text bank (L2-normalised).
+      text_bg: [M, E] background text bank.
+      config: the run config (Python constants only are read).
+      all_steps: also return the CAMs after each Table 3 step (seed
+        evaluation); the train step leaves it off.
+
+    Returns:
+      dict with "labels" [B, H, W] int32 pseudo labels (255 on padding),
+      "cams" [B, K, h, w] initial CAMs, "refined" [B, K, h, w],
+      "cls_ids" [B, K], "slot_valid" [B, K], "hidden" [L, B, N, D] (decoder
+      input), "tokens" [B, N, E] projected patch tokens, "grid", and with
+      `all_steps` a dict "steps" of refined CAMs per Table 3 step.
+    """
+    image = batch["image"]
+    b, h_px, w_px, _ = image.shape
+    pixels = normalise(image, config.data.normalization)
+    vision = clip.vision
+    n_layers = len(vision.layers)
+    x = vision.embed(pixels)
+    grid = (h_px // vision.patch_size, w_px // vision.patch_size)
+    x11, out = vision.run_blocks(x, 0, n_layers - 1)
+    x11 = jax.lax.stop_gradient(x11)
+    block = vision.layers[-1]
+
+    kmax = config.data.max_classes_per_image
+    cls_ids = cam_lib.present_classes(batch["labels"], kmax)
+    slot_valid = cls_ids >= 0
+    head_fns = None
+    if config.cam.projected and heads is not None:
+        head_fns = (lambda v: heads.isa(v, train=False),
+                    lambda t: heads.tsa(t, train=False))
+    cams, aux = cam_lib.initial_cams(
+        block.layer_norm1, block.from_ln1, vision.project, x11, text_fg,
+        text_bg, cls_ids, grid, target=config.cam.target,
+        logit_scale=config.cam.logit_scale, heads=head_fns)
+    cams = jax.lax.stop_gradient(cams)
+
+    attn = tuple(out["attn"]) + (aux["attn"],)
+    clip_aff = sgc_lib.clip_affinity(attn, config.sgc.clip_layers)
+    dino_aff = None
+    s = config.sgc
+    if s.use_dino_attn and dino is not None:
+        _, dout = dino(normalise(image, "imagenet"))
+        dino_aff = sgc_lib.drop_cls(dout["attn"][-1])
+
+    def refine(use_clip, use_dino, mask_kind):
+        return sgc_lib.refine_cams(
+            cams, slot_valid, clip_attn=clip_aff, dino_attn=dino_aff,
+            image=image, superpixels=batch["superpixels"],
+            valid=batch["valid"], use_clip_attn=use_clip,
+            use_dino_attn=use_dino, mask_kind=mask_kind,
+            clip_weight=s.clip_weight, dino_weight=s.dino_weight,
+            sinkhorn_iters=s.sinkhorn_iters, box_threshold=s.box_threshold,
+            colour_k=s.colour_k, colour_iters=s.colour_iters,
+            colour_space=s.colour_space, theta_h=s.theta_h,
+            theta_r=s.theta_r, patch_fraction=s.patch_fraction,
+            num_segments=s.max_segments)
+
+    refined = refine(s.use_clip_attn, s.use_dino_attn and dino is not None,
+                     s.mask)
+    p = config.par
+    labels = par_lib.pseudo_labels(
+        refined, cls_ids, pixels, batch["valid"], iters=p.iters,
+        dilations=tuple(p.dilations), pos_weight=p.pos_weight,
+        temperature=p.temperature, bg_power=p.bg_power,
+        ignore_index=config.data.ignore_index)
+
+    hidden = jnp.stack(
+        [_patch_tokens(hs) for hs in
+         out["hidden"][:config.model.decoder.num_layers_in]])
+    result = {
+        "labels": labels, "cams": cams, "refined": refined,
+        "cls_ids": cls_ids, "slot_valid": slot_valid,
+        "hidden": jax.lax.stop_gradient(hidden),
+        "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
+        "grid": grid,
+    }
+    if all_steps:
+        base = s.mask if s.mask != "superpixel" else "box"
+        result["steps"] = {
+            "initial_cam": cams,
+            "clip_attn": refine(True, False, base),
+            "clip_dino": (refine(True, True, base) if dino is not None
+                          else refine(True, False, base)),
+            "sgc": refine(True, dino is not None, "superpixel"),
+        }
+    return result
+
+
+def seg_logits(model: SSRModel, hidden: Array, grid, out_hw,
+               deterministic: bool) -> tuple[Array, Array]:
+    """Decoder logits upsampled to `out_hw` [B, H, W, C] and its feature."""
+    logits, feat = model.decoder(hidden, grid, deterministic=deterministic)
+    return resize(logits, out_hw, "bilinear"), feat
+
+
+def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
+            config) -> tuple[Array, dict]:
+    """L = w_p·L_proto + γ·L_seg (+ w_a·L_aff), Eq. 12.
+
+    Args:
+      model: the trainable `SSRModel` (train mode).
+      path: the output of `pseudo_label_path` (no gradient flows into it).
+      text_fg: [C, E] foreground text bank.
+      protos: CMPA prototypes from `cmpa.recluster`.
+      config: the run config.
+
+    Returns:
+      (total loss, measurements dict with every loss part and the CMPA aux).
+    """
+    labels = path["labels"]
+    logits, feat = seg_logits(model, path["hidden"], path["grid"],
+                              labels.shape[1:3], deterministic=False)
+    l_seg = losses.balanced_seg_ce(logits, labels,
+                                   config.data.ignore_index)
+    parts = {"seg": l_seg}
+
+    p = config.cmpa
+    heads = model.heads
+    b, k = path["cls_ids"].shape
+    n = path["tokens"].shape[1]
+    if p.variant != "none":
+        v = heads.isa(path["tokens"], train=True)
+        f_img = cmpa_lib.masked_average_pool(
+            v, path["cams"].reshape(b, k, n), path["slot_valid"])
+        f_text = heads.tsa(text_fg, train=True)
+        l_proto, aux = cmpa_lib.cmpa_loss(
+            p.variant, f_img, f_text, path["slot_valid"], path["cls_ids"],
+            protos, heads.tau(p.tau_min), p.positive)
+        parts["proto"] = l_proto
+    else:
+        f_img = jnp.zeros((b, k, p.dim))
+        parts["proto"] = jnp.zeros(())
+        aux = {}
+    if config.loss.aff_weight > 0:
+        aff = jax.nn.sigmoid(jnp.einsum("bnd,bmd->bnm", feat, feat))
+        parts["aff"] = losses.affinity_loss(
+            aff, labels, path["grid"], config.loss.aff_radius,
+            config.data.ignore_index)
+    else:
+        parts["aff"] = jnp.zeros(())
+    total = losses.total_loss(parts, {
+        "proto": config.loss.proto_weight, "seg": config.loss.seg_weight,
+        "aff": config.loss.aff_weight})
+    measurements = {f"loss_{k_}": v_ for k_, v_ in parts.items()}
+    measurements.update({f"cmpa_{k_}": v_ for k_, v_ in aux.items()})
+    measurements["f_img"] = jax.lax.stop_gradient(f_img)
+    return total, measurements

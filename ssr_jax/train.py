@@ -1,0 +1,277 @@
+"""SSR trainer, big_vision style: read it top to bottom.
+
+logging → mesh → input → frozen encoders and text bank → model and
+optimiser → sharding → update step → checkpoint → loop (evals, logs).
+
+`train_and_evaluate(config, workdir)` is the entry point; `main.py` calls
+it. The whole pseudo-label path (CAM, SGC, PAR) runs inside the jitted
+update step; CLIP and DINO are frozen inputs, never in the optimiser.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ssr_jax import checkpointing, cmpa, input_pipeline, logs, ssr, text
+from ssr_jax.models import loading
+
+PyTree = Any
+
+
+# --- schedules and optimiser --------------------------------------------------
+def create_learning_rate_fn(config) -> optax.Schedule:
+    """WeCLIP's PolyWarmupAdamW schedule (SPEC 1.10).
+
+    Linear warmup from `warmup_ratio`·lr to lr over `warmup_steps`, then
+    lr·(1 − step/num_steps)^power on the global step (not offset by the
+    warmup), as WeCLIP's optimizer.py does. power 0 = constant.
+    """
+    o, total = config.optim, config.train.num_steps
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = 1.0 - (1.0 - step / max(o.warmup_steps, 1)) * (
+            1.0 - o.warmup_ratio)
+        poly = jnp.maximum(1.0 - step / total, 0.0) ** o.poly_power
+        mult = jnp.where(step < o.warmup_steps, warm, poly)
+        return o.lr * mult
+
+    return schedule
+
+
+def _param_labels(params: PyTree) -> PyTree:
+    """"decoder" for decoder params (×decoder_lr_mult), "base" otherwise."""
+    def label(path, _):
+        keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+        return "decoder" if "decoder" in keys else "base"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+    """No weight decay on the learnable temperature log τ ([choice])."""
+    def keep(path, _):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return "log_tau" not in keys
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
+    """AdamW with the decoder group at lr × decoder_lr_mult (SPEC 1.10)."""
+    o = config.optim
+    base = create_learning_rate_fn(config)
+
+    def adamw(mult):
+        return optax.adamw(
+            lambda s: base(s) * mult, b1=o.b1, b2=o.b2, eps=o.eps,
+            weight_decay=o.weight_decay, mask=_decay_mask)
+
+    tx = optax.multi_transform(
+        {"base": adamw(1.0), "decoder": adamw(o.decoder_lr_mult)},
+        _param_labels(params))
+    if o.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+    return tx
+
+
+# --- state ---------------------------------------------------------------------
+def _split(model: nnx.Module):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def _tree_norm(tree: PyTree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in leaves))
+
+
+def build_models(config):
+    """Loads the frozen encoders and builds the trainable model.
+
+    Returns:
+      (clip, dino, model): NNX modules; dino is None when unused.
+    """
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    clip = loading.load_clip(config.model.clip_path, dtype=dtype)
+    dino = None
+    if config.sgc.use_dino_attn:
+        dino = loading.load_dino(config.model.dino_path, dtype=dtype)
+    model = ssr.SSRModel(
+        config, clip_width=clip.vision.config.hidden_size,
+        embed_dim=clip.config.projection_dim,
+        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    return clip, dino, model
+
+
+def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
+    """The foreground / background text bank, embedded once (SPEC 1.2)."""
+    fg, bg, _ = text.dataset_prompts(config.data.name, config.data.root)
+    tokenizer = text.load_tokenizer(config.model.clip_path)
+    encode = jax.jit(lambda ids: clip.text(ids)[0])
+
+    def compute():
+        return text.build_text_bank(lambda ids: np.asarray(encode(ids)),
+                                    tokenizer, fg, bg, config.text.template)
+
+    if not config.text.cache:
+        return compute()
+    key = text.bank_key(config.model.clip_path, fg, bg, config.text.template)
+    return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
+
+
+# --- the train step -------------------------------------------------------------
+def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
+    """The jitted update step: pseudo labels → losses → AdamW.
+
+    update_fn(state, frozen, batch, text) -> (state, measurements)
+    """
+    lr_fn = create_learning_rate_fn(config)
+
+    def update_fn(state, frozen, batch, bank):
+        clip = nnx.merge(clip_graphdef, frozen["clip"])
+        dino = (nnx.merge(dino_graphdef, frozen["dino"])
+                if dino_graphdef is not None else None)
+        model = nnx.merge(model_graphdef, state["params"], state["rest"])
+        path = ssr.pseudo_label_path(clip, dino, model.heads, batch,
+                                     bank["fg"], bank["bg"], config)
+
+        def loss(params):
+            m = nnx.merge(model_graphdef, params, state["rest"])
+            total, meas = ssr.loss_fn(m, path, bank["fg"], state["protos"],
+                                      config)
+            _, _, rest = _split(m)
+            return total, (meas, rest)
+
+        (total, (meas, rest)), grads = jax.value_and_grad(
+            loss, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        f_img = meas.pop("f_img")
+        bank_state = cmpa.update_bank(state["bank"], f_img, path["cls_ids"])
+        new_state = dict(state, params=params, rest=rest, opt=opt,
+                         bank=bank_state, step=state["step"] + 1)
+        labels = path["labels"]
+        fg = jnp.mean(((labels > 0) & (labels != 255)).astype(jnp.float32))
+        meas.update(loss=total, grad_norm=_tree_norm(grads),
+                    param_norm=_tree_norm(params),
+                    lr=lr_fn(state["step"]), pseudo_fg_fraction=fg)
+        return new_state, meas
+
+    return update_fn
+
+
+# --- main entry ---------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains SSR; returns the last measurements (and eval results)."""
+    # --- logging ---
+    writer = logs.MetricWriter(workdir, process_index=jax.process_index())
+    logging.info("devices: %s (%d processes)", jax.devices(),
+                 jax.process_count())
+
+    # --- mesh ---
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    repl = NamedSharding(mesh, P())
+    data_sh = NamedSharding(mesh, P("data"))
+
+    # --- input ---
+    train_iter = input_pipeline.create_train_iterator(
+        config, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+    # --- frozen encoders, text bank, model and optimiser ---
+    clip, dino, model = build_models(config)
+    bank = build_text_bank(config, clip, workdir)
+    bank = jax.device_put({k: jnp.asarray(v) for k, v in bank.items()}, repl)
+    clip_graphdef, clip_state = nnx.split(clip)
+    dino_graphdef, dino_state = (nnx.split(dino) if dino is not None
+                                 else (None, None))
+    frozen = jax.device_put({"clip": clip_state, "dino": dino_state}, repl)
+    model_graphdef, params, rest = _split(model)
+    tx = create_optimizer(config, params)
+    num_fg = config.data.num_classes - 1
+    k_protos = config.cmpa.num_prototypes or num_fg
+
+    def init_state():
+        return {
+            "params": params, "rest": rest, "opt": tx.init(params),
+            "bank": cmpa.init_bank(config.cmpa.bank_size, config.cmpa.dim),
+            "protos": cmpa.init_protos(k_protos, config.cmpa.dim, num_fg),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    # --- sharding: parameters and state replicated, batch on "data" ---
+    state = jax.jit(init_state, out_shardings=repl)()
+
+    # --- update step ---
+    update_fn = make_update_fn(config, model_graphdef, clip_graphdef,
+                               dino_graphdef, tx)
+    update = jax.jit(update_fn, donate_argnums=(0,),
+                     in_shardings=(repl, repl, data_sh, repl),
+                     out_shardings=(repl, repl))
+    recluster = jax.jit(functools.partial(
+        cmpa.recluster, k=k_protos, iters=config.cmpa.kmeans_iters,
+        num_classes=num_fg), out_shardings=repl)
+
+    # --- checkpoint ---
+    ckpt = checkpointing.Checkpointer(
+        f"{workdir}/checkpoints", save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints)
+    restored = ckpt.restore(state)
+    if restored is not None:
+        step0, state, data_state, _ = restored
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", step0)
+    guard = checkpointing.PreemptionGuard()
+
+    # --- loop ---
+    first = int(jax.device_get(state["step"]))
+    total = config.train.num_steps
+    progress = logs.progress(range(first, total), "train",
+                             enabled=config.train.progress)
+    last_checked = first
+    meas_host: dict[str, float] = {}
+    t0 = time.time()
+    rng = jax.random.key(config.seed)
+    for step in progress:
+        if step > 0 and step % config.cmpa.recluster_every == 0:
+            state["protos"] = recluster(
+                state["bank"], key=jax.random.fold_in(rng, step))
+        local = next(train_iter)
+        batch = {k: jax.make_array_from_process_local_data(data_sh, v)
+                 for k, v in local.items() if k != "index"}
+        state, meas = update(state, frozen, batch, bank)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total:
+            meas_host = {k: float(v) for k, v in jax.device_get(meas).items()}
+            if not all(math.isfinite(v) for v in meas_host.values()):
+                bad = [k for k, v in meas_host.items() if not math.isfinite(v)]
+                raise FloatingPointError(
+                    f"non-finite {bad} between steps {last_checked} and "
+                    f"{done}; the last good checkpoint is kept. Lower "
+                    "optim.lr or check the data.")
+            last_checked = done
+            meas_host["steps_per_sec"] = (done - first) / (time.time() - t0)
+            writer.write_scalars(done, meas_host)
+            progress.set_postfix(loss=f"{meas_host['loss']:.4f}")
+        ckpt.save(done, state, train_iter.get_state(),
+                  {"step": done}, force=guard.should_stop(done))
+        if guard.should_stop(done):
+            logging.warning("preempted: saved step %d, exiting", done)
+            break
+    ckpt.save(int(jax.device_get(state["step"])), state,
+              train_iter.get_state(), {"step": done}, force=True)
+    ckpt.wait_until_finished()
+    writer.close()
+    return meas_host
