@@ -27,6 +27,16 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+import tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +203,7 @@ _CLIP_SPLIT = (
 class TextTokenizer:
     """A `tokenizers.Tokenizer` (private copy) and its padding token."""
 
-    backend: object  # tokenizers.Tokenizer
+    backend: tokenizers.Tokenizer
     pad_id: int
     pad_token: str
 
@@ -220,8 +230,6 @@ def load_tokenizer(snapshot_dir: str) -> TextTokenizer:
     `vocab.json` + `merges.txt` goes through `transformers.CLIPTokenizer`.
     Nothing is downloaded.
     """
-    from tokenizers import Tokenizer
-
     def has(name: str) -> bool:
         return os.path.isfile(os.path.join(snapshot_dir, name))
 
@@ -231,7 +239,7 @@ def load_tokenizer(snapshot_dir: str) -> TextTokenizer:
             "model.clip_path to a local Hugging Face CLIP snapshot"
         )
     if has("tokenizer.json"):
-        backend = Tokenizer.from_file(
+        backend = tokenizers.Tokenizer.from_file(
             os.path.join(snapshot_dir, "tokenizer.json")
         )
     elif has("vocab.json") and has("merges.txt"):
@@ -240,7 +248,9 @@ def load_tokenizer(snapshot_dir: str) -> TextTokenizer:
         hf = CLIPTokenizer.from_pretrained(
             snapshot_dir, local_files_only=True
         )
-        backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        backend = tokenizers.Tokenizer.from_str(
+            hf.backend_tokenizer.to_str()
+        )
     else:
         raise FileNotFoundError(
             f"no CLIP tokenizer in {snapshot_dir!r}: expected tokenizer.json "
@@ -303,8 +313,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _clip_pipeline(tokenizer) -> None:
     """Puts CLIP's normaliser, pre-tokeniser and decoder on `tokenizer`."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-
     tokenizer.normalizer = normalizers.Sequence([
         normalizers.NFC(),
         normalizers.Replace(Regex(r"\s+"), " "),
@@ -366,9 +374,7 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str) -> str:
     special_tokens_map.json, readable by `load_tokenizer` and by
     `transformers.CLIPTokenizer.from_pretrained(out_dir)`. Returns out_dir.
     """
-    from tokenizers import AddedToken, Tokenizer, models, processors
-
-    probe = Tokenizer(models.BPE())
+    probe = tokenizers.Tokenizer(models.BPE())
     _clip_pipeline(probe)
     pieces = []
     for word in words:
@@ -396,7 +402,7 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str) -> str:
         f.write("#version: 0.2\n")
         f.writelines(f"{a} {b}\n" for a, b in merges)
 
-    tok = Tokenizer(models.BPE(
+    tok = tokenizers.Tokenizer(models.BPE(
         vocab=vocab, merges=merges, unk_token=EOS,
         continuing_subword_prefix="", end_of_word_suffix="</w>",
         fuse_unk=False,
