@@ -267,3 +267,63 @@ def test_sigterm_mid_run_then_resume_is_bitwise_equal(tmp_path):
     reference = toy_train.train(str(tmp_path / "ref"), 30, save_every=5)
     np.testing.assert_array_equal(resumed, reference)  # bitwise
     assert resumed.tobytes() == reference.tobytes()
+
+
+_MULTIPROCESS_PREEMPTION = """
+import os, signal, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ssr_jax import checkpointing
+pid = jax.process_index()
+rows = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+guard = checkpointing.PreemptionGuard().install()
+w = jax.make_array_from_process_local_data(
+    rows, np.full((4, 3), pid + 1.0, np.float32))
+ckpt = checkpointing.Checkpointer(WORK, save_every=2, keep=2)
+stop = None
+for step in range(1, 200):
+    w = w + 1.0
+    if pid == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)   # only process 1 is told
+    if guard.should_stop(step):
+        stop = step
+        ckpt.save(step, {"w": w}, {"next": step + 1}, force=True)
+        break
+    ckpt.save(step, {"w": w}, {"next": step + 1})
+    time.sleep(0.02)
+ckpt.close()
+target = {"w": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=rows)}
+r = checkpointing.Checkpointer(WORK, save_every=2).restore(target)
+local = np.concatenate([np.asarray(s.data)
+                        for s in r.state["w"].addressable_shards])
+emit({"stop": stop, "reason": guard.reason, "restored": r.step,
+      "data": r.data_state, "local": np.unique(local).tolist()})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("service", ["true", "false"])
+def test_two_process_preemption_and_save(tmp_path, service):
+    """SIGTERM reaches one of two processes; both stop at the same step,
+    save together (Orbax multi-process) and restore their shards. With
+    JAX's preemption service the stop step is its sync point; without it,
+    the guard's all-process OR of the flags."""
+    from tests import multiprocess_utils
+
+    code = _MULTIPROCESS_PREEMPTION.replace("WORK", repr(str(tmp_path)))
+    outs = multiprocess_utils.run_processes(
+        code, num_processes=2, devices_per_process=2, timeout=180,
+        extra_env={"JAX_ENABLE_PREEMPTION_SERVICE": service})
+    stops = {o["stop"] for o in outs}
+    assert len(stops) == 1 and None not in stops
+    k = stops.pop()
+    assert k >= 3
+    if service == "false":
+        assert k == 3  # the flag is shared at the very step it was set
+        assert outs[1]["reason"] == "SIGTERM"
+        assert outs[0]["reason"] == "signal on another process"
+    else:
+        assert all(o["reason"] == "preemption sync point" for o in outs)
+    for pid, o in enumerate(outs):
+        assert o["restored"] == k and o["data"] == {"next": k + 1}
+        assert o["local"] == [pid + 1.0 + k]
