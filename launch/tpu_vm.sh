@@ -118,6 +118,7 @@ PRESET="${CONFIG#*:}"
 RUN_NAME="${RUN_NAME:-${DATASET}-${PRESET//,/-}}"
 QR_NAME="${NAME}-qr"
 JAX_VERSION="$(jax_version)"
+GCSFS_VERSION=2026.9.0
 
 GCLOUD_LOC=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && GCLOUD_LOC+=(--project="$PROJECT")
@@ -224,8 +225,11 @@ cmd_setup() {
       "${GCLOUD_LOC[@]}" --worker=all
     ssh_all "rm -rf $R_REPO && mkdir -p $R_REPO && tar -xzf \$HOME/ssr_jax-src.tar.gz -C $R_REPO"
   fi
-  # Ubuntu 22.04 ships Python 3.10; ssr_jax needs >= 3.11.
-  ssh_all "sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && python3.11 -m venv $R_VENV && . $R_VENV/bin/activate && pip install -q -U pip && cd $R_REPO && pip install -r requirements.txt -e . \"jax[tpu]==$JAX_VERSION\" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  # Ubuntu 22.04 ships Python 3.10; ssr_jax needs >= 3.11. gcsfs lets
+  # Orbax (through etils.epath) list and commit gs:// checkpoint
+  # directories; its version must equal fsspec's (2026.9.0 resolves with
+  # requirements.txt).
+  ssh_all "sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && python3.11 -m venv $R_VENV && . $R_VENV/bin/activate && pip install -q -U pip && cd $R_REPO && pip install -r requirements.txt -e . \"jax[tpu]==$JAX_VERSION\" gcsfs==$GCSFS_VERSION -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 }
 
 cmd_data() {

@@ -69,7 +69,7 @@ def test_tpu_all_spot_sequence():
             "--project=proj --accelerator-type=v4-16 "
             "--version=tpu-ubuntu2204-base --spot") in joined
     assert (f'pip install -r requirements.txt -e . "jax[tpu]=={JAX_PIN}" '
-            "-f https://storage.googleapis.com/jax-releases/"
+            "gcsfs==2026.9.0 -f https://storage.googleapis.com/jax-releases/"
             "libtpu_releases.html") in joined
     train = next(c for c in cmds if "--config.mode=train" in c)
     for part in ["--worker=all",
