@@ -1,14 +1,18 @@
 """Orbax checkpoints of the train state, the data-iterator state and metadata.
 
 API:
-  Checkpointer(directory, *, save_every, keep=3, async_save=True)
+  Checkpointer(directory, *, save_every, keep=3, async_save=True,
+               read_only=False)
       Orbax 0.12 `CheckpointManager` over a composite of three items:
         "state": a pytree of arrays (StandardSave / StandardRestore),
         "data":  the data-iterator state, a JSON-able dict (JsonSave),
         "meta":  JSON: {"step", "wall_time", "ssr_jax_version", ...caller's
                  `meta` dict, e.g. {"config_hash": config_hash(config)}}.
       Step directories `<directory>/<step>/{state,data,meta}`; `directory`
-      may be local or gs://.
+      may be local or gs:// (gs:// needs the gcsfs package, which
+      launch/tpu_vm.sh installs). `save_every=0`: no periodic saves (only
+      forced and preemption ones). `read_only=True` (eval): never creates
+      or writes; a missing directory raises CheckpointError at once.
     .should_save(step) -> bool     every `save_every` steps or a preemption
                                    sync point (multi-host TPU)
     .save(step, state, data_state=None, meta=None, force=False) -> bool
@@ -17,16 +21,19 @@ API:
         the latest `keep` steps. Every process must call it (Orbax
         coordinates the hosts; the finiteness check is a replicated jitted
         reduction, so all processes take the same branch).
-    .restore(target_state, step=None) -> Restored(step, state, data_state,
-                                                  meta) | None
+    .restore(target_state, step=None, required=False)
+        -> Restored(step, state, data_state, meta) | None
         `target_state`: the state pytree with `jax.ShapeDtypeStruct` leaves
         carrying `.sharding` (from `jax.eval_shape` + shardings) or real
         arrays; restored arrays get those shardings. step=None: the latest
         complete step, falling back to older ones (with a warning) when the
         latest lacks its commit marker or fails to read; None if the
-        directory holds no step at all. A target whose tree or shapes differ
-        from the checkpoint raises CheckpointMismatchError naming the keys.
-    .restore_subset(target_subset, step=None) -> (step, subset) | None
+        directory holds no step at all (CheckpointError if `required`).
+        Explicit `step`: that step or CheckpointError, no fallback. A
+        target whose tree or shapes differ from the checkpoint raises
+        CheckpointMismatchError naming the keys.
+    .restore_subset(target_subset, step=None, required=False)
+        -> (step, subset) | None
         Restores only the leaves in `target_subset` (a sub-tree of the saved
         state, e.g. {"params": ...} for eval without the optimiser).
     .latest_step() -> int | None, .all_steps() -> list[int] (as Orbax
@@ -169,21 +176,29 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3,
-                 async_save: bool = True):
-        if save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {save_every}")
+                 async_save: bool = True, read_only: bool = False):
+        if save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {save_every}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = epath.Path(directory)
+        if read_only and not self.directory.exists():
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} does not exist; "
+                "train first, or point the run at the directory holding the "
+                "step folders (config.train.checkpoint_dir / "
+                "config.eval.checkpoint)")
         self.save_every = save_every
+        self.read_only = read_only
+        policies = [ocp_managers.PreemptionCheckpointingPolicy()]
+        if save_every:
+            policies.append(ocp_managers.FixedIntervalPolicy(save_every))
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp_managers.AnySavePolicy([
-                ocp_managers.FixedIntervalPolicy(save_every),
-                ocp_managers.PreemptionCheckpointingPolicy(),
-            ]),
+            save_decision_policy=ocp_managers.AnySavePolicy(policies),
             preservation_policy=ocp_managers.LatestN(keep),
             enable_async_checkpointing=async_save,
-            create=True,
+            read_only=read_only,
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, options=options)
@@ -226,6 +241,9 @@ class Checkpointer:
         Returns:
           True if a save started (it may finish asynchronously).
         """
+        if self.read_only:
+            raise CheckpointError(
+                f"{self.directory} was opened read_only; cannot save")
         if force:
             if step in self._manager.all_steps():
                 return False
@@ -279,14 +297,16 @@ class Checkpointer:
             return [step]
         return steps[::-1]
 
-    def _restore_loop(self, step: int | None, restore_one) -> Any:
-        if not self.directory.exists():
-            if step is None:
-                return None
-            raise CheckpointError(f"checkpoint directory {self.directory} "
-                                  "does not exist")
-        candidates = self._candidates(step)
+    def _restore_loop(self, step: int | None, restore_one,
+                      required: bool) -> Any:
+        candidates = (self._candidates(step) if self.directory.exists()
+                      else [])
         if not candidates:
+            if required:
+                raise CheckpointError(
+                    f"no checkpoint in {self.directory}; train first or "
+                    "point the run at the directory holding the step "
+                    "folders")
             return None
         failures = []
         for s in candidates:
@@ -309,9 +329,13 @@ class Checkpointer:
             + "\n  - ".join(failures)
             + "\nDelete the broken step directories or use a new --workdir.")
 
-    def restore(self, target_state: PyTree, step: int | None = None
-                ) -> Restored | None:
-        """Restores (state, data_state, meta); see the module docstring."""
+    def restore(self, target_state: PyTree, step: int | None = None,
+                required: bool = False) -> Restored | None:
+        """Restores (state, data_state, meta); see the module docstring.
+
+        Returns None when there is no checkpoint yet (a fresh run), or
+        raises CheckpointError if `required`.
+        """
         target = _abstract_target(target_state)
 
         def restore_one(s: int) -> Restored:
@@ -324,16 +348,18 @@ class Checkpointer:
             return Restored(s, out.state, dict(out.data or {}),
                             dict(out.meta or {}))
 
-        result = self._restore_loop(step, restore_one)
+        result = self._restore_loop(step, restore_one, required)
         if result is not None:
             logging.info("restored checkpoint %s/%d", self.directory,
                          result.step)
         return result
 
-    def restore_subset(self, target_subset: PyTree, step: int | None = None
+    def restore_subset(self, target_subset: PyTree, step: int | None = None,
+                       required: bool = False
                        ) -> tuple[int, PyTree] | None:
         """Restores only the leaves of `target_subset` (a sub-tree of the
-        saved state with sharded ShapeDtypeStruct or array leaves)."""
+        saved state with sharded ShapeDtypeStruct or array leaves); None or
+        CheckpointError (`required`) when there is no checkpoint."""
         target = _abstract_target(target_subset)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
 
@@ -347,7 +373,7 @@ class Checkpointer:
                         partial_restore=True))
             return s, out
 
-        return self._restore_loop(step, restore_one)
+        return self._restore_loop(step, restore_one, required)
 
     # --- lifecycle ----------------------------------------------------------
 

@@ -179,6 +179,28 @@ def test_empty_or_missing_directory(tmp_path):
         assert ckpt.latest_step() is None
 
 
+def test_read_only_required_and_no_periodic_saves(tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+        checkpointing.Checkpointer(str(tmp_path / "nope"), save_every=1,
+                                   read_only=True)
+    assert not (tmp_path / "nope").exists()
+    with checkpointing.Checkpointer(str(tmp_path), save_every=0,
+                                    async_save=False) as ckpt:
+        with pytest.raises(checkpointing.CheckpointError,
+                           match="no checkpoint in"):
+            ckpt.restore(_target(_state()), required=True)
+        assert not any(ckpt.save(s, _state()) for s in range(1, 6))
+        assert ckpt.save(6, _state(6.0), force=True)
+    with checkpointing.Checkpointer(str(tmp_path), save_every=1,
+                                    read_only=True) as ckpt:
+        step, sub = ckpt.restore_subset(
+            {"params": _target(_state())["params"]}, required=True)
+        assert step == 6
+        _assert_tree_equal(sub["params"], _state(6.0)["params"])
+        with pytest.raises(checkpointing.CheckpointError, match="read_only"):
+            ckpt.save(7, _state(), force=True)
+
+
 def test_partial_restore(tmp_path):
     with checkpointing.Checkpointer(str(tmp_path), save_every=2,
                                     async_save=False) as ckpt:
