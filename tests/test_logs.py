@@ -133,11 +133,32 @@ def test_framing_detects_corruption(tmp_path):
 
 
 def test_tensorboard_loader_if_available(tmp_path):
+    """TensorBoard's own reader and protos, where tensorboard is installed
+    (it is not a dependency; the GPU image has it)."""
     loader = pytest.importorskip(
         "tensorboard.backend.event_processing.event_file_loader")
-    path, _ = _write_some(tmp_path)
+    path, img = _write_some(tmp_path)
     events = list(loader.EventFileLoader(path).Load())
     assert events[0].file_version == "brain.Event:2"
+    assert len(events) == 5
+    scalars = {v.tag: v.simple_value for v in events[1].summary.value}
+    assert events[1].step == 1
+    assert scalars == {"loss": 0.5, "lr": pytest.approx(1e-5, rel=1e-6)}
+    text = events[3].summary.value[0]
+    assert text.metadata.plugin_data.plugin_name == "text"
+    assert list(text.tensor.string_val) == [b"a: *1*"]
+    assert text.tensor.dtype == 7  # types_pb2.DT_STRING
+    image = {v.tag: v.image for v in events[4].summary.value}["val/pred"]
+    assert (image.height, image.width, image.colorspace) == (5, 7, 3)
+    decoded = np.asarray(Image.open(
+        __import__("io").BytesIO(image.encoded_image_string)))
+    np.testing.assert_array_equal(decoded, img)
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    acc = accumulator.EventAccumulator(os.path.dirname(path))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("loss")][0] == 0.5
+    assert acc.Images("val/pred")[0].width == 7
 
 
 def test_jsonl_round_trip_and_pngs(tmp_path):
