@@ -262,6 +262,7 @@ def test_config_hash_is_stable():
     assert checkpointing.config_hash(a) != checkpointing.config_hash(b)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume_is_bitwise_equal(tmp_path):
     work = str(tmp_path / "run")
     script = os.path.join(os.path.dirname(__file__), "toy_train.py")

@@ -141,6 +141,7 @@ emit({"pid": pid, "devices": jax.device_count(), "shape": list(x.shape),
 """
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_agree_with_one():
     outs = multiprocess_utils.run_processes(
         _GLOBAL_SUM_WORKER, num_processes=2, devices_per_process=2,
