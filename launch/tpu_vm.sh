@@ -48,7 +48,10 @@ Options (environment variable in brackets):
                        shards; survives preemption)
   --repo URL           git URL to clone instead of shipping local HEAD
   --ref REF            branch or tag for --repo (default branch)
-  --max-restarts N     [MAX_RESTARTS] (5), for `all`
+  --max-restarts N     [MAX_RESTARTS] (5), for `all`; after training
+                       `all` waits PREEMPT_SETTLE_S (30) seconds before
+                       asking the VM state, as a preempted VM can still
+                       answer READY for a moment
   --keep               `all` leaves the VM running at the end
   --dry-run            print the commands instead of running them
   -h, --help           this text
@@ -219,7 +222,7 @@ cmd_setup() {
     if [[ "$DRY_RUN" != 1 ]] && [[ -n "$(git -C "$REPO_ROOT" status --porcelain)" ]]; then
       echo "warning: uncommitted changes are not shipped (git archive HEAD)" >&2
     fi
-    local tarball=/tmp/ssr_jax-src.tar.gz
+    local tarball="${TMPDIR:-/tmp}/ssr_jax-src.tar.gz"
     run git -C "$REPO_ROOT" archive --format=tar.gz -o "$tarball" HEAD
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:ssr_jax-src.tar.gz" \
       "${GCLOUD_LOC[@]}" --worker=all
@@ -288,16 +291,21 @@ cmd_all() {
   need_bucket
   local restarts=0 rc state
   while :; do
-    if [[ "$DRY_RUN" == 1 ]] || [[ "$(vm_state)" == MISSING ]]; then
+    if [[ "$DRY_RUN" == 1 ]]; then
       cmd_create
+    else
+      state="$(vm_state)"
+      if [[ "$state" != READY ]]; then
+        # A VM left PREEMPTED/STOPPED by an earlier run is replaced.
+        [[ "$state" == MISSING ]] || cmd_delete || true
+        cmd_create
+      fi
     fi
     cmd_setup
     cmd_data
     rc=0
     cmd_train || rc=$?
-    # A preempted VM may still answer READY for a moment after the trainer
-    # saved and exited.
-    [[ "$DRY_RUN" == 1 ]] || sleep 30
+    [[ "$DRY_RUN" == 1 ]] || sleep "${PREEMPT_SETTLE_S:-30}"
     state="$(vm_state)"
     if [[ "$state" == READY ]]; then
       ((rc == 0)) || die "training failed (exit $rc) on a healthy VM; see $RUN_GCS/workdir/logs"

@@ -190,3 +190,71 @@ def test_slurm_dry_run():
             "\"$@\"' ssr_jax --config.train.num_steps=5") in out
     text = open(os.path.join(ROOT, "launch", "slurm_gpu.sbatch")).read()
     assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text
+
+
+_FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stand-in for gcloud: logs each call; the VM state lives in a file; the
+# first training run "gets preempted".
+echo "$*" >> "$FAKE/calls"
+state="$(cat "$FAKE/state")"
+case "$*" in
+  *"tpu-vm describe"*)
+    [[ "$state" == MISSING ]] && exit 1
+    echo "$state" ;;
+  *"tpu-vm create"*) echo READY > "$FAKE/state" ;;
+  *"tpu-vm delete"*) echo MISSING > "$FAKE/state" ;;
+  *"--config.mode=train"*)
+    if [[ ! -e "$FAKE/preempted" ]]; then
+      touch "$FAKE/preempted"; echo PREEMPTED > "$FAKE/state"; exit 255
+    fi ;;
+esac
+exit 0
+"""
+
+
+def test_tpu_all_recreates_a_preempted_vm(tmp_path):
+    """The real (not dry-run) `all` path against a fake gcloud."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gcloud = fake_bin / "gcloud"
+    gcloud.write_text(_FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    (tmp_path / "state").write_text("MISSING\n")
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE": str(tmp_path),
+           "TMPDIR": str(tmp_path), "PREEMPT_SETTLE_S": "0"}
+    r = _sh("tpu_vm.sh", "--bucket", "gs://bk/p", "all", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "re-creating and resuming (restart 1 of 5)" in r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    verbs = []
+    for c in calls:
+        if "tpu-vm create" in c:
+            verbs.append("create")
+        elif "tpu-vm delete" in c:
+            verbs.append("delete")
+        elif "--config.mode=train" in c:
+            verbs.append("train")
+        elif "--config.mode=eval" in c:
+            verbs.append("eval")
+    assert verbs == ["create", "train", "delete", "create", "train", "eval",
+                     "delete"]
+    assert (tmp_path / "ssr_jax-src.tar.gz").exists()  # git archive ran
+
+
+def test_tpu_all_gives_up_on_a_real_failure(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gcloud = fake_bin / "gcloud"
+    # Training fails while the VM stays READY: no restart, exit non-zero.
+    gcloud.write_text(_FAKE_GCLOUD.replace(
+        'echo PREEMPTED > "$FAKE/state"; exit 255', "exit 3").replace(
+        'touch "$FAKE/preempted"; ', ""))
+    gcloud.chmod(0o755)
+    (tmp_path / "state").write_text("READY\n")
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE": str(tmp_path),
+           "TMPDIR": str(tmp_path), "PREEMPT_SETTLE_S": "0"}
+    r = _sh("tpu_vm.sh", "--bucket", "gs://bk/p", "all", env=env)
+    assert r.returncode == 2
+    assert "training failed (exit 3) on a healthy VM" in r.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert "tpu-vm create" not in calls and "tpu-vm delete" not in calls
