@@ -141,6 +141,9 @@ def base_config() -> config_dict.ConfigDict:
     tr.eval_every = 2000  # 0 = no in-training eval
     tr.checkpoint_every = 1000
     tr.keep_checkpoints = 3
+    # Orbax checkpoint directory; "" = <workdir>/checkpoints. May be gs://
+    # (multi-host TPU: every host writes its shards there; launch/tpu_vm.sh).
+    tr.checkpoint_dir = ""
     tr.progress = True  # tqdm progress bar
 
     # --- evaluation ---------------------------------------------------------
