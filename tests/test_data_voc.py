@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from ssr_jax.data import DataError, voc
-from tests.data_fixtures import (fixture_config, write_coco_tree,
-                                 write_voc_tree)
+from tests.data_fixtures import fixture_config, write_coco_tree, write_voc_tree
 
 
 def _mask_labels(path):
@@ -81,6 +80,7 @@ def test_label_cache_hit_and_invalidation(tmp_path):
     assert len(files) == 1
     with open(os.path.join(cache, files[0])) as f:
         assert "records" in json.load(f)  # JSON, no pickle
+    voc.load_split(config, "train")  # another split keeps its own cache
     second = voc.load_split(config, "train_aug")
     assert second.summary.from_cache
     np.testing.assert_array_equal(first.labels, second.labels)

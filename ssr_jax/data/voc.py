@@ -479,8 +479,11 @@ def _records(config, split: str, names: list[str],
     logging.info("Scanning split %r (%d ids) for labels and problems...",
                  split, len(names))
     records = _scan(config, split, names, classes)
-    for f in os.listdir(folder):  # drop stale caches of this split
-        if f.startswith(f"labels_{split}_") and f.endswith(".json"):
+    prefix = f"labels_{split}_"
+    for f in os.listdir(folder):  # drop stale caches of this split only
+        tail = f[len(prefix):-len(".json")]
+        if (f.startswith(prefix) and f.endswith(".json")
+                and len(tail) == len(key) and tail.isalnum()):
             os.remove(os.path.join(folder, f))
     _write_json(path, {"version": _CACHE_VERSION, "key": key,
                        "split": split, "records": records})
