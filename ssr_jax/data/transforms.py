@@ -75,44 +75,69 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(pil)
 
 
+def _nearest_index(n_in: int, n_out: int, start: int,
+                   length: int) -> np.ndarray:
+    """Input index of output pixels start..start+length-1 (nearest)."""
+    i = np.arange(start, start + length)
+    return np.minimum(((i + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
 def resize_nearest(arr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label/id map [H, W].
+    """Nearest-neighbour resize of a label/id map [H, W] (as PIL NEAREST).
 
     Output pixel i samples input pixel floor((i + 0.5)·H_in / H_out), the
     pixel whose area contains the output pixel's centre.
     """
-    h, w = arr.shape[:2]
-    oh, ow = out_hw
-    rows = np.minimum(((np.arange(oh) + 0.5) * h / oh).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(ow) + 0.5) * w / ow).astype(np.int64), w - 1)
+    rows = _nearest_index(arr.shape[0], out_hw[0], 0, out_hw[0])
+    cols = _nearest_index(arr.shape[1], out_hw[1], 0, out_hw[1])
     return arr[rows[:, None], cols[None, :]]
 
 
-def _crop_pad(arr: np.ndarray, p: AugParams, fill) -> np.ndarray:
-    out = np.full((p.crop_size, p.crop_size) + arr.shape[2:], fill, arr.dtype)
-    out[p.dst_y:p.dst_y + p.len_y, p.dst_x:p.dst_x + p.len_x] = arr[
-        p.src_y:p.src_y + p.len_y, p.src_x:p.src_x + p.len_x]
+def _window(p: AugParams) -> tuple[int, int]:
+    """Top-left of the crop window in the rescaled, un-flipped image."""
+    x0 = p.scaled_hw[1] - p.src_x - p.len_x if p.flip else p.src_x
+    return p.src_y, x0
+
+
+def _place(part: np.ndarray, p: AugParams, fill) -> np.ndarray:
+    if p.flip:
+        part = part[:, ::-1]
+    out = np.full((p.crop_size, p.crop_size) + part.shape[2:], fill,
+                  part.dtype)
+    out[p.dst_y:p.dst_y + p.len_y, p.dst_x:p.dst_x + p.len_x] = part
     return out
 
 
 def augment_image(image: np.ndarray, p: AugParams) -> np.ndarray:
-    """uint8 [H, W, 3] → uint8 [crop, crop, 3], zero padded."""
-    x = resize_bilinear(image, p.scaled_hw)
-    if p.flip:
-        x = x[:, ::-1]
-    return _crop_pad(x, p, 0)
+    """uint8 [H, W, 3] → uint8 [crop, crop, 3], zero padded.
+
+    Equal to a PIL bilinear rescale of the whole image, flip and crop, but
+    only the crop window is resampled (PIL `box`): the same sampling
+    positions and filter support, up to fixed-point rounding inside PIL
+    (values may differ by 1-2 grey levels, on a few % of them), at a
+    fraction of the cost when the image is scaled up.
+    """
+    h, w = image.shape[:2]
+    y0, x0 = _window(p)
+    fy, fx = h / p.scaled_hw[0], w / p.scaled_hw[1]
+    box = (x0 * fx, y0 * fy, (x0 + p.len_x) * fx, (y0 + p.len_y) * fy)
+    part = np.asarray(Image.fromarray(image).resize(
+        (p.len_x, p.len_y), resample=Image.BILINEAR, box=box))
+    return _place(part, p, 0)
 
 
 def augment_ids(ids: np.ndarray, p: AugParams) -> np.ndarray:
     """Superpixel ids int [H, W] → int32 [crop, crop], −1 padded.
 
-    Nearest rescale, flip, crop; the surviving ids are then renumbered
-    0..n-1, so the bound of the input map still holds.
+    Nearest rescale, flip, crop (exactly; only the window is sampled); the
+    surviving ids are then renumbered 0..n-1, so the bound of the input
+    map still holds.
     """
-    x = resize_nearest(ids, p.scaled_hw)
-    if p.flip:
-        x = x[:, ::-1]
-    return reindex(_crop_pad(x.astype(np.int32), p, -1))[0]
+    y0, x0 = _window(p)
+    rows = _nearest_index(ids.shape[0], p.scaled_hw[0], y0, p.len_y)
+    cols = _nearest_index(ids.shape[1], p.scaled_hw[1], x0, p.len_x)
+    part = ids[rows[:, None], cols[None, :]].astype(np.int32)
+    return reindex(_place(part, p, -1))[0]
 
 
 def valid_mask(p: AugParams) -> np.ndarray:

@@ -224,7 +224,10 @@ def read_mask(path: str, num_classes: int) -> np.ndarray:
             f"mask {path} is {mode} with shape {mask.shape}; expected a "
             "palette or greyscale PNG of class indices (do not convert VOC "
             "masks to RGB)")
-    values = np.unique(mask)
+    if mask.dtype == np.uint8:  # bincount: ~10x faster than np.unique
+        values = np.flatnonzero(np.bincount(mask.reshape(-1), minlength=256))
+    else:
+        values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != IGNORE)]
     if bad.size:
         raise DataError(
@@ -421,7 +424,8 @@ def _scan_one(root: str, name: str, names: tuple[str, ...],
                 raise DataError(
                     f"mask {msk} is {mask.shape[0]}x{mask.shape[1]} but its "
                     f"image {img} is {rec['hw'][0]}x{rec['hw'][1]}")
-            vals = np.unique(mask)
+            vals = np.flatnonzero(np.bincount(mask.reshape(-1),
+                                              minlength=256))
             rec["labels"] = [int(v) for v in vals if 0 < v < len(names)]
             rec["source"] = "mask"
         elif label_source != "mask" and os.path.isfile(xml):
