@@ -264,13 +264,15 @@ class TrainIterator:
                             f"{_STATE_VERSION}")
         mine = self.get_state()
         changed = [k for k in ("global_batch_size", "num_examples", "split",
-                               "shuffle_seed", "seed") if state[k] != mine[k]]
+                               "shuffle_seed", "seed")
+                   if state.get(k) != mine[k]]
         if changed:
             logging.warning(
                 "the restored input-pipeline state differs in %s (%s vs now "
                 "%s): the data stream continues at batch %d but will not "
                 "match the original run", ", ".join(changed),
-                {k: state[k] for k in changed}, {k: mine[k] for k in changed},
+                {k: state.get(k) for k in changed},
+                {k: mine[k] for k in changed},
                 state["batches"])
         self._start(int(state["batches"]))
 

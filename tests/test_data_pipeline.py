@@ -84,7 +84,7 @@ def test_epochs_are_permutations(tree):
     assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
 
 
-def test_determinism_and_state_restore(tree):
+def test_determinism_and_state_restore(tree, caplog):
     config = fixture_config(tree, **{"sgc.slic_cache": False})
     a = ip.train_iterator(config, process_index=0, process_count=1)
     first = _take(a, 5)
@@ -100,6 +100,9 @@ def test_determinism_and_state_restore(tree):
         _assert_same(x, y)
     c.set_state({**state, "batches": 0})  # rewinding works as well
     _assert_same(first[0], next(c))
+    with caplog.at_level("WARNING"):
+        c.set_state({**state, "num_examples": 99})
+    assert "differs in num_examples" in caplog.text
     c.close()
     a.close()
     with pytest.raises(DataError, match="version"):
