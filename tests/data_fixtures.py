@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ssr_jax import config_defaults
+from ssr_jax.data import voc
 
 BROKEN = {
     "missing_image": "the image file of one id is deleted",
@@ -66,21 +67,6 @@ class Tree:
         return os.path.join(self.root, folder, name + ".png")
 
 
-def palette() -> list[int]:
-    """The VOC colour map (256 RGB triples, flattened)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def _picture(rng: np.random.Generator, hw: tuple[int, int],
              classes: list[int]):
     """An image and its mask: one rectangle per class, void border 255.
@@ -112,7 +98,7 @@ def _write_mask(path: str, mask: np.ndarray, mode: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if mode == "P":
         im = Image.fromarray(mask, mode="P")
-        im.putpalette(palette())
+        im.putpalette(voc.palette())
     elif mode == "RGB":
         im = Image.fromarray(np.stack([mask] * 3, -1))
     else:
@@ -223,11 +209,9 @@ def write_voc_tree(root, *, num_images: int = 6, broken=(), seed: int = 0,
     XML). Lists: train_aug (all), train (all but the last), val (the first
     two). XML for every id when `xml`.
     """
-    from ssr_jax.data.voc import VOC_CLASSES
-
     ids = [f"img{i:03d}" for i in range(num_images)]
     splits = {"train_aug": ids, "train": ids[:-1], "val": ids[:2]}
-    return _write_tree(root, "voc", ids, splits, 21, VOC_CLASSES, mask_dir,
+    return _write_tree(root, "voc", ids, splits, 21, voc.VOC_CLASSES, mask_dir,
                        "P", (ids[-1],), xml, broken, seed, 42)
 
 
@@ -238,19 +222,16 @@ def write_coco_tree(root, *, num_images: int = 6, broken=(),
     Ids keep COCO's names under a sub-folder (`train2014/COCO_train2014_…`);
     greyscale masks in SegmentationClass/; lists train and val; classes.json.
     """
-    from ssr_jax.data.voc import COCO_CLASSES
-
     half = max(1, num_images // 2)
     train = [f"train2014/COCO_train2014_{i:012d}" for i in range(1, half + 1)]
     val = [f"val2014/COCO_val2014_{i:012d}"
            for i in range(1, num_images - half + 1)]
-    tree = _write_tree(root, "coco", train + val, {"train": train,
-                                                   "val": val},
-                       81, COCO_CLASSES, "SegmentationClass", "L", (), False,
-                       broken, seed, 200)
+    tree = _write_tree(root, "coco", train + val,
+                       {"train": train, "val": val}, 81, voc.COCO_CLASSES,
+                       "SegmentationClass", "L", (), False, broken, seed, 200)
     if "missing_root" not in broken:
         with open(os.path.join(str(root), "classes.json"), "w") as f:
-            json.dump({"classes": list(COCO_CLASSES)}, f)
+            json.dump({"classes": list(voc.COCO_CLASSES)}, f)
     return tree
 
 

@@ -112,3 +112,7 @@ def test_cli(tmp_path):
          str(out)], capture_output=True, text=True, check=False)
     assert bad.returncode != 0
     assert "instances_train2014.json is missing" in bad.stderr
+
+
+def test_tool_palette_is_voc():
+    assert _tool().voc_palette() == voc.palette()

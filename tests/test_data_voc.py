@@ -242,3 +242,13 @@ def test_coco_bad_value(tmp_path):
     with pytest.raises(DataError, match="value 200 outside 0..80") as e:
         voc.validate_split(fixture_config(tree), "train")
     assert tree.mask(tree.broken["bad_mask_value"]) in str(e.value)
+
+
+def test_palette_matches_voc_colours():
+    pal = np.array(voc.palette()).reshape(256, 3)
+    # VOC: background black, aeroplane (128, 0, 0), person (192, 128, 128),
+    # void (224, 224, 192).
+    assert pal[0].tolist() == [0, 0, 0]
+    assert pal[1].tolist() == [128, 0, 0]
+    assert pal[15].tolist() == [192, 128, 128]
+    assert pal[255].tolist() == [224, 224, 192]

@@ -196,6 +196,22 @@ def class_names(config) -> tuple[str, ...]:
     return names
 
 
+def palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened), for writing
+    palette PNGs (`Image.putpalette`) that VOC tools display as VOC does."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= (c & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
 # --- decoding ----------------------------------------------------------------
 
 
