@@ -316,15 +316,18 @@ def _threads(config, ds: grain.MapDataset, buffer: int) -> grain.IterDataset:
 
 
 def eval_examples(config, split: str, max_images: int = 0, *,
-                  process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict]:
     """Examples of `split` at native size, in list order.
 
     Yields `{"image": uint8 [H, W, 3], "mask": uint8 [H, W] or None,
     "name": str, "index": int}`. `max_images` > 0 keeps the first ones.
-    With several processes, process p gets every P-th example from p.
+    Process p of P gets every P-th example from p (the defaults are JAX's
+    process index and count): sum the per-process confusion matrices.
     Examples that fail to decode are skipped when `data.strict=False`.
     """
+    process_index, process_count = _process_layout(process_index,
+                                                    process_count)
     data = voc.load_split(config, split)
     reader = _Reader(config, data)
     usable = data.usable[:max_images] if max_images > 0 else data.usable
@@ -395,8 +398,8 @@ class _SeedExample:
 
 
 def seed_batches(config, split: str, batch_size: int, size: int, *,
-                 max_images: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
+                 max_images: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[Batch]:
     """Fixed-size batches with GT masks, for CAM-seed/pseudo-label scoring.
 
     Every example of `split` that has a mask, in list order (`max_images`
@@ -410,8 +413,10 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
     index −1, mask 255), as is an example that fails to decode when
     `data.strict=False`. b = `batch_size // process_count`; process p reads
     rows [p·b, (p+1)·b) of every global batch, so every process yields the
-    same number of batches.
+    same number of batches (process defaults: JAX's).
     """
+    process_index, process_count = _process_layout(process_index,
+                                                    process_count)
     data = voc.load_split(config, split)
     examples = np.array([i for i in data.usable
                          if data.mask_paths[i] is not None], np.int64)
