@@ -1,0 +1,1 @@
+"""Datasets: readers of VOC/COCO layouts and the synthetic world."""
