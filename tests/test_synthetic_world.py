@@ -95,6 +95,10 @@ def test_voc_layout(world):
         values = set(np.unique(np.asarray(mask)).tolist())
         assert values <= set(range(c + 1)) | {255}
     assert len(list((root / "JPEGImages").iterdir())) == N_TRAIN + N_VAL
+    aug = root / "SegmentationClassAug"
+    assert aug.is_symlink() and os.readlink(aug) == "SegmentationClass"
+    assert (aug / f"{val[0]}.png").read_bytes() == (
+        root / "SegmentationClass" / f"{val[0]}.png").read_bytes()
 
 
 def test_classes_json_schema(world):

@@ -6,6 +6,7 @@ PASCAL VOC layout so that the real loaders read them:
 
     <root>/JPEGImages/<id>.jpg               RGB, JPEG quality 95, 4:4:4
     <root>/SegmentationClass/<id>.png        palette PNG, 0..C, 255 = void
+    <root>/SegmentationClassAug -> SegmentationClass   (relative symlink)
     <root>/ImageSets/Segmentation/{train,train_aug,val}.txt
     <root>/classes.json                      names, prompts, vocabulary
     <root>/captions.json                     train ids only (alt-text)
@@ -1010,7 +1011,10 @@ def render_scene(seed: int, split: str, index: int, image_size: int,
 
     objs: list[_Object] = []
     for g, (members, relation) in enumerate(groups):
-        for _ in range(cfg.placement_tries):
+        # A group that finds no room is dropped (~0.1% of groups by
+        # default), but never the first: every image has a label.
+        tries = cfg.placement_tries * (10 if g == 0 else 1)
+        for _ in range(tries):
             cand = _pose_group(rng, cfg, members, relation, h, w, horizon,
                                bg, info, g)
             for o in cand:
@@ -1018,6 +1022,11 @@ def render_scene(seed: int, split: str, index: int, image_size: int,
             if _visible_ok(objs + cand, cfg, h, w):
                 objs += cand
                 break
+        if not objs:
+            raise ValueError(
+                f"could not place {[cfg.class_names[m] for m in members]} "
+                f"in a {h}x{w} image in {tries} tries: lower the class "
+                "sizes or min_visible_frac / min_visible_area")
 
     light = rng.normal(size=2)
     light /= np.linalg.norm(light)
@@ -1407,6 +1416,9 @@ def _write_world(tmp: Path, seed: int, num_train: int, num_val: int,
                  ) -> tuple[dict[str, int], str, dict[str, Any]]:
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True)
+    # VOC + SBD readers take train_aug masks from SegmentationClassAug.
+    os.symlink("SegmentationClass", tmp / "SegmentationClassAug",
+               target_is_directory=True)
     hashes: dict[str, str] = {}
 
     def put(rel: str, data: bytes) -> None:
