@@ -7,6 +7,8 @@
   and the matching transforms of superpixel id maps.
 - `slic.py`: SLIC superpixels with a bounded number of ids, and the SLIC
   cache.
+- `synthetic.py`: the procedurally generated world of the embedded default,
+  written in the VOC layout.
 
 `ssr_jax.input_pipeline` turns these into grain pipelines. Importing this
 package is cheap: the submodules load on demand.
