@@ -18,7 +18,8 @@ Pieces, in the order the method uses them:
 
 - `cmpa.hidden_dim` 512, `cmpa.dim` 256: ISA/TSA widths. BatchNorm follows
   PyTorch's BatchNorm1d defaults (momentum 0.1 ≡ flax momentum 0.9, eps
-  1e-5; flax keeps the biased batch variance in the running average).
+  1e-5; flax keeps the biased batch variance in the running average); these
+  two are `ProjectionHead` arguments, not config fields.
   Batch statistics over every leading axis (all tokens of all images), which
   under `jax.jit` with a batch-sharded input is the global batch.
 - `cmpa.tau_init` 0.05, `cmpa.tau_min` 0.01: τ = exp(max(log τ, log τ_min)).
@@ -51,14 +52,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Array = jax.Array
-PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = ("none", "feature", "intra", "cross")
 POSITIVE_MODES = ("kmeans", "class")
