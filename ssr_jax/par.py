@@ -34,16 +34,18 @@ _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0),
 
 
 def _neighbours(x: Array, dilations: Sequence[int]) -> list[Array]:
-    """The 8·len(dilations) replicate-padded shifts of x [..., H, W]."""
+    """The 8·len(dilations) replicate-padded shifts of x [..., H, W].
+
+    Replicate padding clamps indices, so one pad by the largest dilation
+    serves every dilation (six separate edge pads compile ~10x slower on
+    XLA:CPU).
+    """
     h, w = x.shape[-2:]
-    lead = [(0, 0)] * (x.ndim - 2)
-    out = []
-    for d in dilations:
-        p = jnp.pad(x, lead + [(d, d), (d, d)], mode="edge")
-        for dy, dx in _RING:
-            out.append(p[..., d + dy * d:d + dy * d + h,
-                         d + dx * d:d + dx * d + w])
-    return out
+    big = max(dilations)
+    p = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(big, big), (big, big)],
+                mode="edge")
+    return [p[..., big + dy * d:big + dy * d + h, big + dx * d:big + dx * d + w]
+            for d in dilations for dy, dx in _RING]
 
 
 def _position_softmax(dilations: Sequence[int],

@@ -43,7 +43,7 @@ def _scene(seed=0):
         noise = rng.integers(-12, 13, size=(H, W, 3))
         img[b] = np.clip(base + noise, 0, 255)
     valid = np.ones((B, H, W), bool)
-    valid[1, :, 48:] = False  # right quarter of image 1 is crop padding
+    valid[1, :, 40:] = False  # crop padding: patch column 2 half valid
     sp[1][~valid[1]] = -1
     img[1][~valid[1]] = 0
     slot_valid = np.array([[True, True, False], [True, False, False]])
@@ -81,8 +81,7 @@ def test_rgb_to_lab_matches_skimage():
     np.testing.assert_allclose(got, rgb2lab(rgb), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("space", ["lab", "rgb"])
+@pytest.mark.parametrize("impl,space", [("segment", "lab"), ("onehot", "rgb")])
 def test_superpixel_colours_vs_loop(impl, space):
     img, sp, valid, _ = _scene()
     valid = valid.copy()
@@ -140,7 +139,8 @@ def test_colour_kmeans_vs_numpy(impl):
     seg_valid[2] = False
     seg_valid[2, [3, 7]] = True  # n = 2 < k: coinciding centres
     colours[1, 5, 0] = colours[1, 9, 0]  # an L tie for the stable sort
-    for k, iters in [(4, 0), (4, 5), (3, 10)]:
+    configs = [(4, 0), (4, 5), (3, 10)] if impl == "segment" else [(4, 5)]
+    for k, iters in configs:
         got = jax.jit(sgc.colour_kmeans, static_argnums=(2, 3, 4))(
             jnp.asarray(colours), jnp.asarray(seg_valid), k, iters, impl)
         np.testing.assert_array_equal(
@@ -167,8 +167,9 @@ def test_target_ratio_vs_pixel_loop(impl):
     rng = np.random.default_rng(3)
     cams = rng.random((2, 2, 8, 8)).astype(np.float32)
     cams[1, 1] = 0.0  # zero denominators
+    cams[0, :, :3] = 0.5  # exactly theta: not high confidence (strict >)
     cluster = rng.integers(-1, 3, size=(2, 8, 8)).astype(np.int32)  # 3 unused
-    k, theta = 4, 0.4
+    k, theta = 4, 0.5
     fn = jax.jit(sgc.target_ratio, static_argnums=(2, 3, 4))
     got = np.asarray(fn(jnp.asarray(cams), jnp.asarray(cluster), k, theta,
                         impl))
@@ -257,6 +258,33 @@ def test_superpixel_target_mask_vs_loops(impl):
         assert (got[1, 0][:, 3] == 0).all()
 
 
+def test_superpixel_target_mask_hand_built():
+    """Red | blue image, stripe superpixels, padding from column 40.
+
+    The blue cluster (valid columns 36-39) is the only target (theta_r 0.9),
+    so patch column 2 (columns 32-47) has 64 target pixels out of 128 valid
+    ones (>= 0.5: target) and nothing else is. Ids under the padding are left
+    as real stripes: `valid` alone must exclude them.
+    """
+    img = np.zeros((1, H, W, 3), np.uint8)
+    img[0, :, :36] = (220, 20, 20)
+    img[0, :, 36:] = (20, 20, 220)
+    sp = np.broadcast_to(np.arange(W) // 4, (1, H, W)).astype(np.int32)
+    valid = np.zeros((1, H, W), bool)
+    valid[0, :, :40] = True
+    cams = np.zeros((1, 1, GH, GW), np.float32)
+    cams[0, 0, :, 2] = 1.0
+    cams[0, 0, :, 3] = 0.3  # low CAM under the padding must not count
+    fn = jax.jit(functools.partial(
+        sgc.superpixel_target_mask, colour_k=2, colour_iters=5,
+        theta_h=0.4, theta_r=0.9, patch_fraction=0.5, num_segments=16))
+    got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
+                                            np.ones((1, 1), bool)))))
+    want = np.zeros((GH, GW))
+    want[:, 2] = 1.0
+    np.testing.assert_array_equal(got[0, 0], want)
+
+
 # --- box mask (CLIP-ES scoremap2bbox) -----------------------------------------
 
 
@@ -296,8 +324,8 @@ def _box_cases():
     return c / np.maximum(c.max((1, 2), keepdims=True), 1e-12)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("threshold", [0.4, 0.7])
+@pytest.mark.parametrize("impl,threshold", [("segment", 0.4),
+                                            ("onehot", 0.7)])
 def test_box_mask_vs_scipy(impl, threshold):
     cams = _box_cases()
     got = np.asarray(jax.jit(lambda c: sgc.box_mask(c, threshold, impl))(
@@ -568,7 +596,7 @@ def test_finite_with_zero_cams_and_empty_superpixels(impl):
     cams = np.zeros((B, K, GH, GW), np.float32)
     x = dict(cams=cams, slot_valid=slot_valid, clip=_attn(14),
              dino=_attn(15, 1)[0], img=img, sp=sp, valid=valid)
-    kinds = sgc.MASK_KINDS if impl == "segment" else ("superpixel",)
+    kinds = sgc.MASK_KINDS if impl == "segment" else ()
     for kind in kinds:
         out = _run_refine(x, mask_kind=kind, impl=impl)
         assert np.isfinite(out).all() and (out == 0).all()
