@@ -13,7 +13,6 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
@@ -112,22 +111,27 @@ def _maps(seed, b, c, h, w):
 _par = jax.jit(par_lib.par, static_argnames=("iters", "dilations"))
 
 
-@pytest.mark.parametrize("dilations,iters", [((1, 2), 3), (DIL, 20)])
-def test_par_vs_numpy_loop(dilations, iters):
+def test_par_vs_numpy_loop_small():
     img, masks = _image(0, 2, 24, 24), _maps(1, 2, 3, 24, 24)
-    got = _par(jnp.asarray(img), jnp.asarray(masks), iters=iters,
-               dilations=dilations)
-    want = _np_par(img, masks, dilations, iters)
+    got = _par(jnp.asarray(img), jnp.asarray(masks), iters=3,
+               dilations=(1, 2))
+    want = _np_par(img, masks, (1, 2), 3)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
 
 
-def test_par_vs_torch_port_with_image_resize():
+def test_par_vs_numpy_loop_and_torch_port_with_image_resize():
+    """WeCLIP settings; the image is larger than the masks (resized with
+    align_corners=True, in the NumPy reference by torch)."""
     img, masks = _image(2, 2, 40, 36), _maps(3, 2, 4, 20, 18)
-    got = _par(jnp.asarray(img), jnp.asarray(masks), iters=20,
-               dilations=DIL)
-    want = _torch_par(torch.from_numpy(img).permute(0, 3, 1, 2),
-                      torch.from_numpy(masks)).numpy()
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    got = np.asarray(_par(jnp.asarray(img), jnp.asarray(masks), iters=20,
+                          dilations=DIL))
+    img_t = torch.from_numpy(img).permute(0, 3, 1, 2)
+    want = _torch_par(img_t, torch.from_numpy(masks)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    small = F.interpolate(img_t, size=(20, 18), mode="bilinear",
+                          align_corners=True).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, _np_par(small, masks, DIL, 20),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_par_affinity_rows_sum_to_one_plus_pos_weight():
