@@ -1,0 +1,608 @@
+"""sgc.py against slow, obvious references (NumPy/Python loops, scipy,
+skimage, torch interpolation) on tiny inputs: 2 images, 3 class slots (one
+padded), a 4x4 patch grid, 64x64 pixels, ~10 Voronoi superpixels.
+
+Tolerances: float results 1e-5 relative/absolute (float32 vs float64
+references) unless stated; masks and labels exactly.
+"""
+
+import functools
+import math
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage.color import rgb2lab
+
+from ssr_jax import sgc
+
+B, K, GH, GW, H, W = 2, 3, 4, 4, 64, 64
+S = 12  # static superpixel slots; 10 used, 2 always empty
+IMPLS = ("segment", "onehot")
+
+
+def _scene(seed=0):
+    """Image, superpixels, valid (crop padding on image 1), slot_valid."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:H, :W]
+    sp = np.zeros((B, H, W), np.int32)
+    img = np.zeros((B, H, W, 3), np.uint8)
+    palette = np.array([[200, 30, 30], [30, 180, 40], [40, 40, 210],
+                        [230, 230, 60], [20, 20, 20]])
+    for b in range(B):
+        seeds = rng.uniform(0, H, size=(10, 2))
+        d = ((yy[..., None] - seeds[:, 0]) ** 2
+             + (xx[..., None] - seeds[:, 1]) ** 2)
+        sp[b] = d.argmin(-1)
+        base = palette[rng.integers(0, len(palette), 10)][sp[b]]
+        noise = rng.integers(-12, 13, size=(H, W, 3))
+        img[b] = np.clip(base + noise, 0, 255)
+    valid = np.ones((B, H, W), bool)
+    valid[1, :, 40:] = False  # crop padding: patch column 2 half valid
+    sp[1][~valid[1]] = -1
+    img[1][~valid[1]] = 0
+    slot_valid = np.array([[True, True, False], [True, False, False]])
+    return img, sp, valid, slot_valid
+
+
+def _cams(seed=0, smooth=True):
+    rng = np.random.default_rng(seed)
+    c = rng.random((B, K, GH, GW))
+    if smooth:
+        c = ndimage.gaussian_filter(c, (0, 0, 0.7, 0.7))
+    c = c - c.min((2, 3), keepdims=True)
+    c = c / c.max((2, 3), keepdims=True)
+    slot_valid = _scene()[3]
+    return np.where(slot_valid[:, :, None, None], c, 0).astype(np.float32)
+
+
+def _upsample(cams, size):
+    """torch bilinear, align_corners=False (cv2.resize semantics)."""
+    t = torch.from_numpy(np.asarray(cams, np.float32))
+    return F.interpolate(t, size=size, mode="bilinear",
+                         align_corners=False).numpy()
+
+
+# --- colours -----------------------------------------------------------------
+
+
+def test_rgb_to_lab_matches_skimage():
+    rng = np.random.default_rng(0)
+    rand = rng.integers(0, 256, size=(4096, 3))
+    edges = np.array([[0, 0, 0], [255, 255, 255], [10, 11, 12], [1, 2, 3],
+                      [255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 10, 11]])
+    rgb = np.concatenate([rand, edges]).astype(np.uint8)[:, None, :]
+    got = np.asarray(sgc.rgb_to_lab(jnp.asarray(rgb)))
+    np.testing.assert_allclose(got, rgb2lab(rgb), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("impl,space", [("segment", "lab"), ("onehot", "rgb")])
+def test_superpixel_colours_vs_loop(impl, space):
+    img, sp, valid, _ = _scene()
+    valid = valid.copy()
+    valid[0, :3] = False  # valid also drops pixels whose id is not -1
+    fn = jax.jit(sgc.superpixel_colours, static_argnums=(2, 3, 4))
+    mean, count = fn(jnp.asarray(img), jnp.asarray(sp), S, space, impl,
+                     jnp.asarray(valid))
+    colours = rgb2lab(img) if space == "lab" else img.astype(np.float64)
+    for b in range(B):
+        for s in range(S):
+            sel = (sp[b] == s) & valid[b]
+            assert count[b, s] == sel.sum()
+            want = colours[b][sel].mean(0) if sel.any() else np.zeros(3)
+            np.testing.assert_allclose(mean[b, s], want, atol=2e-3,
+                                       rtol=1e-5)
+    assert (np.asarray(count)[:, 10:] == 0).all()
+
+
+def _kmeans_ref(colours, seg_valid, k, iters):
+    """Plain NumPy Lloyd with the agreed deterministic init."""
+    colours = np.asarray(colours, np.float32)
+    out = np.full(seg_valid.shape, -1, np.int64)
+    for b in range(colours.shape[0]):
+        pts = [s for s in range(colours.shape[1]) if seg_valid[b, s]]
+        n = len(pts)
+        if n == 0:
+            continue
+        order = sorted(pts, key=lambda s, b=b: (colours[b, s, 0], s))
+        cent = np.stack([colours[b, order[math.floor((i + 0.5) * n / k)]]
+                         for i in range(k)])
+
+        def assign(cent, b=b, pts=pts):
+            lab = {}
+            for s in pts:
+                d = ((colours[b, s] - cent) ** 2).sum(1)
+                lab[s] = int(np.argmin(d))  # first minimum
+            return lab
+
+        for _ in range(iters):
+            lab = assign(cent)
+            for c in range(k):
+                members = [s for s in pts if lab[s] == c]
+                if members:
+                    cent[c] = colours[b, members].mean(0)
+        for s, c in assign(cent).items():
+            out[b, s] = c
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_colour_kmeans_vs_numpy(impl):
+    rng = np.random.default_rng(1)
+    colours = rng.normal(size=(3, 20, 3)).astype(np.float32) * 20
+    seg_valid = rng.random((3, 20)) > 0.2
+    seg_valid[2] = False
+    seg_valid[2, [3, 7]] = True  # n = 2 < k: coinciding centres
+    colours[1, 5, 0] = colours[1, 9, 0]  # an L tie for the stable sort
+    configs = [(4, 0), (4, 5), (3, 10)] if impl == "segment" else [(4, 5)]
+    for k, iters in configs:
+        got = jax.jit(sgc.colour_kmeans, static_argnums=(2, 3, 4))(
+            jnp.asarray(colours), jnp.asarray(seg_valid), k, iters, impl)
+        np.testing.assert_array_equal(
+            np.asarray(got), _kmeans_ref(colours, seg_valid, k, iters))
+
+
+def test_colour_kmeans_recovers_blobs():
+    rng = np.random.default_rng(2)
+    centres = np.array([[20, 0, 0], [50, 40, -30], [80, -40, 40]], np.float32)
+    truth = rng.permutation(np.repeat(np.arange(3), 10))
+    colours = centres[truth] + rng.normal(size=(30, 3)).astype(np.float32)
+    got = np.asarray(jax.jit(sgc.colour_kmeans, static_argnums=(2, 3))(
+        jnp.asarray(colours[None]), jnp.ones((1, 30), bool), 3, 10))[0]
+    # Same partition as the truth (cluster ids may be permuted).
+    assert len(set(zip(truth.tolist(), got.tolist(), strict=True))) == 3
+    assert len(set(got.tolist())) == 3
+
+
+# --- ratios and the SGC mask --------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_target_ratio_vs_pixel_loop(impl):
+    rng = np.random.default_rng(3)
+    cams = rng.random((2, 2, 8, 8)).astype(np.float32)
+    cams[1, 1] = 0.0  # zero denominators
+    cams[0, :, :3] = 0.5  # exactly theta: not high confidence (strict >)
+    cluster = rng.integers(-1, 3, size=(2, 8, 8)).astype(np.int32)  # 3 unused
+    k, theta = 4, 0.5
+    fn = jax.jit(sgc.target_ratio, static_argnums=(2, 3, 4))
+    got = np.asarray(fn(jnp.asarray(cams), jnp.asarray(cluster), k, theta,
+                        impl))
+    want = np.zeros((2, 2, k))
+    for b in range(2):
+        for c in range(2):
+            num, den = np.zeros(k), np.zeros(k)
+            for y in range(8):
+                for x in range(8):
+                    q = cluster[b, y, x]
+                    if q < 0:
+                        continue
+                    v = float(cams[b, c, y, x])
+                    den[q] += v
+                    num[q] += v if v > theta else 0.0
+            for q in range(k):
+                want[b, c, q] = num[q] / den[q] if den[q] > 0 else 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _mask_ref(cams, img, sp, valid, slot_valid, *, k, iters, theta_h,
+              theta_r, frac):
+    """SGC mask by loops over images, classes, clusters and patches."""
+    sh, sw = H // GH, W // GW
+    out = np.zeros(cams.shape)
+    cams_pix = _upsample(cams, (H, W))
+    for b in range(B):
+        lab = rgb2lab(img[b])
+        ids = np.where(valid[b], sp[b], -1)
+        colours = np.zeros((S, 3), np.float32)
+        nonempty = np.zeros(S, bool)
+        for s in range(S):
+            sel = ids == s
+            if sel.any():
+                colours[s] = lab[sel].mean(0)
+                nonempty[s] = True
+        seg_cluster = _kmeans_ref(colours[None], nonempty[None], k, iters)[0]
+        pc = np.where(ids >= 0, seg_cluster[np.maximum(ids, 0)], -1)
+        for c in range(K):
+            if not slot_valid[b, c]:
+                continue
+            cam = cams_pix[b, c]
+            targets = []
+            for q in range(k):
+                v = cam[pc == q]
+                den = v.sum()
+                r = v[v > theta_h].sum() / den if den > 0 else 0.0
+                if r > theta_r:
+                    targets.append(q)
+            pix = np.isin(pc, targets)
+            for i in range(GH):
+                for j in range(GW):
+                    blk = (slice(i * sh, (i + 1) * sh),
+                           slice(j * sw, (j + 1) * sw))
+                    nv = valid[b][blk].sum()
+                    out[b, c, i, j] = nv > 0 and pix[blk].sum() >= frac * nv
+            if not out[b, c].any():
+                out[b, c] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_superpixel_target_mask_vs_loops(impl):
+    img, sp, valid, slot_valid = _scene()
+    cams = np.zeros((B, K, GH, GW), np.float32)
+    cams[0, 0, :2, :2] = 1.0  # a clear target zone
+    cams[0, 0, 2:, 2:] = 0.3
+    cams[0, 1] = 0.3  # below theta_h everywhere: r = 0 -> fallback ones
+    cams[0, 1, 0, 0] = 0.35
+    cams[1, 0] = _cams(5)[1, 0]
+    cams[:, 2] = 0.0
+    kw = dict(colour_k=4, colour_iters=5, colour_space="lab", theta_h=0.4,
+              theta_r=0.5, patch_fraction=0.5, num_segments=S, impl=impl)
+    fn = jax.jit(lambda *a: sgc.superpixel_target_mask(*a, **kw))
+    got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
+                                            slot_valid))))
+    want = _mask_ref(cams, img, sp, valid, slot_valid, k=4, iters=5,
+                     theta_h=0.4, theta_r=0.5, frac=0.5)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0].sum() not in (0, GH * GW)  # a real, partial mask
+    assert (got[0, 1] == 1).all()  # fallback
+    assert (got[:, 2] == 0).all() and (got[1, 1] == 0).all()  # padded slots
+    # Patches of image 1 that are pure crop padding are never target
+    # (unless the fallback fired for that class).
+    if not (got[1, 0] == 1).all():
+        assert (got[1, 0][:, 3] == 0).all()
+
+
+def test_superpixel_target_mask_hand_built():
+    """Red | blue image, stripe superpixels, padding from column 40.
+
+    The blue cluster (valid columns 36-39) is the only target (theta_r 0.9),
+    so patch column 2 (columns 32-47) has 64 target pixels out of 128 valid
+    ones (>= 0.5: target) and nothing else is. Ids under the padding are left
+    as real stripes: `valid` alone must exclude them.
+    """
+    img = np.zeros((1, H, W, 3), np.uint8)
+    img[0, :, :36] = (220, 20, 20)
+    img[0, :, 36:] = (20, 20, 220)
+    sp = np.broadcast_to(np.arange(W) // 4, (1, H, W)).astype(np.int32)
+    valid = np.zeros((1, H, W), bool)
+    valid[0, :, :40] = True
+    cams = np.zeros((1, 1, GH, GW), np.float32)
+    cams[0, 0, :, 2] = 1.0
+    cams[0, 0, :, 3] = 0.3  # low CAM under the padding must not count
+    fn = jax.jit(functools.partial(
+        sgc.superpixel_target_mask, colour_k=2, colour_iters=5,
+        theta_h=0.4, theta_r=0.9, patch_fraction=0.5, num_segments=16))
+    got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
+                                            np.ones((1, 1), bool)))))
+    want = np.zeros((GH, GW))
+    want[:, 2] = 1.0
+    np.testing.assert_array_equal(got[0, 0], want)
+
+
+# --- box mask (CLIP-ES scoremap2bbox) -----------------------------------------
+
+
+def _box_ref(cam, threshold):
+    """scipy 8-connected components + CLIP-ES box clipping, one map."""
+    h, w = cam.shape
+    u = (cam.astype(np.float32) * np.float32(255)).astype(np.uint8)
+    fg = u > int(threshold * np.max(u))
+    lab, n = ndimage.label(fg, structure=np.ones((3, 3)))
+    m = np.zeros((h, w), np.float32)
+    for c in range(1, n + 1):
+        ys, xs = np.nonzero(lab == c)
+        m[ys.min():min(ys.max() + 1, h - 1),
+          xs.min():min(xs.max() + 1, w - 1)] = 1
+    return m
+
+
+def _box_cases():
+    rng = np.random.default_rng(4)
+    cases = [rng.random((6, 7)) for _ in range(6)]
+    cases += [ndimage.gaussian_filter(rng.random((6, 7)), 1.0)
+              for _ in range(6)]
+    two = np.zeros((6, 7))
+    two[1:3, 1:3] = 1.0
+    two[4, 4:6] = 0.9  # second component
+    border = np.zeros((6, 7))
+    border[3:, 4:] = 1.0  # touches bottom and right: loses that row/col
+    corner = np.zeros((6, 7))
+    corner[5, 6] = 1.0  # bottom-right pixel only: an empty box
+    snake = np.zeros((6, 7))
+    snake[0, :] = snake[2, :] = snake[4, :] = 1.0
+    snake[1, 6] = snake[3, 0] = 1.0  # one long 8-connected path
+    diag = np.eye(6, 7)  # 8-connected along the diagonal only
+    cases += [two, border, corner, snake, diag, np.zeros((6, 7))]
+    c = np.stack(cases).astype(np.float32)
+    c = c - c.min((1, 2), keepdims=True)
+    return c / np.maximum(c.max((1, 2), keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("impl,threshold", [("segment", 0.4),
+                                            ("onehot", 0.7)])
+def test_box_mask_vs_scipy(impl, threshold):
+    cams = _box_cases()
+    got = np.asarray(jax.jit(lambda c: sgc.box_mask(c, threshold, impl))(
+        jnp.asarray(cams.reshape(2, -1, 6, 7))).reshape(cams.shape))
+    for i, cam in enumerate(cams):
+        np.testing.assert_array_equal(got[i], _box_ref(cam, threshold),
+                                      err_msg=f"case {i}")
+    assert got[-1].sum() == 0  # all-zero CAM: no component, empty mask
+    assert got[-4].sum() == 0  # single pixel in the corner: empty box
+    border = got[-5]
+    assert border[3:5, 4:6].all() and border[5].sum() == 0
+    assert border[:, 6].sum() == 0
+
+
+def test_box_mask_matches_opencv():
+    cv2 = pytest.importorskip("cv2")  # optional: cv2 is not a dependency
+    cams = _box_cases()
+    got = np.asarray(jax.jit(sgc.box_mask, static_argnums=1)(
+        jnp.asarray(cams[None]), 0.4))[0]
+    for i, cam in enumerate(cams):
+        u = np.expand_dims((cam * 255).astype(np.uint8), 2)
+        _, t = cv2.threshold(u, int(0.4 * np.max(u)), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(t, cv2.RETR_TREE,
+                                    cv2.CHAIN_APPROX_SIMPLE)[-2]
+        want = np.zeros(cam.shape, np.float32)
+        for cnt in contours:
+            x, y, w, h = cv2.boundingRect(cnt)
+            want[y:min(y + h, cam.shape[0] - 1),
+                 x:min(x + w, cam.shape[1] - 1)] = 1
+        np.testing.assert_array_equal(got[i], want, err_msg=f"case {i}")
+
+
+def test_connected_components_partition_matches_scipy():
+    rng = np.random.default_rng(6)
+    fg = rng.random((5, 9, 11)) > 0.45
+    labels = np.asarray(sgc._connected_components(jnp.asarray(fg)))
+    for i in range(fg.shape[0]):
+        ref, _ = ndimage.label(fg[i], structure=np.ones((3, 3)))
+        assert (labels[i][~fg[i]] == 99).all()
+        pairs = set(zip(ref[fg[i]].tolist(), labels[i][fg[i]].tolist(),
+                        strict=True))
+        assert len(pairs) == ref.max() == len({p[1] for p in pairs})
+        for comp, lab in pairs:  # label = smallest flat index in component
+            assert lab == np.flatnonzero(ref.ravel() == comp)[0]
+
+
+# --- affinity, transition, propagation ----------------------------------------
+
+
+def _attn(seed, layers=12, n=GH * GW):
+    rng = np.random.default_rng(seed)
+    a = np.exp(rng.normal(size=(layers, B, n + 1, n + 1)))
+    return (a / a.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _trans_ref(a, iters):
+    t = np.array(a, np.float64)
+    n = t.shape[0]
+    for _ in range(iters):
+        for j in range(n):
+            t[:, j] = t[:, j] / t[:, j].sum()
+        for i in range(n):
+            t[i, :] = t[i, :] / t[i, :].sum()
+    t = (t + t.T) / 2
+    out = np.zeros_like(t)
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = sum(t[i, m] * t[m, j] for m in range(n))
+    return out
+
+
+def test_clip_affinity_and_drop_cls():
+    attn = _attn(7)
+    want = attn[-8:].mean(0)[:, 1:, 1:]
+    np.testing.assert_allclose(sgc.clip_affinity(jnp.asarray(attn), 8),
+                               want, rtol=1e-6)
+    as_list = [jnp.asarray(a) for a in attn]
+    np.testing.assert_allclose(sgc.clip_affinity(as_list, 8), want,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(sgc.drop_cls(jnp.asarray(attn[0])),
+                                  attn[0][:, 1:, 1:])
+    with pytest.raises(ValueError, match="last_n"):
+        sgc.clip_affinity(jnp.asarray(attn), 13)
+
+
+def test_fuse_affinity_weights():
+    a, d = _attn(8, 1)[0], _attn(9, 1)[0]
+    np.testing.assert_allclose(sgc.fuse_affinity(a, d, 0.4, 0.6),
+                               0.4 * a + 0.6 * d, rtol=1e-6)
+    np.testing.assert_allclose(sgc.fuse_affinity(a, None, 0.4, 0.6), 0.4 * a,
+                               rtol=1e-6)
+    np.testing.assert_allclose(sgc.fuse_affinity(None, d, 0.4, 0.6), 0.6 * d,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="CLIP or a DINO"):
+        sgc.fuse_affinity(None, None)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 3])
+def test_transition_matrix_vs_loops(iters):
+    a = _attn(10, 1)[0][:, 1:, 1:]
+    got = np.asarray(sgc.transition_matrix(jnp.asarray(a), iters))
+    for b in range(B):
+        np.testing.assert_allclose(got[b], _trans_ref(a[b], iters),
+                                   rtol=1e-5, atol=1e-7)
+    assert np.isfinite(np.asarray(
+        sgc.transition_matrix(jnp.zeros((1, 4, 4)), 3))).all()
+
+
+def test_propagate_vs_loops():
+    rng = np.random.default_rng(11)
+    n = GH * GW
+    t = rng.random((B, n, n)).astype(np.float32)
+    cams = rng.random((B, K, n)).astype(np.float32)
+    mask = (rng.random((B, K, n)) > 0.5).astype(np.float32)
+    got = np.asarray(sgc.propagate(jnp.asarray(t), jnp.asarray(cams),
+                                   jnp.asarray(mask)))
+    got_none = np.asarray(sgc.propagate(jnp.asarray(t), jnp.asarray(cams)))
+    for b in range(B):
+        for c in range(K):
+            for i in range(n):
+                want = sum(float(t[b, i, j]) * mask[b, c, j] * cams[b, c, j]
+                           for j in range(n))
+                plain = sum(float(t[b, i, j]) * cams[b, c, j]
+                            for j in range(n))
+                assert abs(got[b, c, i] - want) < 1e-5
+                assert abs(got_none[b, c, i] - plain) < 1e-5
+
+
+# --- refine_cams (Table 3) ----------------------------------------------------
+
+
+def _refine_inputs():
+    img, sp, valid, slot_valid = _scene()
+    return dict(cams=_cams(0), slot_valid=slot_valid, clip=_attn(12),
+                dino=_attn(13, 1)[0], img=img, sp=sp, valid=valid)
+
+
+def _run_refine(x, **kw):
+    fn = jax.jit(functools.partial(sgc.refine_cams, num_segments=S,
+                                   colour_k=4, colour_iters=5, **kw))
+    return np.asarray(fn(
+        jnp.asarray(x["cams"]), jnp.asarray(x["slot_valid"]),
+        clip_attn=jnp.asarray(x["clip"]), dino_attn=jnp.asarray(x["dino"]),
+        image=jnp.asarray(x["img"]), superpixels=jnp.asarray(x["sp"]),
+        valid=jnp.asarray(x["valid"])))
+
+
+def _expected(trans, cams, mask, slot_valid):
+    out = np.zeros_like(cams)
+    n = GH * GW
+    for b in range(B):
+        for c in range(K):
+            if slot_valid[b, c]:
+                src = (cams[b, c] * mask[b, c]).reshape(n)
+                out[b, c] = (trans[b] @ src).reshape(GH, GW)
+    return out
+
+
+def test_refine_cams_table3_steps():
+    x = _refine_inputs()
+    cams, sv = x["cams"], x["slot_valid"]
+    # Row 1: no attention -> the input CAMs.
+    np.testing.assert_array_equal(
+        _run_refine(x, use_clip_attn=False, use_dino_attn=False,
+                    mask_kind="superpixel"), cams)
+    clip_aff = x["clip"][-8:].mean(0)[:, 1:, 1:]
+    dino_aff = x["dino"][:, 1:, 1:]
+    t_clip = np.stack([_trans_ref(clip_aff[b], 3) for b in range(B)])
+    t_both = np.stack([_trans_ref(0.4 * clip_aff[b] + 0.6 * dino_aff[b], 3)
+                       for b in range(B)])
+    ones = np.ones_like(cams)
+    # Row 2: CLIP only, no mask = T_clip · cam.
+    np.testing.assert_allclose(
+        _run_refine(x, use_clip_attn=True, use_dino_attn=False,
+                    mask_kind="none"),
+        _expected(t_clip, cams, ones, sv), rtol=1e-5, atol=1e-7)
+    # Row 3: CLIP + DINO (0.4 : 0.6), no mask.
+    np.testing.assert_allclose(
+        _run_refine(x, use_clip_attn=True, use_dino_attn=True,
+                    mask_kind="none"),
+        _expected(t_both, cams, ones, sv), rtol=1e-5, atol=1e-7)
+    # Baseline: CLIP with the CLIP-ES box mask.
+    boxes = np.stack([[_box_ref(cams[b, c], 0.3) for c in range(K)]
+                      for b in range(B)])
+    np.testing.assert_allclose(
+        _run_refine(x, use_clip_attn=True, use_dino_attn=False,
+                    mask_kind="box", box_threshold=0.3),
+        _expected(t_clip, cams, boxes, sv), rtol=1e-5, atol=1e-7)
+    # Row 4: CLIP + DINO + SGC mask.
+    sp_mask = _mask_ref(cams, x["img"], x["sp"], x["valid"], sv, k=4,
+                        iters=5, theta_h=0.4, theta_r=0.5, frac=0.5)
+    got = _run_refine(x, use_clip_attn=True, use_dino_attn=True,
+                      mask_kind="superpixel")
+    np.testing.assert_allclose(got, _expected(t_both, cams, sp_mask, sv),
+                               rtol=1e-5, atol=1e-7)
+    assert (got[:, 2] == 0).all() and (got[1, 1] == 0).all()
+
+
+def test_refine_cams_errors():
+    x = _refine_inputs()
+    with pytest.raises(ValueError, match="mask_kind"):
+        _run_refine(x, mask_kind="boxes")
+    with pytest.raises(ValueError, match="clip_attn"):
+        sgc.refine_cams(jnp.asarray(x["cams"]), jnp.asarray(x["slot_valid"]),
+                        mask_kind="none", use_dino_attn=False)
+    with pytest.raises(ValueError, match="CAM grid"):
+        sgc.refine_cams(jnp.asarray(x["cams"][..., :3]),
+                        jnp.asarray(x["slot_valid"]),
+                        clip_attn=jnp.asarray(x["clip"]), mask_kind="none",
+                        use_dino_attn=False)
+
+
+def test_refine_cams_from_config_uses_config_fields():
+    from ssr_jax import config_defaults
+
+    cfg = config_defaults.base_config().sgc
+    cfg.max_segments = S
+    cfg.mask = "box"
+    x = _refine_inputs()
+    fn = jax.jit(lambda c, v, a, d: sgc.refine_cams_from_config(
+        c, v, cfg, clip_attn=a, dino_attn=d))
+    got = fn(*map(jnp.asarray, (x["cams"], x["slot_valid"], x["clip"],
+                                x["dino"])))
+    want = _run_refine(x, mask_kind="box")
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+# --- static structure and robustness ------------------------------------------
+
+
+def _count_eqns(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                if isinstance(sub, jex.ClosedJaxpr):
+                    n += _count_eqns(sub.jaxpr)
+                elif isinstance(sub, jex.Jaxpr):
+                    n += _count_eqns(sub)
+    return n
+
+
+@pytest.mark.parametrize("mask_kind", ["superpixel", "box"])
+def test_refine_cams_jaxpr_does_not_grow_with_classes(mask_kind):
+    img, sp, valid, _ = _scene()
+
+    def count(k):
+        def f(cams, slot_valid, clip_attn, dino_attn):
+            return sgc.refine_cams(
+                cams, slot_valid, clip_attn=clip_attn, dino_attn=dino_attn,
+                image=jnp.asarray(img), superpixels=jnp.asarray(sp),
+                valid=jnp.asarray(valid), mask_kind=mask_kind,
+                num_segments=S, colour_k=4)
+
+        jaxpr = jax.make_jaxpr(f)(
+            jnp.zeros((B, k, GH, GW)), jnp.ones((B, k), bool),
+            jnp.zeros((12, B, 17, 17)), jnp.zeros((B, 17, 17)))
+        return _count_eqns(jaxpr.jaxpr)
+
+    assert count(6) == count(12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_finite_with_zero_cams_and_empty_superpixels(impl):
+    img, sp, valid, slot_valid = _scene()
+    sp = np.full_like(sp, -1)  # no superpixel at all
+    cams = np.zeros((B, K, GH, GW), np.float32)
+    x = dict(cams=cams, slot_valid=slot_valid, clip=_attn(14),
+             dino=_attn(15, 1)[0], img=img, sp=sp, valid=valid)
+    kinds = sgc.MASK_KINDS if impl == "segment" else ()
+    for kind in kinds:
+        out = _run_refine(x, mask_kind=kind, impl=impl)
+        assert np.isfinite(out).all() and (out == 0).all()
+    fn = jax.jit(functools.partial(sgc.superpixel_target_mask,
+                                   num_segments=S, colour_k=4, impl=impl))
+    mask = np.asarray(fn(*map(jnp.asarray,
+                              (cams, img, sp, valid, slot_valid))))
+    np.testing.assert_array_equal(
+        mask, np.broadcast_to(slot_valid[:, :, None, None], mask.shape))
