@@ -53,7 +53,7 @@ def test_position_embeddings_bilinear(models):
     emb = models.clip.vision_model.embeddings
     pos = emb.position_embedding.weight  # 2x2 pretrained grid
     x = torch.zeros(1, 3, 48, 64)
-    got = emb(x, interpolate_pos_encoding=True)[0] - emb.class_embedding * 0
+    got = emb(x, interpolate_pos_encoding=True)[0]
     patches = emb.patch_embedding(x).flatten(2).transpose(1, 2)[0]
     grid = pos[1:].T.reshape(1, -1, 2, 2)
     want = F.interpolate(grid, size=(3, 4), mode="bilinear",
@@ -202,6 +202,30 @@ def test_box_mask_components_and_border_clipping():
     want[0:1, 5:5] = True  # x1 = min(6, 5) = 5: an empty box
     np.testing.assert_array_equal(got, want)
     assert not rt.box_mask(torch.zeros(3, 3), 0.4).any()
+
+
+def test_box_mask_matches_cv2_when_installed():
+    """CLIP-ES scoremap2bbox with real OpenCV (skipped where cv2 is absent)."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(3, 25, 2))
+        cam = rng.random((h, w))
+        if trial % 2:
+            cam = cam * (rng.random((h, w)) > 0.7)
+        cam = (cam / max(cam.max(), 1e-7)).astype(np.float32)
+        thr = float(rng.choice([0.4, 0.7]))
+        u = np.expand_dims((cam * 255).astype(np.uint8), 2)
+        _, binary = cv2.threshold(u, int(thr * np.max(u)), 255,
+                                  cv2.THRESH_BINARY)
+        contours = cv2.findContours(binary, cv2.RETR_TREE,
+                                    cv2.CHAIN_APPROX_SIMPLE)[-2]
+        want = np.zeros((h, w), bool)
+        for c in contours:
+            x, y, bw, bh = cv2.boundingRect(c)
+            want[y:min(y + bh, h - 1), x:min(x + bw, w - 1)] = True
+        got = rt.box_mask(torch.from_numpy(cam), thr).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
 
 
 def _numpy_kmeans(points, k, iters):
