@@ -919,7 +919,8 @@ def pseudo_labels(models: Models, batch: Mapping, cfg: RefConfig | None = None,
         pixel (-1 none; only with a superpixel mask, else None), "labels"
         int64 [B, H, W] pseudo labels (PAR), "seeds" {step name: int64
         [B, H, W]} (empty with seeds=False), and for the train step
-        "hidden" [L - 1, B, T, D] block outputs 1..L-1, "tokens" [B, T, E]
+        "hidden" [L - 1, B, N, D] block outputs 1..L-1 (CLS dropped, the
+        decoder input), "tokens" [B, T, E]
         projected block-L tokens, "clip_attn" [L, B, T, T] and
         "dino_attn" [B, N, N].
     """
