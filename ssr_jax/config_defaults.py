@@ -101,6 +101,7 @@ def base_config() -> config_dict.ConfigDict:
     s.theta_h = 0.4  # [choice] high-confidence threshold (COCO 0.7)
     s.theta_r = 0.5  # [choice] ratio threshold for a target cluster
     s.patch_fraction = 0.5  # [choice] patch is target if >= this pixel share
+    s.segment_impl = "segment"  # segment (scatter, CPU/GPU) | onehot (TPU)
 
     # --- pseudo labels / PAR -----------------------------------------------
     c.par = r = config_dict.ConfigDict()

@@ -60,9 +60,8 @@ class SSRModel(nnx.Module):
             embed_dim=dc.embed_dim, depth=dc.depth, heads=dc.heads,
             num_classes=config.data.num_classes, dropout=dc.dropout,
             rngs=rngs)
-        self.heads = cmpa_lib.CMPAHeads(
-            in_dim=embed_dim, hidden_dim=config.cmpa.hidden_dim,
-            dim=config.cmpa.dim, tau_init=config.cmpa.tau_init, rngs=rngs)
+        self.heads = cmpa_lib.CMPAHeads.from_config(
+            config.cmpa, image_dim=embed_dim, text_dim=embed_dim, rngs=rngs)
 
 
 def _patch_tokens(x: Array) -> Array:
@@ -97,37 +96,37 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
     b, h_px, w_px, _ = image.shape
     pixels = normalise(image, config.data.normalization)
     vision = clip.vision
-    n_layers = len(vision.layers)
-    x = vision.embed(pixels)
-    grid = (h_px // vision.patch_size, w_px // vision.patch_size)
-    x11, out = vision.run_blocks(x, 0, n_layers - 1)
+    n_layers = len(vision.blocks)
+    patch = vision.config.patch_size
+    grid = (h_px // patch, w_px // patch)
+    x11, out = vision.run_blocks(vision.embed(pixels), 0, n_layers - 1)
     x11 = jax.lax.stop_gradient(x11)
-    block = vision.layers[-1]
+    block = vision.blocks[n_layers - 1]
 
     kmax = config.data.max_classes_per_image
     cls_ids = cam_lib.present_classes(batch["labels"], kmax)
     slot_valid = cls_ids >= 0
     head_fns = None
     if config.cam.projected and heads is not None:
-        head_fns = (lambda v: heads.isa(v, train=False),
-                    lambda t: heads.tsa(t, train=False))
+        # Running BN statistics: every image's CAM stays independent.
+        head_fns = (lambda v: heads.isa(v, use_running_average=True),
+                    lambda t: heads.tsa(t, use_running_average=True))
     cams, aux = cam_lib.initial_cams(
-        block.layer_norm1, block.from_ln1, vision.project, x11, text_fg,
+        block.ln_1, block.from_ln1, vision.project, x11, text_fg,
         text_bg, cls_ids, grid, target=config.cam.target,
         logit_scale=config.cam.logit_scale, heads=head_fns)
     cams = jax.lax.stop_gradient(cams)
 
-    attn = tuple(out["attn"]) + (aux["attn"],)
-    clip_aff = sgc_lib.clip_affinity(attn, config.sgc.clip_layers)
-    dino_aff = None
+    clip_attn = tuple(out["attn"]) + (aux["attn12"],)
+    dino_attn = None
     s = config.sgc
-    if s.use_dino_attn and dino is not None:
+    if dino is not None and (s.use_dino_attn or all_steps):
         _, dout = dino(normalise(image, "imagenet"))
-        dino_aff = sgc_lib.drop_cls(dout["attn"][-1])
+        dino_attn = dout["attn"][-1]
 
     def refine(use_clip, use_dino, mask_kind):
         return sgc_lib.refine_cams(
-            cams, slot_valid, clip_attn=clip_aff, dino_attn=dino_aff,
+            cams, slot_valid, clip_attn=clip_attn, dino_attn=dino_attn,
             image=image, superpixels=batch["superpixels"],
             valid=batch["valid"], use_clip_attn=use_clip,
             use_dino_attn=use_dino, mask_kind=mask_kind,
@@ -136,7 +135,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
             colour_k=s.colour_k, colour_iters=s.colour_iters,
             colour_space=s.colour_space, theta_h=s.theta_h,
             theta_r=s.theta_r, patch_fraction=s.patch_fraction,
-            num_segments=s.max_segments)
+            num_segments=s.max_segments, clip_layers=s.clip_layers,
+            impl=s.segment_impl)
 
     refined = refine(s.use_clip_attn, s.use_dino_attn and dino is not None,
                      s.mask)
@@ -155,6 +155,7 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         "cls_ids": cls_ids, "slot_valid": slot_valid,
         "hidden": jax.lax.stop_gradient(hidden),
         "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
+        "clip_x12": aux["y12"],
         "grid": grid,
     }
     if all_steps:
@@ -202,13 +203,13 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
     b, k = path["cls_ids"].shape
     n = path["tokens"].shape[1]
     if p.variant != "none":
-        v = heads.isa(path["tokens"], train=True)
+        v = heads.isa(path["tokens"])
         f_img = cmpa_lib.masked_average_pool(
             v, path["cams"].reshape(b, k, n), path["slot_valid"])
-        f_text = heads.tsa(text_fg, train=True)
+        f_text = heads.tsa(text_fg)
         l_proto, aux = cmpa_lib.cmpa_loss(
             p.variant, f_img, f_text, path["slot_valid"], path["cls_ids"],
-            protos, heads.tau(p.tau_min), p.positive)
+            protos, heads.tau(), p.positive)
         parts["proto"] = l_proto
     else:
         f_img = jnp.zeros((b, k, p.dim))
@@ -221,9 +222,7 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
             config.data.ignore_index)
     else:
         parts["aff"] = jnp.zeros(())
-    total = losses.total_loss(parts, {
-        "proto": config.loss.proto_weight, "seg": config.loss.seg_weight,
-        "aff": config.loss.aff_weight})
+    total = losses.total_loss(parts, config.loss)
     measurements = {f"loss_{k_}": v_ for k_, v_ in parts.items()}
     measurements.update({f"cmpa_{k_}": v_ for k_, v_ in aux.items()})
     measurements["f_img"] = jax.lax.stop_gradient(f_img)

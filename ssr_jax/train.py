@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -119,15 +120,21 @@ def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
     """The foreground / background text bank, embedded once (SPEC 1.2)."""
     fg, bg, _ = text.dataset_prompts(config.data.name, config.data.root)
     tokenizer = text.load_tokenizer(config.model.clip_path)
-    encode = jax.jit(lambda ids: clip.text(ids)[0])
+    graphdef, state = nnx.split(clip.text)
+    encode = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids)[0])
+    context = min(text.CONTEXT_LENGTH,
+                  clip.config.text.max_position_embeddings)
 
     def compute():
-        return text.build_text_bank(lambda ids: np.asarray(encode(ids)),
-                                    tokenizer, fg, bg, config.text.template)
+        return text.build_text_bank(
+            lambda ids: np.asarray(encode(state, ids), np.float32),
+            tokenizer, fg, bg, config.text.template, context_length=context)
 
     if not config.text.cache:
         return compute()
-    key = text.bank_key(config.model.clip_path, fg, bg, config.text.template)
+    key = text.text_bank_key(
+        loading.weights_file(config.model.clip_path), fg, bg,
+        config.text.template)
     return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
 
 
@@ -176,7 +183,8 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains SSR; returns the last measurements (and eval results)."""
     # --- logging ---
-    writer = logs.MetricWriter(workdir, process_index=jax.process_index())
+    logs.setup_logging(workdir)
+    writer = logs.MetricWriter(workdir)
     logging.info("devices: %s (%d processes)", jax.devices(),
                  jax.process_count())
 
@@ -186,9 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     data_sh = NamedSharding(mesh, P("data"))
 
     # --- input ---
-    train_iter = input_pipeline.create_train_iterator(
-        config, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    train_iter = input_pipeline.train_iterator(config)
 
     # --- frozen encoders, text bank, model and optimiser ---
     clip, dino, model = build_models(config)
@@ -226,20 +232,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # --- checkpoint ---
     ckpt = checkpointing.Checkpointer(
-        f"{workdir}/checkpoints", save_every=config.train.checkpoint_every,
+        config.train.checkpoint_dir or f"{workdir}/checkpoints",
+        save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints)
     restored = ckpt.restore(state)
     if restored is not None:
-        step0, state, data_state, _ = restored
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d", step0)
-    guard = checkpointing.PreemptionGuard()
+        state = restored.state
+        train_iter.set_state(restored.data_state)
+        logging.info("resumed from step %d", restored.step)
+    guard = checkpointing.PreemptionGuard().install()
 
     # --- loop ---
     first = int(jax.device_get(state["step"]))
     total = config.train.num_steps
-    progress = logs.progress(range(first, total), "train",
-                             enabled=config.train.progress)
+    progress = tqdm.tqdm(range(first, total), desc="train",
+                         initial=first, total=total,
+                         disable=not config.train.progress)
     last_checked = first
     meas_host: dict[str, float] = {}
     t0 = time.time()
