@@ -22,6 +22,7 @@ from hf_fixtures import hf_clip, make_tiny_clip
 
 from ssr_jax.models.loading import load_clip
 
+pytestmark = pytest.mark.parity
 ATOL = 1e-5
 # (patch, sizes): native, non-square, and sizes that are no multiple of the
 # patch (the conv floors).

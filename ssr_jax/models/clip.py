@@ -333,19 +333,19 @@ class CLIPVision(nnx.Module):
     """Image tower: patch conv, CLS, resized positions, ln_pre, blocks,
     ln_post, visual projection."""
 
-    def __init__(self, cfg: CLIPVisionConfig, projection_dim: int, *,
+    def __init__(self, config: CLIPVisionConfig, projection_dim: int, *,
                  dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        d, p = cfg.hidden_size, cfg.patch_size
-        self.cfg = cfg
+        d, p = config.hidden_size, config.patch_size
+        self.config = config
         self.patch_embedding = nnx.Conv(
-            cfg.num_channels, d, (p, p), strides=(p, p), padding="VALID",
+            config.num_channels, d, (p, p), strides=(p, p), padding="VALID",
             use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.class_embedding = nnx.Param(normal_init(rngs, (d,), dtype))
         self.position_embedding = nnx.Param(
-            normal_init(rngs, (cfg.grid ** 2 + 1, d), dtype))
-        self.pre_layrnorm = LayerNorm(d, cfg.layer_norm_eps, dtype=dtype)
-        self.blocks = make_blocks(cfg, dtype, rngs)
-        self.post_layernorm = LayerNorm(d, cfg.layer_norm_eps, dtype=dtype)
+            normal_init(rngs, (config.grid ** 2 + 1, d), dtype))
+        self.pre_layrnorm = LayerNorm(d, config.layer_norm_eps, dtype=dtype)
+        self.blocks = make_blocks(config, dtype, rngs)
+        self.post_layernorm = LayerNorm(d, config.layer_norm_eps, dtype=dtype)
         self.visual_projection = nnx.Linear(
             d, projection_dim, use_bias=False, dtype=dtype,
             param_dtype=dtype, rngs=rngs)
@@ -357,7 +357,7 @@ class CLIPVision(nnx.Module):
         bilinearly (align_corners=False) to (h, w), CLS position kept
         [WeCLIP]; then ln_pre.
         """
-        h, w = patch_grid(pixels, self.cfg.patch_size)
+        h, w = patch_grid(pixels, self.config.patch_size)
         dtype = self.class_embedding.dtype
         x = self.patch_embedding(pixels.astype(dtype))
         b = x.shape[0]
@@ -365,7 +365,7 @@ class CLIPVision(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         pos = self.position_embedding[...]
-        grid = resize_grid(pos[1:], self.cfg.grid, (h, w), "bilinear")
+        grid = resize_grid(pos[1:], self.config.grid, (h, w), "bilinear")
         x = x + jnp.concatenate([pos[:1], grid], axis=0)[None]
         return self.pre_layrnorm(x)
 
@@ -390,7 +390,7 @@ class CLIPVision(nnx.Module):
         x, out = self.run_blocks(self.embed(pixels))
         tokens = self.project(x)
         out["tokens"] = tokens
-        out["grid"] = patch_grid(pixels, self.cfg.patch_size)
+        out["grid"] = patch_grid(pixels, self.config.patch_size)
         return tokens[:, 0], out
 
 
@@ -398,16 +398,16 @@ class CLIPText(nnx.Module):
     """Text tower: token + position embeddings, causal blocks,
     final LayerNorm, EOT pooling, text projection."""
 
-    def __init__(self, cfg: CLIPTextConfig, projection_dim: int, *,
+    def __init__(self, config: CLIPTextConfig, projection_dim: int, *,
                  dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.cfg = cfg
-        self.token_embedding = nnx.Embed(cfg.vocab_size, d, dtype=dtype,
+        d = config.hidden_size
+        self.config = config
+        self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype,
                                          param_dtype=dtype, rngs=rngs)
         self.position_embedding = nnx.Param(
-            normal_init(rngs, (cfg.max_position_embeddings, d), dtype))
-        self.blocks = make_blocks(cfg, dtype, rngs)
-        self.final_layer_norm = LayerNorm(d, cfg.layer_norm_eps, dtype=dtype)
+            normal_init(rngs, (config.max_position_embeddings, d), dtype))
+        self.blocks = make_blocks(config, dtype, rngs)
+        self.final_layer_norm = LayerNorm(d, config.layer_norm_eps, dtype=dtype)
         self.text_projection = nnx.Linear(
             d, projection_dim, use_bias=False, dtype=dtype,
             param_dtype=dtype, rngs=rngs)
@@ -416,19 +416,19 @@ class CLIPText(nnx.Module):
         """[B, L] → [B] pooling position, as HF `CLIPTextTransformer`: the
         legacy `eos_token_id == 2` configs take argmax(ids) (EOT has the
         largest id); otherwise the first position of `eos_token_id`."""
-        if self.cfg.eos_token_id == 2:
+        if self.config.eos_token_id == 2:
             return jnp.argmax(ids, axis=-1)
-        return jnp.argmax(ids == self.cfg.eos_token_id, axis=-1)
+        return jnp.argmax(ids == self.config.eos_token_id, axis=-1)
 
     def __call__(self, ids: Array) -> tuple[Array, Out]:
         """ids [B, L] int, L ≤ max_position_embeddings → (text_embeds
         [B, E], out) with out "hidden"/"attn" per block and "last_hidden"
         (after the final LayerNorm)."""
         length = ids.shape[-1]
-        if length > self.cfg.max_position_embeddings:
+        if length > self.config.max_position_embeddings:
             raise ValueError(
                 f"text length {length} exceeds max_position_embeddings "
-                f"{self.cfg.max_position_embeddings}")
+                f"{self.config.max_position_embeddings}")
         x = self.token_embedding(ids) + self.position_embedding[:length][None]
         causal = jnp.tril(jnp.ones((length, length), bool))
         x, out = run_blocks(self.blocks, x, mask=causal)

@@ -216,8 +216,12 @@ def _snapshot(path: str, spec: _Spec) -> tuple[dict[str, Any], list[str]]:
     if os.path.isfile(single):
         return config, [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index with a "
+                               f"weight_map ({e!r})") from e
         files = [os.path.join(path, s) for s in shards]
         missing = [s for s, f in zip(shards, files, strict=True)
                    if not os.path.isfile(f)]
@@ -299,8 +303,8 @@ def _load(path: str, spec: _Spec, dtype: Any) -> Any:
             safetensors.safe_open(f, framework="numpy")) for f in files}
         for e in entries:
             array = opened[headers[e.hf][0]].get_tensor(e.hf)
-            _variable(model, e.flax).value = jnp.asarray(
-                LAYOUTS[e.layout][0](array), dtype)
+            _variable(model, e.flax).set_value(jnp.asarray(
+                LAYOUTS[e.layout][0](array), dtype))
     leftover = [p for p, v in nnx.to_flat_state(nnx.state(model))
                 if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if leftover:
@@ -336,7 +340,8 @@ def _save(model: Any, path: str | os.PathLike, spec: _Spec) -> None:
     tensors = {}
     for e in spec.entries(model.config):
         array = np.asarray(_variable(model, e.flax)[...])
-        tensors[e.hf] = np.ascontiguousarray(LAYOUTS[e.layout][1](array))
+        # np.array, not ascontiguousarray, which makes 0-d arrays 1-d.
+        tensors[e.hf] = np.array(LAYOUTS[e.layout][1](array), order="C")
     config = model.config.to_hf()
     config["dtype"] = tensors[spec.entries(model.config)[0].hf].dtype.name
     with open(os.path.join(path, CONFIG), "w") as f:
