@@ -5,7 +5,8 @@
 scales, biases and q/k/v are all distinct and a swapped or untransposed
 tensor shows up), `save_pretrained` it to `dir` and return the path.
 `hf_clip(path)` / `hf_dino(path)` load them back as eager-attention torch
-models in eval mode, the PyTorch reference.
+models in eval mode, the PyTorch reference; `bilinear_positions(clip)` makes
+a HF CLIP resize its position grid as WeCLIP (and ssr_jax) do.
 
 Overrides: `vision_<field>=` / `text_<field>=` go to the CLIP sub-configs,
 other keywords to the top-level config (e.g. `projection_dim`, or any
@@ -15,6 +16,7 @@ other keywords to the top-level config (e.g. `projection_dim`, or any
 from __future__ import annotations
 
 import os
+import types
 from typing import Any
 
 import torch
@@ -104,3 +106,26 @@ def hf_dino(path: str | os.PathLike) -> transformers.ViTModel:
     model = transformers.ViTModel.from_pretrained(
         path, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
+
+
+def bilinear_positions(model: transformers.CLIPModel,
+                       ) -> transformers.CLIPModel:
+    """Makes HF CLIP resize its position grid bilinearly (align_corners=False)
+    to (H // p, W // p), as WeCLIP does, instead of HF's bicubic. Call the
+    model with `interpolate_pos_encoding=True`; the native size is resized
+    too (a same-size bilinear resize is the identity)."""
+    emb = model.vision_model.embeddings
+
+    def interpolate(self, embeddings, height, width):
+        pos = self.position_embedding.weight[None]
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        dim = pos.shape[-1]
+        grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(
+            grid, size=(height // self.patch_size, width // self.patch_size),
+            mode="bilinear", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat([pos[:, :1], grid], dim=1)
+
+    emb.interpolate_pos_encoding = types.MethodType(interpolate, emb)
+    return model

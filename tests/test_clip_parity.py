@@ -4,22 +4,23 @@ The reference is HF's eager-attention model loaded from the same snapshot.
 HF resizes position embeddings bicubically; WeCLIP (and we) resize them
 bilinearly (align_corners=False), so the reference's
 `interpolate_pos_encoding` is replaced by the bilinear one
-(`bilinear_reference`). Tolerance: atol 1e-5 on every compared array.
+(`hf_fixtures.bilinear_positions`). Tolerance: atol 1e-5 on every compared
+array.
 
 Compiling is what costs time here, so forward passes are jitted once per
 input shape and shape-independent checks run on patch 16 only.
 """
-
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
-from hf_fixtures import hf_clip, make_tiny_clip
+from hf_fixtures import bilinear_positions, hf_clip, make_tiny_clip
 
+from ssr_jax.models.clip import ACTIVATIONS
 from ssr_jax.models.loading import load_clip
 
 pytestmark = pytest.mark.parity
@@ -28,25 +29,6 @@ ATOL = 1e-5
 # patch (the conv floors).
 SIZES = {16: [(32, 32), (320, 256), (50, 37)],
          8: [(32, 32), (45, 30)]}
-
-
-def bilinear_reference(model):
-    """Makes HF's vision embeddings resize positions as WeCLIP does."""
-    emb = model.vision_model.embeddings
-
-    def interpolate(self, embeddings, height, width):
-        pos = self.position_embedding.weight[None]
-        side = int(round((pos.shape[1] - 1) ** 0.5))
-        dim = pos.shape[-1]
-        grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(
-            grid, size=(height // self.patch_size, width // self.patch_size),
-            mode="bilinear", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat([pos[:, :1], grid], dim=1)
-
-    emb.interpolate_pos_encoding = types.MethodType(interpolate, emb)
-    return model
 
 
 def max_err(ours, ref) -> float:
@@ -68,7 +50,7 @@ def clip_pair(request, tmp_path_factory):
     patch = request.param
     path = make_tiny_clip(tmp_path_factory.mktemp(f"clip_p{patch}"),
                           vision_patch_size=patch)
-    return patch, path, load_clip(path), bilinear_reference(hf_clip(path))
+    return patch, path, load_clip(path), bilinear_positions(hf_clip(path))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +58,7 @@ def clip16(tmp_path_factory):
     """Patch-16 model for the shape-independent checks (jit caches are
     shared with `clip_pair`'s: same structure)."""
     path = make_tiny_clip(tmp_path_factory.mktemp("clip16"))
-    return 16, path, load_clip(path), bilinear_reference(hf_clip(path))
+    return 16, path, load_clip(path), bilinear_positions(hf_clip(path))
 
 
 @nnx.jit
@@ -249,3 +231,10 @@ def test_bf16_loading(clip16):
         hf_text = ref.get_text_features(
             input_ids=torch.from_numpy(ids).long()).pooler_output
     assert max_err(text, hf_text) <= 0.05 * float(hf_text.abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_parity(name):
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    ref = transformers.activations.ACT2FN[name](torch.from_numpy(x))
+    assert max_err(ACTIVATIONS[name](jnp.asarray(x)), ref) <= 1e-6

@@ -1,10 +1,10 @@
 """ssr_jax.models.loading: HF snapshot errors, sharding, save round trips,
 and the real ViT-B/16 CLIP and dino-vits16 tensor names and shapes."""
 
+import dataclasses
 import json
 import os
 import shutil
-import types
 import warnings
 
 import jax
@@ -21,6 +21,7 @@ from hf_fixtures import (
     FULL_DINO,
     TINY_CLIP_TEXT,
     TINY_CLIP_VISION,
+    bilinear_positions,
     hf_clip,
     hf_dino,
     make_tiny_clip,
@@ -190,6 +191,57 @@ def test_dtype_spellings_accepted():
     assert loading.canonical_dtype("bfloat16") == jnp.bfloat16
 
 
+# ---------------------------------------------------------------- config --
+
+
+def test_config_defaults_are_transformers_defaults():
+    ours = CLIPConfig.from_hf({})
+    hf = transformers.CLIPConfig()
+    for tower, ref in ((ours.vision, hf.vision_config),
+                       (ours.text, hf.text_config)):
+        for field, value in dataclasses.asdict(tower).items():
+            assert getattr(ref, field) == value, field
+    assert ours.projection_dim == hf.projection_dim
+    assert ours.logit_scale_init_value == hf.logit_scale_init_value
+    vit, hf_vit = ViTConfig.from_hf({}), transformers.ViTConfig()
+    for field, value in dataclasses.asdict(vit).items():
+        assert getattr(hf_vit, field) == value, field
+
+
+def test_config_from_hf_and_back():
+    config = CLIPConfig.from_hf({
+        "projection_dim": 16,
+        "text_config": {"hidden_size": 64, "eos_token_id": 2},
+        # As in transformers, a legacy *_config_dict replaces *_config.
+        "vision_config": {"hidden_size": 48, "patch_size": 8},
+        "vision_config_dict": {"hidden_size": 96, "image_size": [64, 64]},
+        "unknown_key": 1})
+    assert config.text.hidden_size == 64 and config.text.eos_token_id == 2
+    assert config.vision.hidden_size == 96 and config.vision.image_size == 64
+    assert config.vision.patch_size == 32  # the dict replaced vision_config
+    assert CLIPConfig.from_hf(config.to_hf()) == config
+    vit = ViTConfig.from_hf({"hidden_size": 48, "qkv_bias": False,
+                             "patch_size": [8, 8]})
+    assert vit.patch_size == 8 and ViTConfig.from_hf(vit.to_hf()) == vit
+
+
+def test_bad_configs_rejected(tmp_path, clip_dir):
+    with pytest.raises(ValueError, match="hidden_act='swish'.*quick_gelu"):
+        CLIPConfig.from_hf({"text_config": {"hidden_act": "swish"}})
+    with pytest.raises(ValueError, match="only square"):
+        ViTConfig.from_hf({"image_size": [224, 160]})
+    with pytest.raises(ValueError, match="not a multiple"):
+        ViTConfig.from_hf({"hidden_size": 100, "num_attention_heads": 6})
+    shutil.copytree(clip_dir, tmp_path / "c")
+    with open(tmp_path / "c" / "config.json") as f:
+        raw = json.load(f)
+    raw["vision_config"]["hidden_act"] = "swish"
+    with open(tmp_path / "c" / "config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(WeightsError, match="config.json: hidden_act="):
+        load_clip(tmp_path / "c")
+
+
 # -------------------------------------------------------------- sharding --
 
 
@@ -306,24 +358,6 @@ def test_bf16_save_keeps_dtype(tmp_path, clip_dir):
 
 
 # ------------------------------------------------ real configs (large) --
-
-
-def bilinear_positions(model):
-    """HF CLIP with WeCLIP's bilinear position resize (see
-    test_clip_parity.bilinear_reference)."""
-    emb = model.vision_model.embeddings
-
-    def interpolate(self, embeddings, height, width):
-        pos = self.position_embedding.weight[None]
-        side = int(round((pos.shape[1] - 1) ** 0.5))
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(
-            grid, size=(height // self.patch_size, width // self.patch_size),
-            mode="bilinear", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])
-        return torch.cat([pos[:, :1], grid], dim=1)
-
-    emb.interpolate_pos_encoding = types.MethodType(interpolate, emb)
 
 
 @pytest.mark.slow
