@@ -343,7 +343,7 @@ def _save(model: Any, path: str | os.PathLike, spec: _Spec) -> None:
         # np.array, not ascontiguousarray, which makes 0-d arrays 1-d.
         tensors[e.hf] = np.array(LAYOUTS[e.layout][1](array), order="C")
     config = model.config.to_hf()
-    config["dtype"] = tensors[spec.entries(model.config)[0].hf].dtype.name
+    config["dtype"] = next(iter(tensors.values())).dtype.name
     with open(os.path.join(path, CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     safetensors.numpy.save_file(tensors, os.path.join(path, WEIGHTS),
