@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -25,7 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssr_jax import checkpointing, cmpa, input_pipeline, logs, ssr, text
+from ssr_jax import (checkpointing, cmpa, config_check, input_pipeline, logs,
+                     ssr, text)
 from ssr_jax.models import loading
 
 PyTree = Any
@@ -116,6 +118,30 @@ def build_models(config):
     return clip, dino, model
 
 
+def check_models(config, clip, dino) -> None:
+    """Config fields that depend on the loaded encoders (clear errors)."""
+    v = clip.vision.config
+    problems = []
+    if config.data.crop_size % v.patch_size:
+        problems.append(f"data.crop_size={config.data.crop_size} is not a "
+                        f"multiple of the CLIP patch size {v.patch_size}")
+    if not 1 <= config.sgc.clip_layers <= v.num_hidden_layers:
+        problems.append(f"sgc.clip_layers={config.sgc.clip_layers}: CLIP "
+                        f"has {v.num_hidden_layers} blocks")
+    if not 1 <= config.model.decoder.num_layers_in < v.num_hidden_layers:
+        problems.append(
+            f"model.decoder.num_layers_in={config.model.decoder.num_layers_in}"
+            f": must be in [1, {v.num_hidden_layers - 1}] (blocks before the "
+            "last, which GradCAM uses)")
+    if dino is not None and dino.config.patch_size != v.patch_size:
+        problems.append(f"DINO patch {dino.config.patch_size} != CLIP patch "
+                        f"{v.patch_size}: their token grids must match")
+    if problems:
+        raise config_check.ConfigError(
+            "the config does not fit the encoders:\n  - "
+            + "\n  - ".join(problems))
+
+
 def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
     """The foreground / background text bank, embedded once (SPEC 1.2)."""
     fg, bg, _ = text.dataset_prompts(config.data.name, config.data.root)
@@ -132,9 +158,10 @@ def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
 
     if not config.text.cache:
         return compute()
-    key = text.text_bank_key(
-        loading.weights_file(config.model.clip_path), fg, bg,
-        config.text.template)
+    weights = os.path.join(config.model.clip_path, "model.safetensors")
+    if not os.path.exists(weights):
+        weights = weights + ".index.json"
+    key = text.text_bank_key(weights, fg, bg, config.text.template)
     return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
 
 
@@ -154,15 +181,13 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
         path = ssr.pseudo_label_path(clip, dino, model.heads, batch,
                                      bank["fg"], bank["bg"], config)
 
-        def loss(params):
-            m = nnx.merge(model_graphdef, params, state["rest"])
-            total, meas = ssr.loss_fn(m, path, bank["fg"], state["protos"],
-                                      config)
-            _, _, rest = _split(m)
-            return total, (meas, rest)
+        def loss(m):
+            return ssr.loss_fn(m, path, bank["fg"], state["protos"], config)
 
-        (total, (meas, rest)), grads = jax.value_and_grad(
-            loss, has_aux=True)(state["params"])
+        # nnx.value_and_grad: gradients w.r.t. the nnx.Param leaves only;
+        # BatchNorm statistics and dropout counters update in `model`.
+        (total, meas), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        _, _, rest = _split(model)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         f_img = meas.pop("f_img")
@@ -198,6 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # --- frozen encoders, text bank, model and optimiser ---
     clip, dino, model = build_models(config)
+    check_models(config, clip, dino)
     bank = build_text_bank(config, clip, workdir)
     bank = jax.device_put({k: jnp.asarray(v) for k, v in bank.items()}, repl)
     clip_graphdef, clip_state = nnx.split(clip)
