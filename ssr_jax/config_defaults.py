@@ -212,6 +212,8 @@ def shrink_for_tests(c: config_dict.ConfigDict) -> None:
     c.cmpa.bank_size = 64
     c.cmpa.recluster_every = 1
     c.cmpa.kmeans_iters = 3
+    c.sgc.clip_layers = 2  # tiny test encoders have 3 blocks
+    c.model.decoder.num_layers_in = 2
     c.sgc.slic_segments = 16
     c.sgc.max_segments = 64
     c.sgc.colour_iters = 3

@@ -171,14 +171,19 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
 
 
 def seg_logits(model: SSRModel, hidden: Array, grid, out_hw,
-               deterministic: bool) -> tuple[Array, Array]:
-    """Decoder logits upsampled to `out_hw` [B, H, W, C] and its feature."""
-    logits, feat = model.decoder(hidden, grid, deterministic=deterministic)
+               dropout_key: Array | None = None) -> tuple[Array, Array]:
+    """Decoder logits upsampled to `out_hw` [B, H, W, C] and its feature.
+
+    Dropout is on exactly when `dropout_key` is given (training).
+    """
+    logits, feat = model.decoder(hidden, grid,
+                                 deterministic=dropout_key is None,
+                                 dropout_key=dropout_key)
     return resize(logits, out_hw, "bilinear"), feat
 
 
 def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
-            config) -> tuple[Array, dict]:
+            config, dropout_key: Array) -> tuple[Array, dict]:
     """L = w_p·L_proto + γ·L_seg (+ w_a·L_aff), Eq. 12.
 
     Args:
@@ -187,13 +192,14 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
       text_fg: [C, E] foreground text bank.
       protos: CMPA prototypes from `cmpa.recluster`.
       config: the run config.
+      dropout_key: PRNG key of the decoder's channel dropout.
 
     Returns:
       (total loss, measurements dict with every loss part and the CMPA aux).
     """
     labels = path["labels"]
     logits, feat = seg_logits(model, path["hidden"], path["grid"],
-                              labels.shape[1:3], deterministic=False)
+                              labels.shape[1:3], dropout_key)
     l_seg = losses.balanced_seg_ce(logits, labels,
                                    config.data.ignore_index)
     parts = {"seg": l_seg}

@@ -10,10 +10,11 @@ update step; CLIP and DINO are frozen inputs, never in the optimiser.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,14 +27,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssr_jax import (checkpointing, cmpa, config_check, input_pipeline, logs,
-                     ssr, text)
+from ssr_jax import (
+    checkpointing,
+    cmpa,
+    config_check,
+    input_pipeline,
+    logs,
+    ssr,
+    text,
+)
 from ssr_jax.models import loading
 
 PyTree = Any
+EvalHook = Callable[[Any, int], dict[str, float]]
 
 
-# --- schedules and optimiser --------------------------------------------------
+# --- schedules and optimiser -------------------------------------------------
 def create_learning_rate_fn(config) -> optax.Schedule:
     """WeCLIP's PolyWarmupAdamW schedule (SPEC 1.10).
 
@@ -88,7 +97,7 @@ def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
     return tx
 
 
-# --- state ---------------------------------------------------------------------
+# --- state -------------------------------------------------------------------
 def _split(model: nnx.Module):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, params, rest
@@ -114,7 +123,7 @@ def build_models(config):
     model = ssr.SSRModel(
         config, clip_width=clip.vision.config.hidden_size,
         embed_dim=clip.config.projection_dim,
-        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        rngs=nnx.Rngs(params=config.seed))
     return clip, dino, model
 
 
@@ -165,7 +174,7 @@ def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
     return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
 
 
-# --- the train step -------------------------------------------------------------
+# --- the train step ----------------------------------------------------------
 def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
     """The jitted update step: pseudo labels → losses → AdamW.
 
@@ -181,8 +190,12 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
         path = ssr.pseudo_label_path(clip, dino, model.heads, batch,
                                      bank["fg"], bank["bg"], config)
 
+        key = jax.random.fold_in(jax.random.key(config.seed + 1),
+                                 state["step"])
+
         def loss(m):
-            return ssr.loss_fn(m, path, bank["fg"], state["protos"], config)
+            return ssr.loss_fn(m, path, bank["fg"], state["protos"], config,
+                               dropout_key=key)
 
         # nnx.value_and_grad: gradients w.r.t. the nnx.Param leaves only;
         # BatchNorm statistics and dropout counters update in `model`.
@@ -204,22 +217,53 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
     return update_fn
 
 
-# --- main entry ---------------------------------------------------------------
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Trains SSR; returns the last measurements (and eval results)."""
-    # --- logging ---
-    logs.setup_logging(workdir)
-    writer = logs.MetricWriter(workdir)
-    logging.info("devices: %s (%d processes)", jax.devices(),
-                 jax.process_count())
+# --- setup -------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs; `setup()` builds it (tests use it too)."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    clip: Any
+    dino: Any
+    model: ssr.SSRModel
+    bank: dict[str, jax.Array]
+    frozen: dict[str, Any]
+    state: dict[str, Any]
+    update: Any  # jitted (state, frozen, batch, bank) -> (state, meas)
+    recluster: Any  # jitted (bank, key) -> protos
+    model_graphdef: Any
 
+    def batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Process-local numpy batch → global arrays sharded on "data"."""
+        sharding = NamedSharding(self.mesh, P("data"))
+        return {k: jax.make_array_from_process_local_data(sharding, v)
+                for k, v in local.items() if k in BATCH_KEYS}
+
+    def trained_model(self) -> ssr.SSRModel:
+        """The SSRModel with the current state's parameters."""
+        return nnx.merge(self.model_graphdef, self.state["params"],
+                         self.state["rest"])
+
+
+BATCH_KEYS = ("image", "valid", "labels", "superpixels")
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D "data" mesh over `devices` (default: all, every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def setup(config, workdir: str, devices=None) -> Setup:
+    """Encoders, text bank, model, optimiser, sharded state, jitted steps."""
     # --- mesh ---
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = make_mesh(devices)
     repl = NamedSharding(mesh, P())
     data_sh = NamedSharding(mesh, P("data"))
-
-    # --- input ---
-    train_iter = input_pipeline.train_iterator(config)
+    if config.train.batch_size % mesh.size:
+        raise config_check.ConfigError(
+            f"train.batch_size={config.train.batch_size} is not divisible by "
+            f"the {mesh.size} devices")
 
     # --- frozen encoders, text bank, model and optimiser ---
     clip, dino, model = build_models(config)
@@ -233,7 +277,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     model_graphdef, params, rest = _split(model)
     tx = create_optimizer(config, params)
     num_fg = config.data.num_classes - 1
-    k_protos = config.cmpa.num_prototypes or num_fg
+    k_protos = cmpa.prototype_count(config.cmpa, num_fg)
 
     def init_state():
         return {
@@ -252,60 +296,100 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     update = jax.jit(update_fn, donate_argnums=(0,),
                      in_shardings=(repl, repl, data_sh, repl),
                      out_shardings=(repl, repl))
-    recluster = jax.jit(functools.partial(
-        cmpa.recluster, k=k_protos, iters=config.cmpa.kmeans_iters,
-        num_classes=num_fg), out_shardings=repl)
+    recluster = jax.jit(
+        lambda b, key: cmpa.recluster(b, k=k_protos,
+                                      iters=config.cmpa.kmeans_iters,
+                                      key=key, num_classes=num_fg),
+        out_shardings=repl)
+    return Setup(config, mesh, clip, dino, model, bank, frozen, state,
+                 update, recluster, model_graphdef)
+
+
+# --- main entry --------------------------------------------------------------
+def train_and_evaluate(config, workdir: str, devices=None,
+                       eval_hook: EvalHook | None = None) -> Setup:
+    """Trains SSR (resuming from the latest checkpoint in the workdir).
+
+    Args:
+      config: the run config (validated by `config_check`).
+      workdir: checkpoints, metrics.jsonl, TensorBoard events, logs.
+      devices: devices of the "data" mesh (default: all).
+      eval_hook: called as `eval_hook(setup, step)` every
+        `train.eval_every` steps and at the end; returns scalars to log.
+
+    Returns:
+      The `Setup` holding the final state (`setup.trained_model()`).
+    """
+    # --- logging ---
+    logs.setup_logging(workdir)
+    writer = logs.MetricWriter(workdir)
+    logging.info("devices: %s (%d processes)", jax.devices(),
+                 jax.process_count())
+
+    # --- input ---
+    train_iter = input_pipeline.train_iterator(config)
+
+    # --- model, sharding, update step ---
+    s = setup(config, workdir, devices)
 
     # --- checkpoint ---
     ckpt = checkpointing.Checkpointer(
         config.train.checkpoint_dir or f"{workdir}/checkpoints",
         save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints)
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(s.state)
     if restored is not None:
-        state = restored.state
+        s.state = restored.state
         train_iter.set_state(restored.data_state)
         logging.info("resumed from step %d", restored.step)
     guard = checkpointing.PreemptionGuard().install()
+    meta = {"config_hash": checkpointing.config_hash(config)}
 
     # --- loop ---
-    first = int(jax.device_get(state["step"]))
+    first = int(jax.device_get(s.state["step"]))
     total = config.train.num_steps
-    progress = tqdm.tqdm(range(first, total), desc="train",
-                         initial=first, total=total,
-                         disable=not config.train.progress)
-    last_checked = first
-    meas_host: dict[str, float] = {}
+    progress = tqdm.tqdm(range(first, total), desc="train", initial=first,
+                         total=total, disable=not config.train.progress)
+    last_checked, saved = first, first
     t0 = time.time()
     rng = jax.random.key(config.seed)
     for step in progress:
         if step > 0 and step % config.cmpa.recluster_every == 0:
-            state["protos"] = recluster(
-                state["bank"], key=jax.random.fold_in(rng, step))
-        local = next(train_iter)
-        batch = {k: jax.make_array_from_process_local_data(data_sh, v)
-                 for k, v in local.items() if k != "index"}
-        state, meas = update(state, frozen, batch, bank)
+            s.state["protos"] = s.recluster(s.state["bank"],
+                                            jax.random.fold_in(rng, step))
+        s.state, meas = s.update(s.state, s.frozen,
+                                 s.batch(next(train_iter)), s.bank)
         done = step + 1
         if done % config.train.log_every == 0 or done == total:
-            meas_host = {k: float(v) for k, v in jax.device_get(meas).items()}
-            if not all(math.isfinite(v) for v in meas_host.values()):
-                bad = [k for k, v in meas_host.items() if not math.isfinite(v)]
+            scalars = {k: float(v) for k, v in jax.device_get(meas).items()}
+            bad = sorted(k for k, v in scalars.items()
+                         if not math.isfinite(v))
+            if bad:
                 raise FloatingPointError(
                     f"non-finite {bad} between steps {last_checked} and "
-                    f"{done}; the last good checkpoint is kept. Lower "
+                    f"{done}; checkpoints keep the last finite state. Lower "
                     "optim.lr or check the data.")
             last_checked = done
-            meas_host["steps_per_sec"] = (done - first) / (time.time() - t0)
-            writer.write_scalars(done, meas_host)
-            progress.set_postfix(loss=f"{meas_host['loss']:.4f}")
-        ckpt.save(done, state, train_iter.get_state(),
-                  {"step": done}, force=guard.should_stop(done))
-        if guard.should_stop(done):
-            logging.warning("preempted: saved step %d, exiting", done)
+            scalars["steps_per_sec"] = (done - first) / (time.time() - t0)
+            writer.write_scalars(done, scalars)
+            progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+            if not config.train.progress:
+                print(f"step {done} loss {scalars['loss']:.5f}", flush=True)
+        stop = guard.should_stop(done)
+        if ckpt.save(done, s.state, train_iter.get_state(), meta,
+                     force=stop or done == total):
+            saved = done
+        if eval_hook is not None and config.train.eval_every and (
+                done % config.train.eval_every == 0 or done == total):
+            writer.write_scalars(done, eval_hook(s, done))
+        if stop:
+            logging.warning("preempted: saved step %d, exiting", saved)
+            print(f"preempted at step {done}; resume with the same command",
+                  flush=True)
             break
-    ckpt.save(int(jax.device_get(state["step"])), state,
-              train_iter.get_state(), {"step": done}, force=True)
     ckpt.wait_until_finished()
+    ckpt.close()
+    guard.uninstall()
+    train_iter.close()
     writer.close()
-    return meas_host
+    return s

@@ -155,7 +155,7 @@ class Decoder(nnx.Module):
         self.fuse = _linear(num_layers_in * embed_dim, embed_dim, rngs)
         # Dropout2d: one Bernoulli draw per (sample, channel), shared by all
         # tokens, i.e. broadcast over the token axis of [B, N, E].
-        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,), rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,))
         self.blocks = nnx.List([
             ResidualAttentionBlock(embed_dim, heads, rngs=rngs)
             for _ in range(depth)
@@ -167,6 +167,7 @@ class Decoder(nnx.Module):
         hidden: Array,
         grid: tuple[int, int],
         deterministic: bool,
+        dropout_key: Array | None = None,
     ) -> tuple[Array, Array]:
         """Segmentation logits at patch resolution and the fused feature.
 
@@ -175,6 +176,9 @@ class Decoder(nnx.Module):
             1..L, raw residual stream (no ln_post / projection).
           grid: (h, w) with h * w = N.
           deterministic: True disables the channel dropout.
+          dropout_key: PRNG key of the dropout mask (needed when not
+            deterministic); passed in, not stored, so that the train state
+            holds no RNG state and a resumed run draws the same masks.
 
         Returns:
           logits [B, h, w, num_classes] and feat F [B, N, E] (after dropout,
@@ -189,7 +193,8 @@ class Decoder(nnx.Module):
             )
         x = self.mlps(hidden.astype(jnp.float32))  # [L, B, N, E]
         x = jnp.moveaxis(x, 0, 2).reshape(b, n, -1)  # block-major channels
-        feat = self.dropout(self.fuse(x), deterministic=deterministic)
+        feat = self.dropout(self.fuse(x), deterministic=deterministic,
+                            rngs=dropout_key)
         x = feat
         for block in self.blocks:
             x, _ = block(x)
