@@ -1,0 +1,236 @@
+"""The trainer end to end on tiny random encoders and a VOC-layout fixture.
+
+- the loss decreases on a fixed batch through the real update step;
+- the update step compiles once for batches with different class sets;
+- no unrolling: the pseudo-label path's jaxpr does not grow with the class
+  padding;
+- 8 devices = 1 device on the same global batch;
+- NaN stops training with the step range;
+- SIGTERM mid-run, resume, and the final state equals an uninterrupted
+  run's, bitwise (CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import data_fixtures
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import ssr_fixtures
+from flax import nnx
+
+from ssr_jax import checkpointing, input_pipeline, ssr, text, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    tree = data_fixtures.write_voc_tree(str(d / "voc"), num_images=6)
+    clip, dino = ssr_fixtures.make_tiny_encoders(
+        str(d / "enc"), text.VOC_FG_PROMPTS + text.VOC_BG_PROMPTS)
+    return tree, clip, dino
+
+
+def _config(world, **overrides):
+    tree, clip, dino = world
+    c = data_fixtures.fixture_config(tree, **overrides)
+    c.model.clip_path, c.model.dino_path = clip, dino
+    c.data.train_split = "train"
+    return c
+
+
+def _batch(config, labels_list):
+    """A fixed host batch with chosen image labels (same pixels)."""
+    it = input_pipeline.train_iterator(config)
+    local = next(it)
+    it.close()
+    labels = np.zeros_like(local["labels"])
+    for i, classes in enumerate(labels_list):
+        labels[i, classes] = 1.0
+    local["labels"] = labels
+    return local
+
+
+def test_loss_decreases_on_a_fixed_batch(world, tmp_path):
+    c = _config(world)
+    c.train.batch_size = 2
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.poly_power = 0.0
+    c.model.decoder.dropout = 0.0
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:1])
+    batch = s.batch(_batch(c, [[0, 14], [6]]))
+    losses = []
+    for _ in range(12):
+        s.state, meas = s.update(s.state, s.frozen, batch, s.bank)
+        losses.append(float(meas["loss"]))
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    assert s.update._cache_size() == 1
+
+
+def test_compiles_once_for_different_class_sets(world, tmp_path):
+    c = _config(world)
+    c.train.batch_size = 2
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:2])
+    for labels in ([[0], [1]], [[2, 3, 4], []], [[5, 6, 7, 8, 9, 10], [19]]):
+        s.state, meas = s.update(s.state, s.frozen, s.batch(_batch(c, labels)),
+                                 s.bank)
+        assert np.isfinite(float(meas["loss"]))
+    assert s.update._cache_size() == 1
+
+
+def _path_eqns(world, tmp_path, kmax):
+    c = _config(world)
+    c.data.max_classes_per_image = kmax
+    clip, dino, model = train.build_models(c)
+    bank = train.build_text_bank(c, clip, str(tmp_path))
+    b, hw = 2, c.data.crop_size
+    batch = {
+        "image": jnp.zeros((b, hw, hw, 3), jnp.uint8),
+        "valid": jnp.ones((b, hw, hw), bool),
+        "labels": jnp.zeros((b, 20), jnp.float32).at[:, 3].set(1),
+        "superpixels": jnp.zeros((b, hw, hw), jnp.int32),
+    }
+
+    def f(batch):
+        return ssr.pseudo_label_path(clip, dino, model.heads, batch,
+                                     bank["fg"], bank["bg"], c)["labels"]
+
+    jaxpr = jax.make_jaxpr(f)(batch)
+
+    def count(j):
+        n = len(j.eqns)
+        for e in j.eqns:
+            for p in e.params.values():
+                for sub in (p if isinstance(p, list | tuple) else [p]):
+                    if hasattr(sub, "jaxpr"):
+                        n += count(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+                    elif hasattr(sub, "eqns"):
+                        n += count(sub)
+        return n
+
+    return count(jaxpr.jaxpr)
+
+
+def test_pseudo_label_path_is_not_unrolled_over_classes(world, tmp_path):
+    assert _path_eqns(world, tmp_path, 6) == _path_eqns(world, tmp_path, 12)
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device(world, tmp_path):
+    """Two steps on the same global batch: loss and parameters agree.
+
+    Tolerance: rtol 2e-5 / atol 1e-6 — the sharded run reduces in another
+    order (XLA all-reduce of the batch statistics and gradients), so bits
+    can differ, but nothing more.
+    """
+    c = _config(world)
+    c.train.batch_size = 8
+    c.model.decoder.dropout = 0.0
+    host = _batch(c, [[0], [1, 2], [3], [4, 5, 6], [7], [8], [9], [10, 11]])
+    results = []
+    for n in (1, 8):
+        s = train.setup(c, str(tmp_path / str(n)),
+                        devices=jax.devices()[:n])
+        losses = []
+        for _ in range(2):
+            s.state, meas = s.update(s.state, s.frozen, s.batch(host), s.bank)
+            losses.append(float(meas["loss"]))
+        results.append((losses, jax.device_get(s.state["params"])))
+    (l1, p1), (l8, p8) = results
+    np.testing.assert_allclose(l1, l8, rtol=2e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(p1),
+                    jax.tree_util.tree_leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_nan_stops_with_the_step_range(world, tmp_path):
+    c = _config(world)
+    c.train.batch_size = 2
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.optim.lr = 1e30
+    c.optim.warmup_steps = 0
+    with pytest.raises(FloatingPointError, match=r"between steps \d+ and \d+"):
+        train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:2])
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"),
+                                      save_every=1, read_only=True)
+    # Checkpoints never hold a non-finite state.
+    for step in ckpt.complete_steps():
+        assert step <= 2
+
+
+def _main_argv(world, workdir, steps):
+    tree, clip, dino = world
+    return [sys.executable, "-m", "ssr_jax.main",
+            "--config", os.path.join(ROOT, "configs", "voc.py") + ":tiny",
+            "--workdir", workdir,
+            f"--config.data.root={tree.root}",
+            f"--config.model.clip_path={clip}",
+            f"--config.model.dino_path={dino}",
+            "--config.data.train_split=train",
+            f"--config.train.num_steps={steps}",
+            "--config.train.checkpoint_every=100",
+            "--config.train.batch_size=2"]
+
+
+def _final_params(workdir, step):
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=1, read_only=True)
+    assert ckpt.latest_step() == step
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    import orbax.checkpoint as ocp  # noqa: PLC0415 - test-only reader
+    return ocp.PyTreeCheckpointer().restore(path)["params"]
+
+
+@pytest.mark.slow
+def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
+    import preemption_utils  # noqa: PLC0415
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    steps = 5
+    straight = str(tmp_path / "straight")
+    r = subprocess.run(_main_argv(world, straight, steps), cwd=ROOT,
+                       env=preemption_utils._env(env), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    resumed = str(tmp_path / "resumed")
+    first = preemption_utils.preempt(_main_argv(world, resumed, steps),
+                                     marker=re.compile(r"^step 2\b"),
+                                     extra_env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "preempted at step" in first.stdout
+    stopped = int(re.search(r"preempted at step (\d+)",
+                            first.stdout).group(1))
+    assert 2 <= stopped < steps
+    r = subprocess.run(_main_argv(world, resumed, steps), cwd=ROOT,
+                       env=preemption_utils._env(env), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"step {stopped + 1} " in r.stdout  # it resumed, not restarted
+    a = _final_params(straight, steps)
+    b = _final_params(resumed, steps)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_trained_model_is_an_ssr_model(world, tmp_path):
+    c = _config(world)
+    c.train.batch_size = 2
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:2])
+    m = s.trained_model()
+    assert isinstance(m, ssr.SSRModel)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(m.decoder)))
+    assert n > 0
