@@ -27,14 +27,38 @@ class UserError(Exception):
     """A mistake the user can fix; printed without a traceback."""
 
 
+def _innermost(e: BaseException) -> BaseException:
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            break
+        e = nxt
+    return e
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return text.strip()
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """Parses flags; a bad flag or config override is a short message."""
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - every parse error is user-facing
-        msg = str(e).strip().strip('"').strip("'")
-        if isinstance(e, AttributeError | KeyError):
-            msg = f"unknown config field {msg}. {config_check.FIELD_HINT}"
+        inner = _innermost(e)
+        msg = _clean(str(inner))
+        if isinstance(inner, AttributeError | KeyError):
+            msg = f"unknown config field {msg} {config_check.FIELD_HINT}"
+        elif inner is not e and "Traceback" in str(e):
+            msg = f"{type(inner).__name__}: {msg}"
+        else:
+            msg = _clean(str(e).split("Traceback")[0])
         print(f"ssr_jax: error in the command line: {msg}", file=sys.stderr)
         print("Run with --helpshort for the flags; the config fields are "
               "listed in ssr_jax/config_defaults.py.", file=sys.stderr)
@@ -44,7 +68,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.data.name  # noqa: B018 - forces the lazy config load
+    except OSError as e:
+        lines = [ln.strip() for ln in str(_innermost(e)).splitlines()]
+        _fail("cannot load the config file: "
+              + " ".join(ln for ln in lines if ln))
     if config is None:
         _fail("--config is required, e.g. --config configs/synthetic.py")
     workdir = _WORKDIR.value or os.path.join("runs", config.data.name)
