@@ -126,7 +126,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     if d.name != "synthetic":
         _paths(e, config)
     if check_devices and not e:
-        _devices(e, config)
+        e.extend(device_errors(config))
     return e
 
 
@@ -145,10 +145,13 @@ def _paths(e: list[str], config) -> None:
             e.append(f"model.{name}={path!r} does not exist")
 
 
-def _devices(e: list[str], config) -> None:
+def device_errors(config) -> list[str]:
+    """Checks against the devices (imports JAX: call after multi-host
+    initialisation)."""
     import jax
 
     n = jax.device_count()
-    if config.train.batch_size % n:
-        e.append(f"train.batch_size={config.train.batch_size} is not "
-                 f"divisible by the {n} devices; use a multiple of {n}")
+    if config.mode == "train" and config.train.batch_size % n:
+        return [f"train.batch_size={config.train.batch_size} is not "
+                f"divisible by the {n} devices; use a multiple of {n}"]
+    return []

@@ -79,13 +79,21 @@ def main(argv: list[str]) -> None:
     if config is None:
         _fail("--config is required, e.g. --config configs/synthetic.py")
     workdir = _WORKDIR.value or os.path.join("runs", config.data.name)
-    errors = config_check.validate(config)
+    errors = config_check.validate(config, check_devices=False)
     if errors:
         _fail("the config is invalid:\n  - " + "\n  - ".join(errors))
 
-    # Heavy imports only after the config is known to be good.
+    # Heavy imports only after the config is known to be good; multi-host
+    # initialisation before anything touches the JAX backend.
     from ssr_jax import distributed
-    distributed.maybe_initialize(config)
+    try:
+        distributed.maybe_initialize(config)
+    except distributed.ConfigError as e:
+        _fail(f"multi-host settings: {e}")
+    errors = config_check.device_errors(config)
+    if errors:
+        _fail("the config does not fit the devices:\n  - "
+              + "\n  - ".join(errors))
     try:
         _dispatch(config, workdir)
     except config_check.ConfigError as e:
@@ -96,8 +104,8 @@ def _dispatch(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     logging.get_absl_handler().use_absl_log_file("ssr_jax", workdir)
     if config.data.name == "synthetic":
-        from ssr_jax.data import synthetic_run
-        synthetic_run.run(config, workdir)
+        from ssr_jax import embedded
+        embedded.run(config, workdir)
         return
     if config.mode == "train":
         from ssr_jax import train

@@ -43,3 +43,19 @@ def make_tiny_encoders(directory, prompts, *, seed: int = 0,
     hf_fixtures.make_tiny_dino(dino_dir, seed=seed + 1,
                                patch_size=patch_size)
     return clip_dir, dino_dir
+
+
+def read_checkpoint(workdir: str, step: int, item: str = "params"):
+    """`state[item]` of a saved step as host NumPy arrays (any topology)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", None) or meta
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, restore_args=args)[item]

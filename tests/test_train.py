@@ -187,9 +187,7 @@ def _final_params(workdir, step):
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       save_every=1, read_only=True)
     assert ckpt.latest_step() == step
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    import orbax.checkpoint as ocp  # noqa: PLC0415 - test-only reader
-    return ocp.PyTreeCheckpointer().restore(path)["params"]
+    return ssr_fixtures.read_checkpoint(workdir, step)
 
 
 @pytest.mark.slow
