@@ -119,6 +119,7 @@ def base_config() -> config_dict.ConfigDict:
     lo.aff_radius = 8  # [WeCLIP]
     lo.rfm = False  # [WeCLIP] refinement module, off for SSR
     lo.rfm_start = 15000  # [WeCLIP] step at which RFM switches on
+    lo.rfm_layers = 6  # [WeCLIP] blocks gated by RFM (COCO 10)
 
     # --- optimiser ----------------------------------------------------------
     c.optim = o = config_dict.ConfigDict()
@@ -243,6 +244,7 @@ def dataset_config(dataset: str, arg: str) -> config_dict.ConfigDict:
         c.sgc.theta_h = 0.7  # [choice] as the CLIP-ES COCO box threshold
         c.sgc.box_threshold = 0.7  # [WeCLIP]
         c.loss.rfm_start = 40000  # [WeCLIP]
+        c.loss.rfm_layers = 10  # [WeCLIP]
     apply_preset(c, presets[0] if presets else "paper", dataset)
     if "tiny" in parts:
         shrink_for_tests(c)

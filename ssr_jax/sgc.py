@@ -390,6 +390,42 @@ def clip_affinity(attn: Array | Sequence[Array], last_n: int = 8) -> Array:
     return drop_cls(stack.mean(axis=0))
 
 
+def rfm_affinity(attn: Array | Sequence[Array], feat: Array,
+                 last_n: int = 6) -> Array:
+    """WeCLIP's refinement module (RFM): decoder-gated CLIP affinity.
+
+    Off by default in SSR (`loss.rfm`), kept for comparison. With
+    S = sigmoid(F·Fᵀ) from the (detached) decoder feature, each of the last
+    n blocks' attention A_l gets d_l = Σ_ij (S − A_l) (signed); the blocks
+    with d_l ≤ mean_l(d_l) are averaged and the result is multiplied by S
+    (reference/weclip_code.md §1.4).
+
+    Args:
+      attn: [L, B, T, T] or L arrays [B, T, T], CLS first.
+      feat: [B, N, E] decoder feature F.
+      last_n: blocks considered (WeCLIP: VOC 6, COCO 10).
+
+    Returns:
+      [B, N, N] float32.
+    """
+    num = len(attn) if isinstance(attn, (list, tuple)) else attn.shape[0]
+    if not 1 <= last_n <= num:
+        raise ValueError(f"last_n={last_n}: need 1 <= last_n <= {num}")
+    if isinstance(attn, (list, tuple)):
+        stack = jnp.stack([a.astype(jnp.float32) for a in attn[-last_n:]])
+    else:
+        stack = attn[-last_n:].astype(jnp.float32)
+    a = drop_cls(stack)  # [L, B, N, N]
+    f = feat.astype(jnp.float32)
+    sim = jax.nn.sigmoid(jnp.einsum("bne,bme->bnm", f, f,
+                                    precision=jax.lax.Precision.HIGHEST))
+    d = (sim[None] - a).sum(axis=(-2, -1))  # [L, B]
+    keep = (d <= d.mean(axis=0, keepdims=True)).astype(jnp.float32)
+    k = keep[:, :, None, None]
+    mean = (k * a).sum(0) / (k.sum(0) + 1e-5)
+    return mean * sim
+
+
 def fuse_affinity(clip_aff: Array | None, dino_aff: Array | None,
                   clip_weight: float = 0.4,
                   dino_weight: float = 0.6) -> Array:
@@ -467,6 +503,7 @@ def propagate(trans: Array, cams: Array, mask: Array | None = None) -> Array:
 def refine_cams(cams: Array, slot_valid: Array, *,
                 clip_attn: Array | Sequence[Array] | None = None,
                 dino_attn: Array | None = None,
+                clip_aff: Array | None = None,
                 image: Array | None = None,
                 superpixels: Array | None = None,
                 valid: Array | None = None,
@@ -495,6 +532,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
         head-averaged attention, CLS first); needed if `use_clip_attn`.
       dino_attn: [B, 1+N, 1+N] DINO last-block head-averaged attention;
         needed if `use_dino_attn`.
+      clip_aff: optional precomputed [B, N, N] CLIP affinity used instead
+        of the mean of `clip_attn` (e.g. WeCLIP's RFM, `rfm_affinity`).
       image, superpixels, valid: [B, H, W, 3] uint8, [B, H, W] int32,
         [B, H, W] bool; needed for the superpixel mask.
       use_clip_attn, use_dino_attn, mask_kind: the Table 3 switches.
@@ -516,11 +555,14 @@ def refine_cams(cams: Array, slot_valid: Array, *,
     if not (use_clip_attn or use_dino_attn):
         return jnp.where(keep, cams, 0.0)
 
-    clip_aff = dino_aff = None
+    given_clip_aff, clip_aff, dino_aff = clip_aff, None, None
     if use_clip_attn:
-        if clip_attn is None:
+        if given_clip_aff is not None:
+            clip_aff = given_clip_aff
+        elif clip_attn is None:
             raise ValueError("use_clip_attn=True needs clip_attn")
-        clip_aff = clip_affinity(clip_attn, clip_layers)
+        else:
+            clip_aff = clip_affinity(clip_attn, clip_layers)
     if use_dino_attn:
         if dino_attn is None:
             raise ValueError("use_dino_attn=True needs dino_attn")

@@ -14,6 +14,7 @@ benchmarks share. Everything here runs inside jit:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -70,7 +71,9 @@ def _patch_tokens(x: Array) -> Array:
 
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
                       text_bg: Array, config, *, all_steps: bool = False,
-                      ) -> dict[str, Any]:
+                      step: Array | None = None,
+                      rfm_feat_fn: Callable[[Array, tuple[int, int]], Array]
+                      | None = None) -> dict[str, Any]:
     """The online pseudo-label path, all inside jit (SPEC 1.1–1.7).
 
     Args:
@@ -84,6 +87,10 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       config: the run config (Python constants only are read).
       all_steps: also return the CAMs after each Table 3 step (seed
         evaluation); the train step leaves it off.
+      step: the training step (WeCLIP's RFM switches on at
+        `loss.rfm_start`); None = after the switch (evaluation).
+      rfm_feat_fn: (hidden [L, B, N, D], grid) -> decoder feature F
+        [B, N, E]; needed when `loss.rfm` (WeCLIP's refinement module).
 
     Returns:
       dict with "labels" [B, H, W] int32 pseudo labels (255 on padding),
@@ -118,6 +125,19 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
     cams = jax.lax.stop_gradient(cams)
 
     clip_attn = tuple(out["attn"]) + (aux["attn12"],)
+    hidden = jnp.stack(
+        [_patch_tokens(hs) for hs in
+         out["hidden"][:config.model.decoder.num_layers_in]])
+    hidden = jax.lax.stop_gradient(hidden)
+    clip_aff = None
+    if config.loss.rfm:
+        if rfm_feat_fn is None:
+            raise ValueError("loss.rfm=True needs the decoder feature")
+        feat = jax.lax.stop_gradient(rfm_feat_fn(hidden, grid))
+        gated = sgc_lib.rfm_affinity(clip_attn, feat, config.loss.rfm_layers)
+        plain = sgc_lib.clip_affinity(clip_attn, config.sgc.clip_layers)
+        on = (True if step is None else step >= config.loss.rfm_start)
+        clip_aff = jnp.where(on, gated, plain)
     dino_attn = None
     s = config.sgc
     if dino is not None and (s.use_dino_attn or all_steps):
@@ -127,6 +147,7 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
     def refine(use_clip, use_dino, mask_kind):
         return sgc_lib.refine_cams(
             cams, slot_valid, clip_attn=clip_attn, dino_attn=dino_attn,
+            clip_aff=clip_aff,
             image=image, superpixels=batch["superpixels"],
             valid=batch["valid"], use_clip_attn=use_clip,
             use_dino_attn=use_dino, mask_kind=mask_kind,
@@ -147,13 +168,10 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         temperature=p.temperature, bg_power=p.bg_power,
         ignore_index=config.data.ignore_index)
 
-    hidden = jnp.stack(
-        [_patch_tokens(hs) for hs in
-         out["hidden"][:config.model.decoder.num_layers_in]])
     result = {
         "labels": labels, "cams": cams, "refined": refined,
         "cls_ids": cls_ids, "slot_valid": slot_valid,
-        "hidden": jax.lax.stop_gradient(hidden),
+        "hidden": hidden,
         "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
         "clip_x12": aux["y12"],
         "grid": grid,

@@ -142,6 +142,10 @@ def check_models(config, clip, dino) -> None:
             f"model.decoder.num_layers_in={config.model.decoder.num_layers_in}"
             f": must be in [1, {v.num_hidden_layers - 1}] (blocks before the "
             "last, which GradCAM uses)")
+    if config.loss.rfm and not 1 <= config.loss.rfm_layers <= \
+            v.num_hidden_layers:
+        problems.append(f"loss.rfm_layers={config.loss.rfm_layers}: CLIP "
+                        f"has {v.num_hidden_layers} blocks")
     if dino is not None and dino.config.patch_size != v.patch_size:
         problems.append(f"DINO patch {dino.config.patch_size} != CLIP patch "
                         f"{v.patch_size}: their token grids must match")
@@ -187,8 +191,10 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
         dino = (nnx.merge(dino_graphdef, frozen["dino"])
                 if dino_graphdef is not None else None)
         model = nnx.merge(model_graphdef, state["params"], state["rest"])
-        path = ssr.pseudo_label_path(clip, dino, model.heads, batch,
-                                     bank["fg"], bank["bg"], config)
+        path = ssr.pseudo_label_path(
+            clip, dino, model.heads, batch, bank["fg"], bank["bg"], config,
+            step=state["step"], rfm_feat_fn=lambda hidden, grid: model.decoder(
+                hidden, grid, deterministic=True)[1])
 
         key = jax.random.fold_in(jax.random.key(config.seed + 1),
                                  state["step"])

@@ -606,3 +606,32 @@ def test_finite_with_zero_cams_and_empty_superpixels(impl):
                               (cams, img, sp, valid, slot_valid))))
     np.testing.assert_array_equal(
         mask, np.broadcast_to(slot_valid[:, :, None, None], mask.shape))
+
+
+def test_rfm_affinity_matches_weclip_loop():
+    """WeCLIP's RFM (reference §1.4) by explicit loops over layers."""
+    rng = np.random.default_rng(7)
+    layers, b, n, e = 5, 2, 6, 4
+    attn = rng.random((layers, b, n + 1, n + 1)).astype(np.float32)
+    feat = rng.normal(size=(b, n, e)).astype(np.float32)
+    got = np.asarray(sgc.rfm_affinity(jnp.asarray(attn), jnp.asarray(feat),
+                                      last_n=4))
+    for i in range(b):
+        s = 1 / (1 + np.exp(-(feat[i] @ feat[i].T)))
+        maps = [attn[l, i, 1:, 1:] for l in range(layers - 4, layers)]
+        d = [float((s - a).sum()) for a in maps]
+        keep = [a for a, dl in zip(maps, d) if dl <= np.mean(d)]
+        want = sum(keep) / (len(keep) + 1e-5) * s
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_refine_cams_uses_a_given_clip_affinity():
+    rng = np.random.default_rng(8)
+    cams = jnp.asarray(rng.random((1, 2, 2, 3)).astype(np.float32))
+    valid = jnp.ones((1, 2), bool)
+    aff = jnp.asarray(rng.random((1, 6, 6)).astype(np.float32))
+    got = sgc.refine_cams(cams, valid, clip_aff=aff, use_dino_attn=False,
+                          mask_kind="none", clip_weight=1.0)
+    trans = sgc.transition_matrix(aff, 3)
+    want = sgc.propagate(trans, cams.reshape(1, 2, 6)).reshape(1, 2, 2, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

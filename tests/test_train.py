@@ -232,3 +232,20 @@ def test_trained_model_is_an_ssr_model(world, tmp_path):
     assert isinstance(m, ssr.SSRModel)
     n = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(m.decoder)))
     assert n > 0
+
+
+def test_weclip_switches_affinity_loss_and_rfm(world, tmp_path):
+    """The optional WeCLIP parts (affinity loss, RFM from `rfm_start`) run
+    through the real step: finite, and the affinity loss is active."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.loss.aff_weight = 0.1
+    c.loss.rfm = True
+    c.loss.rfm_start = 1
+    c.loss.rfm_layers = 2
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:2])
+    batch = s.batch(_batch(c, [[0, 14], [6]]))
+    for _ in range(2):  # step 0: plain CAA; step 1: RFM
+        s.state, meas = s.update(s.state, s.frozen, batch, s.bank)
+        assert np.isfinite(float(meas["loss"]))
+        assert float(meas["loss_aff"]) > 0
