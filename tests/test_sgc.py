@@ -618,9 +618,9 @@ def test_rfm_affinity_matches_weclip_loop():
                                       last_n=4))
     for i in range(b):
         s = 1 / (1 + np.exp(-(feat[i] @ feat[i].T)))
-        maps = [attn[l, i, 1:, 1:] for l in range(layers - 4, layers)]
+        maps = [attn[j, i, 1:, 1:] for j in range(layers - 4, layers)]
         d = [float((s - a).sum()) for a in maps]
-        keep = [a for a, dl in zip(maps, d) if dl <= np.mean(d)]
+        keep = [a for a, dl in zip(maps, d, strict=True) if dl <= np.mean(d)]
         want = sum(keep) / (len(keep) + 1e-5) * s
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
 
