@@ -54,10 +54,10 @@ def main(argv: list[str]) -> None:
 
     # Heavy imports only after the config is known to be good.
     from ssr_jax import distributed
-    distributed.maybe_initialize(config)
     try:
+        distributed.maybe_initialize(config)
         _dispatch(config, workdir)
-    except config_check.ConfigError as e:
+    except (config_check.ConfigError, distributed.ConfigError) as e:
         _fail(str(e))
 
 
