@@ -582,11 +582,11 @@ def seed_labels(clip, dino, model: ssr.SSRModel, batch: dict,
 
 
 @functools.lru_cache(maxsize=8)
-def _seed_step(clip_def, dino_def, model_def, mesh,
-               config: Any, label_entries: tuple[str, ...]):
+def _seed_step(clip_def, dino_def, model_def, mesh, config: Any):
     """jit(states, bank, batch) → (confusion counts per entry, number of
-    real examples, requested label maps); `config` is a hashable
-    FrozenConfigDict so that the cache survives across calls."""
+    real examples, label maps per entry). `config` is the hashable
+    `_method_config`, so that the cache survives across calls; label maps
+    stay on device unless the caller fetches them."""
     num_classes = int(config.data.num_classes)
     ignore = int(config.data.ignore_index)
 
@@ -600,13 +600,25 @@ def _seed_step(clip_def, dino_def, model_def, mesh,
         gt = jnp.where(keep, batch["mask"].astype(jnp.int32), ignore)
         counts = {k: metrics.confusion_matrix_jnp(v, gt, num_classes, ignore)
                   for k, v in labels.items()}
-        kept = {k: labels[k].astype(jnp.uint8) for k in label_entries}
-        return counts, jnp.sum(batch["example_valid"]), kept
+        maps = {k: v.astype(jnp.uint8) for k, v in labels.items()}
+        return counts, jnp.sum(batch["example_valid"]), maps
 
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
     return jax.jit(step, in_shardings=(repl,) * 6 + (data,),
                    out_shardings=(repl, repl, data))
+
+
+# The config sections the pseudo-label path reads (not eval/train/optim).
+_METHOD_SECTIONS = ("data", "model", "text", "cam", "cmpa", "sgc", "par",
+                    "loss")
+
+
+def _method_config(config):
+    """A hashable copy of the sections `seed_labels` reads."""
+    from ml_collections import config_dict
+    return config_dict.FrozenConfigDict(
+        {k: config[k] for k in _METHOD_SECTIONS})
 
 
 def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
@@ -650,13 +662,12 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     clip_state, dino_state, params, rest, fg, bg = _replicated(
         (clip_state, dino_state, params, rest, jnp.asarray(bank["fg"]),
          jnp.asarray(bank["bg"])), mesh)
-    frozen = _frozen_config(config)
     unknown = set(label_entries) - set(SEED_ENTRIES)
     if unknown:
         raise ValueError(f"unknown seed entries {sorted(unknown)}; choose "
                          f"from {SEED_ENTRIES}")
-    step = _seed_step(clip_def, dino_def, model_def, mesh, frozen,
-                      tuple(label_entries))
+    step = _seed_step(clip_def, dino_def, model_def, mesh,
+                      _method_config(config))
     data_sh = NamedSharding(mesh, P("data"))
     accs: dict[str, metrics.ConfusionAccumulator] = {}
     num = 0
@@ -664,7 +675,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                                              max_images=max_images):
         batch = {k: jax.make_array_from_process_local_data(data_sh, v)
                  for k, v in local.items() if k != "index"}
-        counts, valid, kept = step(clip_state, dino_state, params, rest, fg,
+        counts, valid, maps = step(clip_state, dino_state, params, rest, fg,
                                    bg, batch)
         for k, c in counts.items():
             accs.setdefault(k, metrics.ConfusionAccumulator(
@@ -672,17 +683,13 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
             )).add_counts(c, already_global=True)
         num += int(valid)
         if on_batch is not None:
-            on_batch(local, {k: _local_rows(v) for k, v in kept.items()})
+            on_batch(local, {k: _local_rows(maps[k]) for k in label_entries
+                             if k in maps})
     names = voc.class_names(config)
     entries = {k: metrics.scores(accs[k].result(), names)
                for k in SEED_ENTRIES if k in accs}
     return {"split": split, "size": size, "num_images": num,
             "entries": entries}
-
-
-def _frozen_config(config):
-    from ml_collections import config_dict
-    return config_dict.FrozenConfigDict(config)
 
 
 def seed_table(result: dict[str, Any]) -> str:

@@ -379,12 +379,43 @@ def _main(world, *args):
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_eval_missing_checkpoint_is_a_short_error(world, tmp_path):
     r = _main(world, "--config.mode=eval", f"--workdir={tmp_path}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "ssr_jax: cannot restore the model for eval" in r.stderr
     assert "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_train_then_main_eval_and_pseudo_labels(world, tmp_path):
+    """The real trainer for 2 steps, then both modes through the CLI."""
+    c = world["config"].copy_and_resolve_references()
+    c.train.num_steps = 2
+    c.train.batch_size = jax.device_count()
+    c.train.checkpoint_every = 1
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(c, workdir)
+    for mode, out in (("eval", "eval/val"),
+                      ("pseudo_labels", "pseudo_labels/train")):
+        r = _main(world, f"--config.mode={mode}", f"--workdir={workdir}",
+                  "--config.eval.max_images=0")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert os.path.isdir(os.path.join(workdir, out))
+    with open(os.path.join(workdir, "eval/val/metrics.json")) as f:
+        report = json.load(f)
+    assert report["checkpoint"]["step"] == 2
+    assert 0.0 <= report["scores"]["miou"] <= 1.0
+    assert "mIoU" in open(os.path.join(workdir, "eval/val/metrics.md")).read()
+    for name in ("img000", "img001"):
+        with Image.open(os.path.join(workdir, "eval/val/predictions",
+                                     name + ".png")) as im:
+            assert im.mode == "P"
+            assert im.size[::-1] == world["tree"].sizes[name]
+            assert np.asarray(im).max() < 21
+    labels = os.listdir(os.path.join(workdir, "pseudo_labels/train/labels"))
+    assert len(labels) == 5
 
 
 # --- the in-training hook -----------------------------------------------------
