@@ -217,8 +217,27 @@ def _local_rows(x: Array) -> np.ndarray:
 
 
 def _replicated(tree: PyTree, mesh) -> PyTree:
-    """Places `tree` replicated on `mesh` (a no-op where it already is)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places `tree` replicated on `mesh` (a no-op where it already is).
+
+    Multi-process, `device_put` cannot send a process-local array to a
+    global sharding: local leaves (e.g. freshly loaded encoders) are
+    assembled with `make_array_from_process_local_data` (the same values
+    on every process); global leaves (the train state) are kept.
+    """
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding,
+                                                      np.asarray(x))
+
+    return jax.tree.map(put, tree)
 
 
 @functools.lru_cache(maxsize=8)

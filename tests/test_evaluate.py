@@ -418,6 +418,52 @@ def test_train_then_main_eval_and_pseudo_labels(world, tmp_path):
     assert len(labels) == 5
 
 
+_MULTI_CODE = """
+import json
+from ml_collections import config_dict
+from ssr_jax import evaluate, train
+c = config_dict.ConfigDict(json.loads({config!r}))
+clip, dino, model = train.build_models(c)
+model, step, _ = evaluate.restore_model(c, {workdir!r}, model)
+seg = evaluate.evaluate_segmentation(c, clip, model, "train_aug", None)
+bank = train.build_text_bank(c, clip, {workdir!r})
+seeds = evaluate.score_seeds(c, clip, dino, model, "train", bank=bank)
+emit({{"step": step, "seg": [r["tp"] for r in seg["per_class"]],
+      "scored": seg["num_scored"], "pixels": seg["num_pixels"],
+      "seeds": {{k: [r["tp"] for r in v["per_class"]]
+                for k, v in seeds["entries"].items()}},
+      "seed_images": seeds["num_images"]}})
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(world):
+    """2 processes × 2 devices: the same counts as 1 process × 8."""
+    import multiprocess_utils
+
+    c = world["config"]
+    code = _MULTI_CODE.format(config=c.to_json(),
+                              workdir=world["workdir"])
+    outs = multiprocess_utils.run_processes(code, num_processes=2,
+                                            devices_per_process=2,
+                                            timeout=600)
+    seg = evaluate.evaluate_segmentation(c, world["clip"], world["model"],
+                                         "train_aug", None)
+    seeds = evaluate.score_seeds(c, world["clip"], world["dino"],
+                                 world["model"], "train", bank=world["bank"])
+    assert outs[0] == outs[1]  # the merged result is global
+    out = outs[0]
+    assert out["step"] == 7 and out["scored"] == 5 and out["seed_images"] == 5
+    assert out["pixels"] == seg["num_pixels"]
+
+    def close(a, b):  # float reductions may differ with the batch layout
+        return np.abs(np.subtract(a, b)).sum() <= 2
+
+    assert close(out["seg"], [r["tp"] for r in seg["per_class"]])
+    for k, v in seeds["entries"].items():
+        assert close(out["seeds"][k], [r["tp"] for r in v["per_class"]]), k
+
+
 # --- the in-training hook -----------------------------------------------------
 def test_eval_hook_logs_and_reuses_compiles(world, tmp_path):
     c = world["config"].copy_and_resolve_references()
