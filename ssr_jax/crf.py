@@ -69,8 +69,11 @@ def upsample_logits(logits: np.ndarray, mh: np.ndarray,
     Returns:
       [H, W, C] float32.
     """
-    x = np.tensordot(mh, logits.astype(np.float32), axes=(1, 0))
-    return np.einsum("Ww,hwc->hWc", mw, x, optimize=True).astype(np.float32)
+    h, _, c = logits.shape
+    # Columns first, on the few grid rows; then the rows as one GEMM.
+    x = np.matmul(mw.astype(np.float32), logits.astype(np.float32))
+    y = mh.astype(np.float32) @ x.reshape(h, -1)
+    return y.reshape(mh.shape[0], mw.shape[0], c)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -234,6 +234,21 @@ def test_max_predictions_caps_pngs(world, tmp_path):
     assert len(os.listdir(tmp_path / "predictions")) == 1
 
 
+def test_split_without_masks_gives_predictions_only(world, tmp_path):
+    tree = world["tree"]
+    name = tree.splits["train_aug"][-1]  # the id without a mask
+    with open(os.path.join(tree.root, "ImageSets", "Segmentation",
+                           "test.txt"), "w") as f:
+        f.write(name + "\n")
+    got = evaluate.evaluate_segmentation(world["config"], world["clip"],
+                                         world["model"], "test",
+                                         str(tmp_path))
+    assert got["miou"] is None and got["num_scored"] == 0
+    assert got["num_images"] == 1
+    with Image.open(tmp_path / "predictions" / f"{name}.png") as im:
+        assert im.size[::-1] == tree.sizes[name]
+
+
 # --- CAM seeds ----------------------------------------------------------------
 def test_score_seeds_matches_per_image_numpy(world):
     c = world["config"]
