@@ -401,6 +401,13 @@ def test_main_eval_missing_checkpoint_is_a_short_error(world, tmp_path):
     assert "ssr_jax: cannot restore the model for eval" in r.stderr
     assert "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+    # A bad multi-process setting is a short message too (main catches
+    # distributed.ConfigError around maybe_initialize).
+    r = _main(world, "--config.mode=eval", f"--workdir={tmp_path}",
+              "--config.distributed.coordinator_address=localhost:1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "ssr_jax: multi-process settings are incomplete" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
