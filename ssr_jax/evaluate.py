@@ -268,9 +268,11 @@ class _HostPool:
     """A bounded pool for per-image post-processing.
 
     Threads for the plain argmax (NumPy releases the GIL), spawned processes
-    for DenseCRF (pydensecrf holds it; spawn, because forking a process
-    that runs JAX is unsafe). At most 2·workers images are in flight, so
-    host memory stays bounded whatever the split size.
+    for DenseCRF (pydensecrf keeps the GIL: two threads ran no faster than
+    one; spawn, because forking a process that runs JAX is unsafe). At
+    most 2·workers images are in flight, so host memory stays bounded
+    whatever the split size. `submit` and `drain` are generators: iterate
+    them, or nothing is queued.
     """
 
     def __init__(self, workers: int, processes: bool):
