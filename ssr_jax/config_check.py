@@ -8,6 +8,7 @@ JAX; everything else is plain Python.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from ml_collections import config_dict
@@ -116,9 +117,25 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "train.keep_checkpoints", t.keep_checkpoints)
 
     ev = config.eval
-    _positive(e, "eval.long_side", ev.long_side)
+    if ev.long_side < PATCH:
+        e.append(f"eval.long_side={ev.long_side}: must be >= the patch size "
+                 f"{PATCH}")
+    if ev.seed_size < PATCH or ev.seed_size % PATCH:
+        e.append(f"eval.seed_size={ev.seed_size}: must be a positive "
+                 f"multiple of the patch size {PATCH}")
     if not ev.scales or any(x <= 0 for x in ev.scales):
         e.append(f"eval.scales={tuple(ev.scales)}: need positive scales")
+    _positive(e, "eval.batch_size", ev.batch_size)
+    _positive(e, "eval.max_images", ev.max_images, allow_zero=True)
+    _positive(e, "eval.crf_workers", ev.crf_workers, allow_zero=True)
+    _positive(e, "eval.crf_iters", ev.crf_iters)
+    for name in ("crf_pos_xy", "crf_pos_w", "crf_bi_xy", "crf_bi_rgb",
+                 "crf_bi_w"):
+        _positive(e, f"eval.{name}", ev[name])
+    if ev.crf and importlib.util.find_spec("pydensecrf") is None:
+        e.append("eval.crf=True needs the optional DenseCRF package: "
+                 "`pip install -e .[crf]` (pydensecrf2==1.1, built from "
+                 "source with a C++ compiler), or set eval.crf=False")
 
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))

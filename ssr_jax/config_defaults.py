@@ -152,9 +152,15 @@ def base_config() -> config_dict.ConfigDict:
     c.eval = ev = config_dict.ConfigDict()
     ev.checkpoint = ""  # eval mode: checkpoint dir or step ("" = latest)
     ev.split = "val"
-    ev.long_side = 512  # [WeCLIP]
-    ev.scales = (1.0, 0.75)  # [WeCLIP]
-    ev.flip = True  # [WeCLIP]
+    # Global images per eval step, rounded up to a multiple of the devices.
+    ev.batch_size = 8
+    # [WeCLIP] long side; [choice] sizes rounded to patch multiples.
+    ev.long_side = 512
+    ev.scales = (1.0, 0.75)  # [WeCLIP] test scales, logits averaged
+    ev.flip = True  # [WeCLIP] also average the mirror image's logits
+    # [choice] long side of the padded canvas where seeds are scored.
+    ev.seed_size = 512
+    ev.hook_seeds = True  # in-training eval also scores the CAM seeds
     ev.crf = False  # DenseCRF (needs the optional pydensecrf2)
     ev.crf_iters = 10  # [WeCLIP]
     ev.crf_pos_xy = 3.0
@@ -164,7 +170,7 @@ def base_config() -> config_dict.ConfigDict:
     ev.crf_bi_w = 4.0
     ev.crf_workers = 0  # 0 = half the CPU cores (DenseCRF is memory hungry)
     ev.save_predictions = True  # PNGs with the VOC palette
-    ev.max_images = 0  # 0 = the whole split
+    ev.max_images = 0  # first images of each split evaluated; 0 = all
 
     # --- multi-host ---------------------------------------------------------
     c.distributed = dist = config_dict.ConfigDict()
@@ -220,6 +226,8 @@ def shrink_for_tests(c: config_dict.ConfigDict) -> None:
     c.sgc.colour_iters = 3
     c.par.iters = 2
     c.eval.long_side = 64
+    c.eval.seed_size = 64
+    c.eval.batch_size = 2
     c.eval.max_images = 2
 
 
