@@ -531,33 +531,18 @@ def _initial_cam(clip, heads, batch: dict, text_fg: Array, text_bg: Array,
     """The initial GradCAM with (`projected`) or without the CMPA heads.
 
     The paper's Table 4 compares the two; `ssr.pseudo_label_path` computes
-    only the configured one (`cam.projected`). Same recipe as there (SPEC
-    1.4); the CLIP blocks 1..11 it repeats are the same computation on the
-    same inputs, which XLA merges.
+    only the configured one (`cam.projected`). The CLIP trunk it repeats is
+    the same computation on the same inputs, which XLA merges.
 
     Returns:
       [B, K, h, w] CAMs in [0, 1].
     """
-    vision = clip.vision
-    n = len(vision.blocks)
-    patch = vision.config.patch_size
-    image = batch["image"]
-    grid = (image.shape[1] // patch, image.shape[2] // patch)
-    x11, _ = vision.run_blocks(
-        vision.embed(ssr.normalise(image, config.data.normalization)), 0,
-        n - 1)
-    block = vision.blocks[n - 1]
+    pixels = ssr.normalise(batch["image"], config.data.normalization)
+    x11, _, grid = ssr.clip_trunk(clip, pixels)
     cls_ids = cam_lib.present_classes(batch["labels"],
                                       config.data.max_classes_per_image)
-    head_fns = None
-    if projected:
-        head_fns = (lambda v: heads.isa(v, use_running_average=True),
-                    lambda t: heads.tsa(t, use_running_average=True))
-    cams, _ = cam_lib.initial_cams(
-        block.ln_1, block.from_ln1, vision.project,
-        jax.lax.stop_gradient(x11), text_fg, text_bg, cls_ids, grid,
-        target=config.cam.target, logit_scale=config.cam.logit_scale,
-        heads=head_fns)
+    cams, _ = ssr.initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
+                               config, heads if projected else None)
     return cams
 
 

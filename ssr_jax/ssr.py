@@ -69,6 +69,56 @@ def _patch_tokens(x: Array) -> Array:
     return x[:, 1:]
 
 
+def clip_trunk(clip, pixels: Array) -> tuple[Array, dict, tuple[int, int]]:
+    """CLIP blocks 1..L−1 without gradient (SPEC 1.1).
+
+    Args:
+      clip: the Flax CLIP.
+      pixels: [B, H, W, 3] normalised.
+
+    Returns:
+      (x [B, T, D] input of the last block, out with every run block's
+      "hidden" and "attn", the patch grid (h, w)).
+    """
+    vision = clip.vision
+    n_layers = len(vision.blocks)
+    patch = vision.config.patch_size
+    grid = (pixels.shape[1] // patch, pixels.shape[2] // patch)
+    x, out = vision.run_blocks(vision.embed(pixels), 0, n_layers - 1)
+    return jax.lax.stop_gradient(x), out, grid
+
+
+def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
+                 text_fg: Array, text_bg: Array, config, heads=None,
+                 ) -> tuple[Array, dict[str, Array]]:
+    """GradCAM through the last CLIP block (SPEC 1.4), no gradient out.
+
+    Args:
+      clip: the Flax CLIP.
+      x11: [B, T, D] from `clip_trunk`.
+      cls_ids: [B, K] from `cam.present_classes`.
+      grid: the patch grid.
+      text_fg, text_bg: the text bank.
+      config: `cam.target`, `cam.logit_scale` are read.
+      heads: `cmpa.CMPAHeads` to project the logits through ISA/TSA
+        (running BN statistics, so every image stays independent), or None
+        for plain CLIP (Table 4's "without CMPA").
+
+    Returns:
+      (cams [B, K, h, w], aux of `cam.initial_cams`).
+    """
+    block = clip.vision.blocks[len(clip.vision.blocks) - 1]
+    head_fns = None
+    if heads is not None:
+        head_fns = (lambda v: heads.isa(v, use_running_average=True),
+                    lambda t: heads.tsa(t, use_running_average=True))
+    cams, aux = cam_lib.initial_cams(
+        block.ln_1, block.from_ln1, clip.vision.project, x11, text_fg,
+        text_bg, cls_ids, grid, target=config.cam.target,
+        logit_scale=config.cam.logit_scale, heads=head_fns)
+    return jax.lax.stop_gradient(cams), aux
+
+
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
                       text_bg: Array, config, *, all_steps: bool = False,
                       step: Array | None = None,
@@ -100,30 +150,13 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       `all_steps` a dict "steps" of refined CAMs per Table 3 step.
     """
     image = batch["image"]
-    b, h_px, w_px, _ = image.shape
     pixels = normalise(image, config.data.normalization)
-    vision = clip.vision
-    n_layers = len(vision.blocks)
-    patch = vision.config.patch_size
-    grid = (h_px // patch, w_px // patch)
-    x11, out = vision.run_blocks(vision.embed(pixels), 0, n_layers - 1)
-    x11 = jax.lax.stop_gradient(x11)
-    block = vision.blocks[n_layers - 1]
-
-    kmax = config.data.max_classes_per_image
-    cls_ids = cam_lib.present_classes(batch["labels"], kmax)
+    x11, out, grid = clip_trunk(clip, pixels)
+    cls_ids = cam_lib.present_classes(batch["labels"],
+                                      config.data.max_classes_per_image)
     slot_valid = cls_ids >= 0
-    head_fns = None
-    if config.cam.projected and heads is not None:
-        # Running BN statistics: every image's CAM stays independent.
-        head_fns = (lambda v: heads.isa(v, use_running_average=True),
-                    lambda t: heads.tsa(t, use_running_average=True))
-    cams, aux = cam_lib.initial_cams(
-        block.ln_1, block.from_ln1, vision.project, x11, text_fg,
-        text_bg, cls_ids, grid, target=config.cam.target,
-        logit_scale=config.cam.logit_scale, heads=head_fns)
-    cams = jax.lax.stop_gradient(cams)
-
+    cams, aux = initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
+                             config, heads if config.cam.projected else None)
     clip_attn = tuple(out["attn"]) + (aux["attn12"],)
     hidden = jnp.stack(
         [_patch_tokens(hs) for hs in

@@ -39,7 +39,7 @@ from ssr_jax import (
 from ssr_jax.models import loading
 
 PyTree = Any
-EvalHook = Callable[[Any, int], dict[str, float]]
+EvalHook = Callable[[int, Any], dict[str, Any]]
 
 
 # --- schedules and optimiser -------------------------------------------------
@@ -280,6 +280,10 @@ def setup(config, workdir: str, devices=None) -> Setup:
     dino_graphdef, dino_state = (nnx.split(dino) if dino is not None
                                  else (None, None))
     frozen = jax.device_put({"clip": clip_state, "dino": dino_state}, repl)
+    # The modules now hold the replicated arrays too (evaluation uses them).
+    nnx.update(clip, frozen["clip"])
+    if dino is not None:
+        nnx.update(dino, frozen["dino"])
     model_graphdef, params, rest = _split(model)
     tx = create_optimizer(config, params)
     num_fg = config.data.num_classes - 1
@@ -320,8 +324,9 @@ def train_and_evaluate(config, workdir: str, devices=None,
       config: the run config (validated by `config_check`).
       workdir: checkpoints, metrics.jsonl, TensorBoard events, logs.
       devices: devices of the "data" mesh (default: all).
-      eval_hook: called as `eval_hook(setup, step)` every
-        `train.eval_every` steps and at the end; returns scalars to log.
+      eval_hook: called as `eval_hook(step, state)` every
+        `train.eval_every` steps and at the end (it logs its own scalars);
+        default: `evaluate.make_eval_hook` when `train.eval_every` > 0.
 
     Returns:
       The `Setup` holding the final state (`setup.trained_model()`).
@@ -348,6 +353,11 @@ def train_and_evaluate(config, workdir: str, devices=None,
         s.state = restored.state
         train_iter.set_state(restored.data_state)
         logging.info("resumed from step %d", restored.step)
+    if eval_hook is None and config.train.eval_every:
+        from ssr_jax import evaluate  # noqa: PLC0415 - only when evaluating
+        eval_hook = evaluate.make_eval_hook(
+            config, workdir, clip=s.clip, dino=s.dino,
+            model_graphdef=s.model_graphdef, bank=s.bank, writer=writer)
     guard = checkpointing.PreemptionGuard().install()
     meta = {"config_hash": checkpointing.config_hash(config)}
 
@@ -387,7 +397,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
             saved = done
         if eval_hook is not None and config.train.eval_every and (
                 done % config.train.eval_every == 0 or done == total):
-            writer.write_scalars(done, eval_hook(s, done))
+            eval_hook(done, s.state)
         if stop:
             logging.warning("preempted: saved step %d, exiting", saved)
             print(f"preempted at step {done}; resume with the same command",
