@@ -239,7 +239,7 @@ def test_gradients_reach_every_parameter(small):
     x = _hidden((3, 4, 12, 32))
 
     def loss(m):
-        logits, feat = m(x, (3, 4), False)
+        logits, feat = m(x, (3, 4), False, dropout_key=jax.random.key(0))
         return jnp.mean(logits ** 2) + jnp.mean(feat ** 2)
 
     grads = nnx.jit(nnx.grad(loss))(small)
