@@ -1,13 +1,25 @@
 """Test setup: 8 fake CPU devices (before JAX is imported) and the repo root
-on sys.path, so sharding code runs everywhere and tests see this checkout."""
+on sys.path, so sharding code runs everywhere and tests see this checkout.
+
+Compile time dominates the suite on CPU, so tests use XLA's backend
+optimisation level 0 (about 30% faster here; results agree with the
+default to rounding) and a compilation cache shared with the subprocess
+tests of the same session. Set SSR_JAX_TEST_FULL_OPT=1 to test with XLA's
+default optimisation.
+"""
 
 import os
 import sys
+import tempfile
 
+_flags = os.environ.get("XLA_FLAGS", "")
+if not os.environ.get("SSR_JAX_TEST_FULL_OPT"):
+    _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-).strip()
+    _flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="ssr_jax_test_jit_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

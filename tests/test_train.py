@@ -194,7 +194,9 @@ def _final_params(workdir, step):
 def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     import preemption_utils  # noqa: PLC0415
 
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    env = {"XLA_FLAGS": flags + " --xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     steps = 5
     straight = str(tmp_path / "straight")
