@@ -942,7 +942,9 @@ def pseudo_labels(models: Models, batch: Mapping, cfg: RefConfig | None = None,
                      cfg.par_pos_weight).to(device)
 
     hidden, attns = clip_first_blocks(models.clip, pixels)
-    d_attn = dino_attention(models.dino, pixels)
+    # DINO keeps its own (ImageNet) normalisation whatever CLIP's is, as
+    # ssr_jax does.
+    d_attn = dino_attention(models.dino, normalize_images(images))
     if d_attn.shape[-1] != grid[0] * grid[1]:
         raise ValueError("DINO and CLIP token grids differ; both need "
                          f"patch size {PATCH}")
