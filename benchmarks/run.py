@@ -28,9 +28,16 @@ Random weights in the Hugging Face snapshot layout are written once per run
 sides see the same uint8 batch (blobby images, SLIC superpixels, 1-3
 classes per image, one image with crop padding). Times are medians over
 `--repeats` calls after one warm-up call; JAX compile time is measured
-separately (`jit(...).lower(...).compile()`). Threads: torch uses
-`torch.set_num_threads(--threads)` (default: the cores this process may
-use), XLA its default (every core); both are recorded in the JSON.
+separately (`jit(...).lower(...).compile()`). Threads (`--threads`,
+recorded in the JSON): 1 by default, i.e. `torch.set_num_threads(1)` and
+single-threaded XLA (`--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1`); N > 1 gives torch N threads and XLA its
+default (every core). One thread each is the default because on a shared
+machine torch's OpenMP threads stall whenever another process holds a core
+(the reference's train step: 0.8 s with 1 thread, 10-18 s with 2, measured
+side by side under load). On CPU the two sides of `pseudo_labels` and
+`train_step` are timed in turns (`--paired`): both warm in two processes,
+one call each, alternating, so that both see the same load.
 
 `--device gpu` runs the same rows on the GPU (CUDA jax and torch): ssr_jax
 in float32 and bfloat16 (`config.model.dtype`), the train step at batch 4,
@@ -65,6 +72,12 @@ if ROOT not in sys.path:
 
 RESULT_TAG = "@@RESULT@@ "
 CELL_TAG = "@@CELL@@ "  # one finished cell, so a killed worker loses none
+READY_TAG = "@@READY@@"  # paired mode: compiled and warm, waiting for "run"
+TIME_TAG = "@@TIME@@ "  # paired mode: one timed sample
+# Paired mode (`--paired`, CPU): the two sides of a row wait, warm, in two
+# processes and the parent has them take turns, one call each, so that both
+# see the same load from other processes on a shared machine.
+_PAIRED = {"on": False}
 ROWS = ("pseudo_labels", "train_step", "segment_ops", "devices_1_vs_8",
         "input_pipeline", "eval")
 ALL_ROWS = ROWS + ("stages",)
@@ -120,7 +133,8 @@ class Shapes:
             "dino": f"ViT width {self.dino_width}, {self.dino_layers} "
                     f"blocks, {self.dino_heads} heads, patch 16",
             "batch": self.batch, "crop": self.crop,
-            "classes_per_image": "1, 2, 3, 1, ... (kmax 6 padded in JAX)",
+            "classes_per_image": f"1, 2, 3, 1, ... (padded to {self.kmax} "
+                                 "slots in JAX)",
             "superpixels": f"SLIC n_segments {self.n_segments}, padded to "
                            f"{self.max_segments}",
             "par_iters": self.par_iters,
@@ -231,11 +245,21 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     inner = 1 if first >= 0.02 else min(1000, int(0.05 / max(first, 1e-5)))
     reset = _reset_peak_rss()
     times = []
-    for _ in range(repeats):
+
+    def sample():
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
         times.append((time.perf_counter() - t0) / inner)
+
+    if _PAIRED["on"]:
+        print(READY_TAG, flush=True)
+        while sys.stdin.readline().strip() == "run":
+            sample()
+            print(f"{TIME_TAG}{times[-1]}", flush=True)
+    else:
+        for _ in range(repeats):
+            sample()
     out = {"median_s": statistics.median(times), "min_s": min(times),
            "runs_s": [round(t, 6) for t in times], "calls_per_run": inner}
     if reset:
@@ -961,6 +985,7 @@ def worker_main(spec: dict) -> None:
     """Runs one cell in this (child) process; prints the result line."""
     result: dict[str, Any] = {}
     load = os.getloadavg()[0]
+    _PAIRED["on"] = bool(spec.get("paired"))
     try:
         fn = WORKERS[(spec["row"], spec["side"])]
         result = fn(spec)
@@ -1036,7 +1061,7 @@ class Runner:
         """Random weights and the JPEG tree, reused when the scratch
         directory already holds them for these shapes."""
         stamp = os.path.join(self.workdir, "prepared.json")
-        want = dataclasses.asdict(self.shapes)
+        want = dataclasses.asdict(dataclasses.replace(self.shapes, kmax=6))
         if os.path.exists(stamp):
             with open(stamp) as f:
                 if json.load(f) == want:
@@ -1058,6 +1083,10 @@ class Runner:
                        env.get("XLA_FLAGS", "")).strip()
         if num_devices > 1:
             flags += f" --xla_force_host_platform_device_count={num_devices}"
+        if (side == "jax" and self.args.device == "cpu"
+                and self.args.threads == 1):
+            flags += (" --xla_cpu_multi_thread_eigen=false"
+                      " intra_op_parallelism_threads=1")
         env["XLA_FLAGS"] = flags.strip()
         if not env["XLA_FLAGS"]:
             del env["XLA_FLAGS"]
@@ -1108,6 +1137,65 @@ class Runner:
         result["wall_s"] = time.perf_counter() - t0
         return result
 
+    def paired(self, row: str, sides: Sequence[tuple[str, dict]]
+               ) -> list[dict[str, Any]]:
+        """Both sides of a row, warm in two processes, taking turns.
+
+        Each process compiles and warms up alone (the other waits or is not
+        started yet), then the parent asks them for one timed call each, in
+        alternating order, `--repeats` rounds.
+        """
+        procs = []
+        for side, extra in sides:
+            spec = dict(self.base, row=row, side=side, paired=True, **extra)
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--worker",
+                 json.dumps(spec)], env=self.env(side), cwd=ROOT, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            out = self._read_until(proc, READY_TAG)
+            procs.append((side, proc, err, out))
+        ready = [p for p in procs if p[3][-1:] == [READY_TAG]]
+        if len(ready) == len(procs):
+            for r in range(self.args.repeats):
+                order = procs if r % 2 == 0 else procs[::-1]
+                for _, proc, _, out in order:
+                    time.sleep(0.3)  # let the other side's threads idle
+                    proc.stdin.write("run\n")
+                    proc.stdin.flush()
+                    out += self._read_until(proc, TIME_TAG)
+        results = []
+        for side, proc, err, out in procs:
+            try:
+                rest, _ = proc.communicate("stop\n", timeout=600)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                proc.kill()
+                rest = ""
+            err.seek(0)
+            stderr = err.read()
+            err.close()
+            stdout = "\n".join(out) + "\n" + (rest or "")
+            self._log(row, side + " (paired)", stdout, stderr)
+            lines = [x for x in stdout.splitlines()
+                     if x.startswith(RESULT_TAG)]
+            if lines:
+                results.append(json.loads(lines[-1][len(RESULT_TAG):]))
+            else:
+                tail = " | ".join(stderr.strip().splitlines()[-5:])
+                results.append(self._partial(
+                    stdout, f"worker exited {proc.returncode}: {tail}"))
+        return results
+
+    @staticmethod
+    def _read_until(proc, tag: str) -> list[str]:
+        """stdout lines up to the first one starting with `tag` (or EOF)."""
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(tag):
+                break
+        return lines
+
     @staticmethod
     def _partial(stdout, error: str) -> dict[str, Any]:
         """The cells a worker finished before it died, and why it died."""
@@ -1152,8 +1240,13 @@ def _jax_and_peer(r: Runner, row: str, **extra
     failure), and the peer's; the first dtype and the peer go first, so a
     time budget cuts the least important cells."""
     dtypes = r.base["dtypes"]
-    jx = {dtypes[0]: r.cell(row, "jax", dtypes=dtypes[:1], **extra)}
-    peer = r.cell(row, "torch", **extra)
+    if r.args.paired:
+        jx0, peer = r.paired(row, [("jax", dict(extra, dtypes=dtypes[:1])),
+                                   ("torch", extra)])
+        jx = {dtypes[0]: jx0}
+    else:
+        jx = {dtypes[0]: r.cell(row, "jax", dtypes=dtypes[:1], **extra)}
+        peer = r.cell(row, "torch", **extra)
     for dtype in dtypes[1:]:
         jx[dtype] = r.cell(row, "jax", dtypes=[dtype], **extra)
     return jx, peer
@@ -1501,8 +1594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated subset of {', '.join(ALL_ROWS)}")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed calls per cell (default 3 quick/CPU, 5 GPU)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: cores usable here)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per side: 1 = torch.set_num_threads(1) "
+                        "and single-threaded XLA (the default: robust on a "
+                        "shared machine); N > 1 = torch N threads and XLA's "
+                        "default (every core)")
     p.add_argument("--workers", type=int, default=4,
                    help="input-pipeline threads (data.num_workers)")
     p.add_argument("--dtypes", default="",
@@ -1511,12 +1607,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batches", default="",
                    help="train-step batch sizes (default: the mode's; GPU "
                         "4,8,16)")
+    p.add_argument("--kmax", type=int, default=0,
+                   help="class slots of the jitted path (data."
+                        "max_classes_per_image; default 6, VOC's maximum)")
     p.add_argument("--eval-images", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting cells after this many seconds")
     p.add_argument("--cell-timeout-s", type=float, default=1800.0)
     p.add_argument("--workdir", default="",
                    help="scratch directory (default: a new temp dir)")
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="time pseudo_labels and train_step with both sides "
+                        "warm in two processes taking turns (default on "
+                        "CPU, where other processes may load the machine)")
     p.add_argument("--smoke", action="store_true",
                    help="only check that ssr_jax trains here: tiny "
                         "encoders, one jitted train step, in this process")
@@ -1531,11 +1635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(rows) - set(ALL_ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ALL_ROWS)}")
-    if not args.threads:
-        args.threads = len(os.sched_getaffinity(0))
     if not args.repeats:
         args.repeats = 5 if args.device == "gpu" else 3
     gpu = args.device == "gpu"
+    if args.paired is None:
+        args.paired = not gpu
     args.dtypes = [d.strip() for d in (
         args.dtypes or ("float32,bfloat16" if gpu else "float32")).split(",")]
     bad = sorted(set(args.dtypes) - {"float32", "bfloat16"})
@@ -1545,13 +1649,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.batches or (",".join(map(str, GPU_BATCHES)) if gpu else "")
     ).split(",") if b.strip()]
     shapes = QUICK if args.quick else FULL
+    if args.kmax:
+        shapes = dataclasses.replace(shapes, kmax=args.kmax)
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssr_bench_")
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     runner = Runner(args, shapes, workdir)
+    xla = "1 thread" if args.threads == 1 else "default threads"
     print(f"ssr_jax benchmarks: mode {shapes.name}, device {args.device}, "
-          f"torch threads {args.threads}, XLA default threads; scratch "
-          f"{workdir} (worker logs in workers.log)", flush=True)
+          f"torch threads {args.threads}, XLA {xla}; scratch {workdir} "
+          "(worker logs in workers.log)", flush=True)
     prep = (runner.prepare() if set(rows) - {"segment_ops"}
             else {"prepare_s": 0.0})
     if "error" in prep:
@@ -1587,7 +1694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": shapes.name, "device": args.device,
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
-        "torch_threads": args.threads, "xla_threads": "default",
+        "torch_threads": args.threads,
+        "xla_threads": 1 if args.threads == 1 else "default (every core)",
         "repeats": args.repeats, "shapes": dataclasses.asdict(shapes),
         "versions": _versions(), "total_s": time.perf_counter() - started,
         "prepare_s": prep.get("prepare_s"),

@@ -4,7 +4,7 @@
 
 Three sweeps on the `--quick` shapes of benchmarks/run.py (CLIP width 256,
 6 blocks; DINO width 192, 6 blocks; 160x160 crops), each side in its own
-subprocess:
+subprocess with one thread (`--threads`, as in benchmarks/run.py):
 
 - classes per image, 1 to 6 (batch 2, every image with that many classes):
   the pseudo-label path. ssr_jax pads to 6 class slots and runs one
@@ -266,7 +266,7 @@ def _spawn(runner: run.Runner, kind: str, spec: dict) -> dict[str, Any]:
 
 def markdown(res: dict[str, dict], meta: dict) -> str:
     lines = [f"Scaling study ({meta['date']}, {meta['cpu']}, "
-             f"{meta['cores']} cores, torch threads {meta['threads']}; "
+             f"{meta['cores']} cores, {meta['threads']} thread(s) per side; "
              f"`{meta['command']}`). Shapes: {meta['shapes']}. Median of "
              f"{meta['repeats']} calls after a warm-up.", ""]
     titles = {"classes": ("classes per image (batch 2)",
@@ -290,15 +290,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks",
                                                  "plots"))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per side, as benchmarks/run.py --threads")
     p.add_argument("--workdir", default="")
+    p.add_argument("--from-json", default="",
+                   help="redraw the plots and table of a scaling.json")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.worker[0], json.loads(args.worker[1]))
         return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        meta = saved.pop("meta")
+        for side in saved.values():
+            for key in side:
+                side[key] = {int(k): v for k, v in side[key].items()}
+        write_outputs(args.out, saved, meta)
+        return 0
     started = time.perf_counter()
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssr_scaling_")
     ns = argparse.Namespace(device="cpu", repeats=args.repeats,
                             threads=threads, budget_s=0,
@@ -320,26 +332,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shapes": "CLIP width 256 x 6 blocks, DINO 192 x 6, crop 160, "
                       "PAR 20 iterations",
             "total_s": round(time.perf_counter() - started)}
-    os.makedirs(args.out, exist_ok=True)
+    write_outputs(args.out, res, meta)
+    return 0
+
+
+def write_outputs(out: str, res: dict[str, dict], meta: dict) -> None:
+    """The three PNG plots, scaling.md and scaling.json under `out`."""
+    os.makedirs(out, exist_ok=True)
     labels = {"classes": "classes per image", "batch": "batch size",
               "superpixels": "SLIC n_segments"}
     for key, xlabel in labels.items():
         xs = list(res["jax"][key])
-        line_plot(os.path.join(args.out, f"scaling_{key}.png"),
-                  f"time vs {xlabel} (CPU, {meta['cores']} cores)", xlabel,
+        line_plot(os.path.join(out, f"scaling_{key}.png"),
+                  f"time vs {xlabel} (CPU, {meta['threads']} thread per "
+                  "side)", xlabel,
                   xs, {"ssr_jax": [res["jax"][key][x] for x in xs],
                        "PyTorch reference": [res["torch"][key][x]
                                              for x in xs]},
                   log_y=key != "classes")
     text = markdown(res, meta)
-    with open(os.path.join(args.out, "scaling.md"), "w") as f:
+    with open(os.path.join(out, "scaling.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out, "scaling.json"), "w") as f:
+    with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump({"meta": meta, **res}, f, indent=1)
     print(text)
-    print(f"wrote {args.out}/scaling_*.png, scaling.md, scaling.json "
+    print(f"wrote {out}/scaling_*.png, scaling.md, scaling.json "
           f"({meta['total_s']} s)")
-    return 0
 
 
 if __name__ == "__main__":
