@@ -1474,6 +1474,8 @@ def _side_text(side: dict) -> str:
         parts.append(f"compile {side['compile_s']:.1f} s")
     if side.get("peak_device_mb") is not None:
         parts.append(f"dev {_fmt_mb(side['peak_device_mb'])}")
+    if side.get("projected_30k_h") is not None:
+        parts.append(f"30k steps {side['projected_30k_h']:.2f} h")
     if side.get("peak_rss_mb") is not None:
         rss = f"RSS {_fmt_mb(side['peak_rss_mb'])}"
         if side.get("run_rss_mb") is not None:
