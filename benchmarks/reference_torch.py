@@ -527,8 +527,9 @@ def gradcam_image(models: Models, x_prev: torch.Tensor,
     softmax over that set; the gradient of p_k w.r.t. the hooked
     activation, averaged over the patch tokens, weighs the channels;
     cam = ReLU(sum w * a), scaled twice as pytorch_grad_cam does.
-    With `cfg.projected` the image feature and the texts go through ISA
-    and TSA (eval mode: running BatchNorm statistics) before the cosine.
+    With `cfg.projected` every projected patch token goes through ISA
+    before the mean (as ssr_jax/cam.py does) and the texts through TSA,
+    both in eval mode (running BatchNorm statistics), before the cosine.
 
     The hook makes the captured activation a leaf that requires grad and
     `torch.autograd.grad` reads its gradient, so no parameter's `.grad` is
@@ -569,10 +570,13 @@ def gradcam_image(models: Models, x_prev: torch.Tensor,
                 with torch.enable_grad():
                     y, attn = run_block(block, x_prev)
                     tokens = project_tokens(clip, y)
-                    feat = tokens[:, 1:].mean(dim=1)
+                    patches = tokens[:, 1:]
                     if cfg.projected:
-                        feat = heads.isa(feat)
-                    feat = F.normalize(feat, dim=-1)
+                        # ISA per patch token, then the mean (ssr_jax's
+                        # cam.py): ISA sees the token distribution that
+                        # its BatchNorm statistics come from.
+                        patches = heads.isa(patches)
+                    feat = F.normalize(patches.mean(dim=1), dim=-1)
                     probs = (cfg.logit_scale * feat @ texts.T).softmax(dim=-1)
                     (grad,) = torch.autograd.grad(probs[0, k], store["act"])
                 act = store["act"][0, 1:].detach()  # [N, D], CLS dropped
@@ -938,7 +942,9 @@ def pseudo_labels(models: Models, batch: Mapping, cfg: RefConfig | None = None,
                      cfg.par_pos_weight).to(device)
 
     hidden, attns = clip_first_blocks(models.clip, pixels)
-    d_attn = dino_attention(models.dino, pixels)
+    # DINO keeps its own (ImageNet) normalisation whatever CLIP's is, as
+    # ssr_jax does.
+    d_attn = dino_attention(models.dino, normalize_images(images))
     if d_attn.shape[-1] != grid[0] * grid[1]:
         raise ValueError("DINO and CLIP token grids differ; both need "
                          f"patch size {PATCH}")

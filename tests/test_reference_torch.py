@@ -89,12 +89,13 @@ def _manual_cam(models, x_prev, cls_ids, k, projected):
     z = z * torch.sigmoid(1.702 * z)
     x2 = x1 + z @ m.fc2.weight.T + m.fc2.bias
     tok = clip.vision_model.post_layernorm(x2) @ clip.visual_projection.weight.T
-    feat = tok[1:].mean(dim=0, keepdim=True)
+    patches = tok[1:]
     texts = torch.cat([models.text_fg[cls_ids], models.text_bg])
     if projected:
         heads.eval()
-        feat = heads.isa(feat)
+        patches = heads.isa(patches)  # per token, then the mean
         texts = heads.tsa(texts)
+    feat = patches.mean(dim=0, keepdim=True)
     feat = feat / feat.norm(dim=-1, keepdim=True)
     texts = texts / texts.norm(dim=-1, keepdim=True)
     p = torch.softmax(100.0 * feat @ texts.T, dim=-1)[0, k]

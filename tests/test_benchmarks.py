@@ -1,0 +1,105 @@
+"""benchmarks/run.py: the shared batch, the JPEG tree, goals and the table,
+and (slow) one real run of the CLI in its subprocess-per-cell mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import run
+from ssr_jax import config_defaults, input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_make_batch_layout():
+    b = run.make_batch(3, 64, 20, 16, 64, seed=2)
+    assert b["image"].shape == (3, 64, 64, 3) and b["image"].dtype == np.uint8
+    assert b["valid"].dtype == bool and not b["valid"][0, :, -1].any()
+    assert b["valid"][1:].all()
+    sp = b["superpixels"]
+    assert sp.dtype == np.int32 and sp.max() < 64
+    assert ((sp == -1) == ~b["valid"]).all()  # padding has no superpixel
+    assert (b["image"][~b["valid"]] == 0).all()
+    assert b["labels"].sum(1).tolist() == [1.0, 2.0, 3.0]
+    again = run.make_batch(3, 64, 20, 16, 64, seed=2)
+    assert all((again[k] == b[k]).all() for k in b)  # both sides: same data
+
+
+def test_voc_tree_feeds_the_training_iterator(tmp_path):
+    root = run.write_voc_tree(str(tmp_path / "voc"), 4, hw=(75, 100))
+    c = config_defaults.dataset_config("voc", "weclip,tiny")
+    c.data.root, c.data.train_split = root, "train"
+    c.data.cache_dir = str(tmp_path / "cache")
+    it = input_pipeline.train_iterator(c, process_index=0, process_count=1)
+    batch = next(it)
+    it.close()
+    assert batch["image"].shape == (2, 64, 64, 3)
+    assert (batch["labels"].sum(1) >= 1).all()  # masks give image labels
+
+
+def _row(name, ratio, **extra):
+    row = {"name": name, "settings": {"batch": 2, "crop": 160},
+           "ssr_jax": {"median_s": 1.0, "peak_rss_mb": 100.0},
+           "peer": {"median_s": ratio, "peak_rss_mb": 200.0},
+           "ratio": ratio, **extra}
+    row["cells"] = [{"dtype": "float32", "ssr_jax": row["ssr_jax"],
+                     "peer": row["peer"], "ratio": ratio}]
+    return run._goal(row)
+
+
+def test_goals():
+    assert _row("pseudo_labels", 3.5)["met"] is True
+    assert _row("pseudo_labels", 2.9)["met"] is False
+    assert _row("train_step", 2.0)["met"] is True
+    heavy = _row("train_step", 2.0)
+    heavy["ssr_jax"]["run_rss_mb"], heavy["peer"]["run_rss_mb"] = 300., 250.
+    assert run._goal(heavy)["met"] is False  # faster but more memory
+    dev = {"name": "devices_1_vs_8", "overhead": 0.2}
+    assert run._goal(dev)["met"] is False
+    dev["overhead"] = 0.1
+    assert run._goal(dev)["met"] is True
+    assert "met" not in run._goal({"name": "eval"})
+
+
+def test_table_lists_every_row():
+    rows = [_row("pseudo_labels", 4.0), _row("train_step", 1.2),
+            {"name": "eval", "skipped": "evaluate not available"}]
+    text = run.table(rows)
+    assert "| pseudo_labels | batch 2, crop 160, float32 |" in text
+    assert "4.00x" in text and "ratio >= 3 (CPU): met" in text
+    assert "MISSED" in text  # the 1.2x train step
+    assert "evaluate not available" in text
+
+
+def test_partial_results_of_a_killed_worker():
+    out = (run.CELL_TAG + json.dumps({"batch": 4, "median_s": 0.5}) + "\n"
+           + "Traceback ...\n")
+    res = run.Runner._partial(out, "timed out after 60 s")
+    assert res["cells"] == [{"batch": 4, "median_s": 0.5}]
+    assert res["error"] == "timed out after 60 s"
+    side = run._side_summary(res, run._first(res, batch=4))
+    assert side["median_s"] == 0.5
+    assert "error" in run._side_summary(res, run._first(res, batch=8))
+
+
+@pytest.mark.slow
+def test_cli_quick_segment_ops(tmp_path):
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"),
+         "--quick", "--rows", "segment_ops", "--repeats", "1", "--json",
+         str(out), "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["name"] == "segment_ops" and row["ratio"] > 1
+    assert data["meta"]["mode"] == "quick"
+    assert "| segment_ops: segment_reduce |" in r.stdout
