@@ -1355,8 +1355,9 @@ def row_input_pipeline(r: Runner, step_row: dict | None) -> dict[str, Any]:
                         "what": "input_pipeline.train_iterator images/s "
                                 "(decode, augment, SLIC) vs the train "
                                 "step's images/s"}}
-    if "error" in res:
-        row["error"] = res["error"]
+    if "error" in res or "skipped" in res or "cells" not in res:
+        row["error" if "error" in res else "skipped"] = res.get(
+            "error", res.get("skipped", "no result"))
         return row
     row["cells"] = res["cells"]
     row["peak_rss_mb"] = res.get("peak_rss_mb")
@@ -1688,6 +1689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["row_wall_s"] = time.perf_counter() - t0
         results.append(row)
         print(f"  {name}: {row['row_wall_s']:.0f} s", flush=True)
+        if args.json:  # partial results survive a later crash or kill
+            with open(args.json, "w") as f:
+                json.dump({"meta": {"partial": True}, "rows": results}, f,
+                          indent=1)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [
