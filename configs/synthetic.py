@@ -129,13 +129,13 @@ def _smoke(c: config_dict.ConfigDict) -> None:
     k = c.pretrain.clip
     k.vision_width, k.vision_layers = 48, 3
     k.text_layers = 2
-    k.steps, k.batch_size, k.warmup_steps = 200, 32, 20
+    k.steps, k.batch_size, k.warmup_steps = 150, 32, 15
     d = c.pretrain.dino
     d.width, d.layers = 48, 3
     d.num_local = 2
     d.num_prototypes = 128
     d.head_hidden = 128
-    d.steps, d.batch_size, d.warmup_steps = 60, 16, 6
+    d.steps, d.batch_size, d.warmup_steps = 40, 16, 4
 
 
 def _tiny(c: config_dict.ConfigDict) -> None:
@@ -143,7 +143,7 @@ def _tiny(c: config_dict.ConfigDict) -> None:
     c.synthetic.num_val = 4
     c.synthetic.image_size = 64
     k = c.pretrain.clip
-    k.vision_width, k.vision_layers, k.vision_heads = 32, 2, 2
+    k.vision_width, k.vision_layers, k.vision_heads = 32, 1, 2
     k.text_width, k.text_layers, k.text_heads = 32, 1, 2
     k.image_size = 48  # 3x3 grid, resized to 4x4 on the 64 px world
     k.mlp_ratio = 2
@@ -151,7 +151,7 @@ def _tiny(c: config_dict.ConfigDict) -> None:
     k.steps, k.batch_size, k.warmup_steps = 3, 8, 1
     k.lr = 1e-3
     d = c.pretrain.dino
-    d.width, d.layers, d.heads = 32, 2, 2
+    d.width, d.layers, d.heads = 32, 1, 2
     d.mlp_ratio = 2
     d.head_hidden, d.head_bottleneck, d.num_prototypes = 32, 16, 64
     d.global_size, d.local_size, d.num_local = 64, 32, 2

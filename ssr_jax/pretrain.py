@@ -54,6 +54,7 @@ from ml_collections import config_dict
 from PIL import Image
 from tqdm import tqdm
 
+from ssr_jax import config_check
 from ssr_jax import text as text_lib
 from ssr_jax.data import synthetic, transforms
 from ssr_jax.models import loading
@@ -601,10 +602,16 @@ def make_clip_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
     return tx, jax.jit(step, donate_argnums=(0,))
 
 
-def init_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, parameters as a pure dict of arrays)."""
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
+def build(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, parameters as a pure dict) of the module `make()` builds,
+    initialised in one jitted call (built eagerly, every initialiser op of
+    a model compiles on its own: seconds even for a tiny one). The call
+    runs once, so XLA's backend optimisation is turned off: it would
+    double the compile time and save nothing."""
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())),
+                   compiler_options={"xla_backend_optimization_level": 0})
+    return graphdef, init()
 
 
 def train_clip(config: config_dict.ConfigDict, root: str,
@@ -633,10 +640,14 @@ def train_clip(config: config_dict.ConfigDict, root: str,
     mcfg = clip_model_config(cfg, len(vocab), vocab[text_lib.BOS],
                              vocab[text_lib.EOS], tok.pad_id, cfg.image_size)
     seed = config.pretrain.seed
-    model = CLIP(mcfg, rngs=nnx.Rngs(seed))
-    if cfg.tied_qk_scale > 0:
-        tie_query_key(model.vision.blocks, cfg.tied_qk_scale)
-    graphdef, params = init_params(model)
+
+    def make():
+        model = CLIP(mcfg, rngs=nnx.Rngs(seed))
+        if cfg.tied_qk_scale > 0:
+            tie_query_key(model.vision.blocks, cfg.tied_qk_scale)
+        return model
+
+    graphdef, params = build(make)
     tx, step_fn = make_clip_step(graphdef, cfg)
     state = {"params": params, "opt": tx.init(params)}
     rng = np.random.default_rng([seed, 1])
@@ -657,7 +668,7 @@ def train_clip(config: config_dict.ConfigDict, root: str,
             bar.set_postfix(loss=f"{float(m['loss']):.3f}",
                             scale=f"{float(m['scale']):.1f}")
     losses = _check_losses(losses, "pretrain.clip")
-    nnx.update(model, state["params"])
+    model = nnx.merge(graphdef, state["params"])
     info = {"steps": cfg.steps, "final_loss": float(losses[-10:].mean()),
             "first_loss": float(losses[:10].mean()),
             "setup_and_compile_seconds": first,
@@ -870,11 +881,15 @@ def train_dino(config: config_dict.ConfigDict, root: str,
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     images = read_images(root, synthetic.read_split(root, "train"))
     seed = config.pretrain.seed
-    model = DINO(dino_model_config(cfg, cfg.global_size), cfg,
-                 rngs=nnx.Rngs(seed + 1))
-    if cfg.tied_qk_scale > 0:
-        tie_query_key(model.backbone.blocks, cfg.tied_qk_scale)
-    graphdef, params = init_params(model)
+
+    def make():
+        model = DINO(dino_model_config(cfg, cfg.global_size), cfg,
+                     rngs=nnx.Rngs(seed + 1))
+        if cfg.tied_qk_scale > 0:
+            tie_query_key(model.backbone.blocks, cfg.tied_qk_scale)
+        return model
+
+    graphdef, params = build(make)
     tx, step_fn = make_dino_step(graphdef, cfg, len(images) / cfg.batch_size)
     state = {"student": params, "teacher": jax.tree.map(jnp.copy, params),
              "opt": tx.init(params),
@@ -896,7 +911,7 @@ def train_dino(config: config_dict.ConfigDict, root: str,
                             H=f"{float(m['teacher_entropy']):.2f}")
     history = jax.device_get(history)
     losses = _check_losses([h["loss"] for h in history], "pretrain.dino")
-    nnx.update(model, state["teacher"])
+    model = nnx.merge(graphdef, state["teacher"])
     last = history[-1]
     info = {"steps": cfg.steps, "final_loss": float(losses[-10:].mean()),
             "first_loss": float(losses[:10].mean()),
@@ -920,6 +935,66 @@ def pretrain_dino(config: config_dict.ConfigDict, root: str, out_dir: str,
     backbone, info = train_dino(config, root, progress)
     loading.save_dino(backbone, out_dir)
     return info
+
+
+# --- config -----------------------------------------------------------------
+
+
+def validate(config: config_dict.ConfigDict) -> list[str]:
+    """Problems with `config.pretrain` (empty when it is good).
+
+    Both encoders must cut images into the same token grid as SSR reads
+    (patch 16, `config_check.PATCH`): SGC fuses their affinities patch by
+    patch.
+    """
+    e: list[str] = []
+    k, d = config.pretrain.clip, config.pretrain.dino
+    for name, value in (("clip.patch_size", k.patch_size),
+                        ("dino.patch_size", d.patch_size)):
+        if value != config_check.PATCH:
+            e.append(f"pretrain.{name}={value}: must be "
+                     f"{config_check.PATCH}, the patch of SSR's token grid")
+    for name, value, patch in (
+            ("clip.image_size", k.image_size, k.patch_size),
+            ("dino.global_size", d.global_size, d.patch_size),
+            ("dino.local_size", d.local_size, d.patch_size)):
+        if value < patch or value % patch:
+            e.append(f"pretrain.{name}={value}: must be a positive "
+                     f"multiple of the patch size {patch}")
+    for sec, name, heads in (("clip", "vision_width", k.vision_heads),
+                             ("clip", "text_width", k.text_heads),
+                             ("dino", "width", d.heads)):
+        width = config.pretrain[sec][name]
+        if heads < 1 or width % heads:
+            e.append(f"pretrain.{sec}.{name}={width} is not a multiple of "
+                     f"its {heads} attention heads")
+    for sec in ("clip", "dino"):
+        c = config.pretrain[sec]
+        for name in ("steps", "batch_size", "lr"):
+            if not c[name] > 0:
+                e.append(f"pretrain.{sec}.{name}={c[name]}: must be > 0")
+    lo, hi = k.rescale_range
+    if not 0 < lo <= hi:
+        e.append(f"pretrain.clip.rescale_range={tuple(k.rescale_range)}: "
+                 "need 0 < low <= high")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = d[name]
+        if not 0 < lo <= hi <= 1:
+            e.append(f"pretrain.dino.{name}={tuple(d[name])}: need "
+                     "0 < low <= high <= 1 (shares of the image area)")
+    if not 0 < k.token_keep <= 1:
+        e.append(f"pretrain.clip.token_keep={k.token_keep}: must lie in "
+                 "(0, 1]")
+    if k.patch_pool not in ("mean", "pacl"):
+        e.append(f"pretrain.clip.patch_pool={k.patch_pool!r}: choose "
+                 "'mean' or 'pacl'")
+    if k.normalization not in ("clip", "imagenet"):
+        e.append(f"pretrain.clip.normalization={k.normalization!r}: choose "
+                 "'clip' or 'imagenet'")
+    if k.context_length < 3:
+        e.append(f"pretrain.clip.context_length={k.context_length}: needs "
+                 "room for BOS, a word and EOS")
+    return e
 
 
 # --- cache ------------------------------------------------------------------
@@ -989,6 +1064,10 @@ def ensure_encoders(config: config_dict.ConfigDict, root: str,
     CLIP section does not retrain DINO. `cache_dir` defaults to
     `encoder_cache_dir(config)`.
     """
+    problems = validate(config)
+    if problems:
+        raise ValueError("bad pretraining config:\n  "
+                         + "\n  ".join(problems))
     cache_dir = cache_dir or encoder_cache_dir(config)
     progress = bool(config.pretrain.progress)
     clip_path = _cached(

@@ -74,12 +74,28 @@ def test_config_variants_validate():
         assert config_check.validate(c, check_devices=False) == []
         assert c.sgc.clip_layers <= c.pretrain.clip.vision_layers
         assert (c.model.decoder.num_layers_in
-                == c.pretrain.clip.vision_layers - 1)
+                == max(1, c.pretrain.clip.vision_layers - 1))
     full = synthetic_config("")
     assert (full.data.crop_size, full.data.num_classes,
             full.data.max_classes_per_image) == (160, 11, 4)
     with pytest.raises(ValueError, match="smoke"):
         synthetic_config("nope")
+
+
+def test_validate_names_each_bad_field(world, tmp_path):
+    c = synthetic_config("tiny")
+    assert pretrain.validate(c) == []
+    c.pretrain.dino.patch_size = 8
+    c.pretrain.clip.image_size = 50
+    c.pretrain.clip.vision_heads = 3
+    c.pretrain.dino.local_scale = (0.5, 0.2)
+    problems = pretrain.validate(c)
+    assert len(problems) == 4, problems
+    for field in ("dino.patch_size", "clip.image_size", "vision_width",
+                  "local_scale"):
+        assert any(field in p for p in problems), (field, problems)
+    with pytest.raises(ValueError, match="clip.image_size=50"):
+        pretrain.ensure_encoders(c, world, str(tmp_path))
 
 
 def test_world_root_default_is_named_by_parameters(monkeypatch, tmp_path):
@@ -208,10 +224,10 @@ def test_clip_steps_reduce_loss_on_fixed_batch(config, world):
     tok = text_lib.load_tokenizer(tok_dir)
     data = pretrain.load_clip_data(world, tok, cfg.context_length)
     vocab = tok.backend.get_vocab()
-    model = CLIP(pretrain.clip_model_config(
+    mcfg = pretrain.clip_model_config(
         cfg, len(vocab), vocab[text_lib.BOS], vocab[text_lib.EOS],
-        tok.pad_id, cfg.image_size), rngs=nnx.Rngs(0))
-    graphdef, params = pretrain.init_params(model)
+        tok.pad_id, cfg.image_size)
+    graphdef, params = pretrain.build(lambda: CLIP(mcfg, rngs=nnx.Rngs(0)))
     tx, step = pretrain.make_clip_step(graphdef, cfg)
     state = {"params": params, "opt": tx.init(params)}
     # The shapes of the real pretraining, so that its compilation is shared.
@@ -230,9 +246,9 @@ def test_dino_steps_reduce_loss_on_fixed_batch(config, world):
     cfg = config.pretrain.dino
     images = pretrain.read_images(world, synthetic.read_split(world,
                                                               "train"))
-    model = pretrain.DINO(pretrain.dino_model_config(cfg, cfg.global_size),
-                          cfg, rngs=nnx.Rngs(0))
-    graphdef, params = pretrain.init_params(model)
+    vcfg = pretrain.dino_model_config(cfg, cfg.global_size)
+    graphdef, params = pretrain.build(
+        lambda: pretrain.DINO(vcfg, cfg, rngs=nnx.Rngs(0)))
     tx, step = pretrain.make_dino_step(graphdef, cfg,
                                        len(images) / cfg.batch_size)
     state = {"student": params, "teacher": jax.tree.map(jnp.copy, params),
@@ -285,6 +301,19 @@ def test_snapshots_reload_with_same_outputs(trained, config, world):
     ids = text_lib.tokenize(tok, ["origami"], ctx)[0]
     assert [tok.backend.id_to_token(int(i)) for i in ids[:3]] == [
         text_lib.BOS, "origami</w>", text_lib.EOS]  # one token per word
+
+
+def test_pretraining_is_deterministic(trained, config, world):
+    dino, _ = pretrain.train_dino(config, world, False)
+    for a, b in zip(jax.tree.leaves(nnx.state(dino)),
+                    jax.tree.leaves(nnx.state(trained["dino"])),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    clip, _ = pretrain.train_clip(config, world, trained["clip_dir"], False)
+    for a, b in zip(jax.tree.leaves(nnx.state(clip)),
+                    jax.tree.leaves(nnx.state(trained["clip"])),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_transformers_reads_the_snapshots(trained, config):
