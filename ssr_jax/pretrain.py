@@ -3,27 +3,29 @@
 Real CLIP and DINO weights cannot be downloaded where the embedded default
 runs, so the project pretrains its own tiny encoders on the synthetic world
 (docs/synthetic_world.md) and saves them as Hugging Face snapshots that the
-very loaders of the real checkpoints read (`models.loading`):
+very loaders of the real checkpoints read (`models.loading`). The choices
+and the measured diagnostics are in docs/pretrain.md.
 
 - **CLIP** (`models.clip.CLIP`, image and text towers): symmetric InfoNCE
-  over image–caption pairs of the *train* split (`captions.json`; val images
-  are never read), learnable logit scale clamped at 100 as in CLIP. Images
-  are augmented as SSR's input pipeline crops them (random rescale, crop or
-  zero pad to the crop size, flip). [choice] `pretrain.clip.patch_loss`:
-  the same InfoNCE also on the mean of the projected patch tokens, the
-  image embedding that CLIP-ES GradCAM differentiates (SPEC §1.4); a tiny
-  CLIP trained on the CLS token alone leaves that path untrained. [choice]
-  identical captions in a batch are positives of each other (the world has
-  many short captions such as "a car on the road.").
-- **DINO** (`models.vit.ViT`, HF `ViTModel` layout): self-distillation with
-  no labels (Caron et al. 2021): a momentum (EMA) teacher, multi-crop (2
-  global + several local crops), a projection head (MLP → L2 norm →
+  over the image–caption pairs of the *train* split (`captions.json`; val
+  images are never read), learnable logit scale clamped at 100 as CLIP.
+  Images are cropped by the input pipeline's own augmentation (random
+  rescale, crop or zero pad, flip). [choice] `pretrain.clip.patch_loss`:
+  the same InfoNCE also on the pooled projected patch tokens; their mean
+  is the image embedding that CLIP-ES GradCAM differentiates (SPEC §1.4),
+  which a tiny CLIP trained on the CLS token alone leaves untrained.
+  [choice] identical captions in a batch are positives of each other.
+- **DINO** (`models.vit.ViT`, HF `ViTModel` layout): self-distillation
+  without labels (Caron et al. 2021): a momentum (EMA) teacher, multi-crop
+  (2 global + several local crops), a projection head (MLP → L2 norm →
   weight-normalised prototypes), teacher centering and sharpening. The
   teacher backbone is saved.
+- [choice] Both start from tied query/key weights (`tie_query_key`), so
+  that their attention groups similar patches from the first step.
 
-`ensure_encoders` caches both snapshots under a hash of (architecture and
-pretraining config, the world's `world.json`, `PRETRAIN_VERSION`); a cache
-entry is written to a temporary directory and renamed into place, so an
+`ensure_encoders` caches each snapshot under a hash of (its config
+section, the world's `world.json`, `PRETRAIN_VERSION`); an entry is
+written to a temporary directory and renamed into place, so an
 interrupted run never leaves a snapshot that looks complete.
 
 Everything is deterministic given `pretrain.seed` and the world.
@@ -153,14 +155,10 @@ def read_images(root: str, names: Sequence[str]) -> np.ndarray:
 def tokenizer_words(root: str) -> list[str]:
     """Words for `text.build_word_tokenizer`: the world's vocabulary, the
     prompt template's words and every class and background prompt."""
-    c = _read_json(os.path.join(root, synthetic_classes_file()))
+    c = _read_json(os.path.join(root, text_lib.SYNTHETIC_CLASSES_FILE))
     template = c.get("template", text_lib.TEMPLATE).replace("{}", " ")
     return (list(c["vocabulary"]) + [template] + list(c["prompts"])
             + list(c["background_prompts"]))
-
-
-def synthetic_classes_file() -> str:
-    return text_lib.SYNTHETIC_CLASSES_FILE
 
 
 def build_tokenizer(root: str, out_dir: str, context_length: int) -> str:
@@ -285,7 +283,7 @@ def colour_jitter(image: Array, key: Array, strength: float,
     return jnp.where(jax.random.bernoulli(kg, gray_prob), gray, out)
 
 
-# --- optimisation helpers -------------------------------------------------
+# --- training helpers -------------------------------------------------
 
 
 def lr_schedule(peak: float, steps: int, warmup: int,
@@ -339,6 +337,18 @@ def adamw(cfg: config_dict.ConfigDict) -> optax.GradientTransformation:
                              weight_decay=cfg.weight_decay,
                              mask=_decay_mask))
     return optax.chain(*parts)
+
+
+def build(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, parameters as a pure dict) of the module `make()` builds,
+    initialised in one jitted call (built eagerly, every initialiser op of
+    a model compiles on its own: seconds even for a tiny one). The call
+    runs once, so XLA's backend optimisation is turned off: it would
+    double the compile time and save nothing."""
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())),
+                   compiler_options={"xla_backend_optimization_level": 0})
+    return graphdef, init()
 
 
 def _memoised(builder: Callable) -> Callable:
@@ -405,14 +415,13 @@ def _cpu_seconds() -> float:
 
 
 def clip_model_config(cfg: config_dict.ConfigDict, vocab_size: int,
-                      bos_id: int, eos_id: int, pad_id: int,
-                      image_size: int) -> CLIPConfig:
+                      bos_id: int, eos_id: int, pad_id: int) -> CLIPConfig:
     """The tiny CLIP's architecture from `pretrain.clip` and the tokenizer."""
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_width,
         intermediate_size=cfg.vision_width * cfg.mlp_ratio,
         num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=image_size,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
         patch_size=cfg.patch_size)
     txt = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.text_width,
@@ -602,18 +611,6 @@ def make_clip_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
     return tx, jax.jit(step, donate_argnums=(0,))
 
 
-def build(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, parameters as a pure dict) of the module `make()` builds,
-    initialised in one jitted call (built eagerly, every initialiser op of
-    a model compiles on its own: seconds even for a tiny one). The call
-    runs once, so XLA's backend optimisation is turned off: it would
-    double the compile time and save nothing."""
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())),
-                   compiler_options={"xla_backend_optimization_level": 0})
-    return graphdef, init()
-
-
 def train_clip(config: config_dict.ConfigDict, root: str,
                tokenizer_dir: str, progress: bool = True,
                ) -> tuple[CLIP, dict[str, Any]]:
@@ -638,7 +635,7 @@ def train_clip(config: config_dict.ConfigDict, root: str,
     vocab = tok.backend.get_vocab()
     data = load_clip_data(root, tok, cfg.context_length)
     mcfg = clip_model_config(cfg, len(vocab), vocab[text_lib.BOS],
-                             vocab[text_lib.EOS], tok.pad_id, cfg.image_size)
+                             vocab[text_lib.EOS], tok.pad_id)
     seed = config.pretrain.seed
 
     def make():

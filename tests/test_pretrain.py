@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from ssr_jax import config_check, pretrain
 from ssr_jax import text as text_lib
@@ -213,6 +214,33 @@ def test_crops_are_deterministic_and_sized(config):
     assert (small.reshape(3, -1, 3).max(-1) == 0).mean() >= 0.7  # padding
 
 
+def test_resized_crop_of_the_whole_image_is_a_resize():
+    image = np.random.default_rng(3).integers(0, 256, (40, 40, 3), np.uint8)
+    want = np.asarray(Image.fromarray(image).resize((20, 20),
+                                                    Image.BILINEAR))
+    got = [pretrain.resized_crop(image, np.random.default_rng(s), 20,
+                                 (1.0, 1.0), (1.0, 1.0)) for s in range(8)]
+    for g in got:
+        assert np.array_equal(g, want) or np.array_equal(g, want[:, ::-1])
+    assert any(np.array_equal(g, want[:, ::-1]) for g in got)  # flips
+
+
+def test_colour_jitter_switches():
+    image = jnp.asarray(np.random.default_rng(4).uniform(
+        0, 255, (8, 8, 3)), jnp.float32)
+    key = jax.random.key(0)
+    same = pretrain.colour_jitter(image, key, 0.4, 0.0, 0.0)
+    np.testing.assert_array_equal(same, image)
+    gray = np.asarray(pretrain.colour_jitter(image, key, 0.4, 0.0, 1.0))
+    np.testing.assert_allclose(gray[..., 0], gray[..., 2], rtol=1e-6)
+    np.testing.assert_allclose(
+        gray[..., 1], np.asarray(image) @ np.array([0.299, 0.587, 0.114]),
+        rtol=1e-5)
+    jittered = np.asarray(pretrain.colour_jitter(image, key, 0.4, 1.0, 0.0))
+    assert not np.allclose(jittered, image)
+    assert jittered.min() >= 0 and jittered.max() <= 255
+
+
 # --- a few steps reduce the loss on a fixed batch ---------------------------
 
 
@@ -226,7 +254,7 @@ def test_clip_steps_reduce_loss_on_fixed_batch(config, world):
     vocab = tok.backend.get_vocab()
     mcfg = pretrain.clip_model_config(
         cfg, len(vocab), vocab[text_lib.BOS], vocab[text_lib.EOS],
-        tok.pad_id, cfg.image_size)
+        tok.pad_id)
     graphdef, params = pretrain.build(lambda: CLIP(mcfg, rngs=nnx.Rngs(0)))
     tx, step = pretrain.make_clip_step(graphdef, cfg)
     state = {"params": params, "opt": tx.init(params)}
