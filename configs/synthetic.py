@@ -1,0 +1,192 @@
+r"""The embedded default: SSR on the procedurally generated world (SPEC §5).
+
+  python -m ssr_jax.main --config configs/synthetic.py --workdir runs/synth
+
+generates the world (docs/synthetic_world.md), pretrains a tiny CLIP and a
+tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain.py`),
+trains SSR on the image-level labels and scores it on the held-out masks.
+Nothing is downloaded.
+
+Arguments: "" (the full default), "smoke" (a shrunk world and encoders that
+take about 3 minutes end to end on 2 CPU cores), "tiny" (seconds, for
+tests).
+
+Caches (both keyed by content, both safe to delete):
+- the world: `synthetic.root`, default
+  `$XDG_CACHE_HOME/ssr_jax/synthetic/seed<s>-train<n>-val<m>-px<size>`
+  (`~/.cache` when XDG_CACHE_HOME is unset; `pretrain.world_root`);
+- the encoders: `pretrain.cache_dir`, default
+  `$XDG_CACHE_HOME/ssr_jax/encoders`, one HF snapshot directory per
+  encoder named by the hash of its config section and the world
+  (`pretrain.ensure_encoders`).
+"""
+
+from ml_collections import config_dict
+
+from ssr_jax import config_defaults
+
+VARIANTS = ("", "smoke", "tiny")
+
+
+def _world(c: config_dict.ConfigDict) -> None:
+    c.synthetic = w = config_dict.ConfigDict()
+    w.seed = 0
+    w.num_train = 1500
+    w.num_val = 300
+    w.image_size = 160  # 10x10 patch grid at patch 16
+    w.root = ""  # "" = ~/.cache/ssr_jax/synthetic/<parameters>
+
+
+def _pretrain(c: config_dict.ConfigDict) -> None:
+    c.pretrain = p = config_dict.ConfigDict()
+    p.seed = 0
+    p.cache_dir = ""  # "" = ~/.cache/ssr_jax/encoders
+    p.progress = True  # tqdm bars per stage
+
+    # Tiny CLIP: the very `models.clip.CLIP` of ViT-B/16, shrunk. Trained
+    # at 112 px (7x7 grid) and used by SSR at 160 px (10x10, positions
+    # resized bilinearly), as ViT-B/16 is trained at 224 and used at 320.
+    p.clip = k = config_dict.ConfigDict()
+    k.vision_width = 64
+    k.vision_layers = 4
+    k.vision_heads = 4
+    k.patch_size = 16
+    k.image_size = 112  # pretraining crop and position grid (7x7)
+    k.text_width = 64
+    k.text_layers = 3
+    k.text_heads = 4
+    k.context_length = 32  # longest caption of the world: 31 tokens
+    k.mlp_ratio = 4
+    k.projection_dim = 64
+    k.steps = 1000
+    k.batch_size = 64
+    k.lr = 2e-3
+    k.final_lr_ratio = 0.05
+    k.warmup_steps = 40
+    k.weight_decay = 0.05
+    k.b2 = 0.98  # CLIP's Adam beta2
+    k.grad_clip = 1.0
+    # SSR's crop (rescale 0.5-2 of a 160 px image, 160 crop) scaled by
+    # 112/160: the same object sizes in pixels at ratio 1.
+    k.rescale_range = (0.35, 1.0)
+    k.hflip = True
+    k.normalization = "clip"  # real CLIP's mean/std
+    k.patch_loss = 1.0  # [choice] InfoNCE weight of the pooled patch tokens
+    k.patch_pool = "mean"  # [choice] mean (what GradCAM reads) | pacl
+    k.pool_temperature = 0.1  # PACL softmax temperature over patches
+    k.token_keep = 1.0  # FLIP: share of patch tokens seen in training
+    k.tied_qk_scale = 1.5  # [choice] W_k = W_q init (mimetic); 0 = off
+
+    # Tiny DINO ViT (self-distillation), HF ViTModel layout, patch 16.
+    p.dino = d = config_dict.ConfigDict()
+    d.width = 64
+    d.layers = 4
+    d.heads = 4
+    d.patch_size = 16
+    d.mlp_ratio = 4
+    d.head_hidden = 256
+    d.head_bottleneck = 64
+    d.num_prototypes = 256
+    d.global_size = 160  # = image size: SSR reads it on the 10x10 grid
+    d.local_size = 64
+    d.num_local = 4
+    d.global_scale = (0.4, 1.0)  # share of the image area (DINO)
+    d.local_scale = (0.05, 0.4)
+    d.jitter_strength = 0.4
+    d.jitter_prob = 0.8
+    d.gray_prob = 0.2
+    d.steps = 150
+    d.batch_size = 32
+    d.lr = 2e-3
+    d.final_lr_ratio = 0.01
+    d.warmup_steps = 10
+    d.weight_decay = 0.04
+    d.b2 = 0.999
+    d.grad_clip = 3.0
+    d.student_temp = 0.1  # DINO
+    d.teacher_temp = 0.07  # DINO: 0.04 warmed up to 0.07 over 30 epochs
+    d.warmup_teacher_temp = 0.04
+    d.teacher_temp_warmup_epochs = 30
+    # DINO's 0.996 suits 100+ epochs; this run lasts ~3 epochs.
+    d.teacher_momentum = 0.98  # cosine to 1
+    d.center_momentum = 0.9  # DINO
+    d.freeze_prototypes_epochs = 1  # DINO freezes the last layer 1 epoch
+    d.tied_qk_scale = 1.5  # [choice] W_k = W_q init (mimetic); 0 = off
+
+
+def _encoder_dependent(c: config_dict.ConfigDict) -> None:
+    """SSR fields that follow from the tiny encoders' depth."""
+    layers = c.pretrain.clip.vision_layers
+    # WeCLIP: the last 8 of 12 blocks; same share of the tiny CLIP.
+    c.sgc.clip_layers = max(1, round(layers * 8 / 12))
+    # WeCLIP: the decoder reads blocks 1..11 of 12, i.e. all but the last.
+    c.model.decoder.num_layers_in = max(1, layers - 1)
+
+
+def _smoke(c: config_dict.ConfigDict) -> None:
+    c.synthetic.num_train = 400
+    c.synthetic.num_val = 100
+    k = c.pretrain.clip
+    k.vision_width, k.vision_layers = 48, 3
+    k.text_layers = 2
+    k.steps, k.batch_size, k.warmup_steps = 150, 32, 15
+    d = c.pretrain.dino
+    d.width, d.layers = 48, 3
+    d.num_local = 2
+    d.num_prototypes = 128
+    d.head_hidden = 128
+    d.steps, d.batch_size, d.warmup_steps = 40, 16, 4
+
+
+def _tiny(c: config_dict.ConfigDict) -> None:
+    c.synthetic.num_train = 16
+    c.synthetic.num_val = 4
+    c.synthetic.image_size = 64
+    k = c.pretrain.clip
+    k.vision_width, k.vision_layers, k.vision_heads = 32, 1, 2
+    k.text_width, k.text_layers, k.text_heads = 32, 1, 2
+    k.image_size = 48  # 3x3 grid, resized to 4x4 on the 64 px world
+    k.mlp_ratio = 2
+    k.projection_dim = 16
+    k.steps, k.batch_size, k.warmup_steps = 3, 8, 1
+    k.lr = 1e-3
+    d = c.pretrain.dino
+    d.width, d.layers, d.heads = 32, 1, 2
+    d.mlp_ratio = 2
+    d.head_hidden, d.head_bottleneck, d.num_prototypes = 32, 16, 64
+    d.global_size, d.local_size, d.num_local = 64, 32, 2
+    d.steps, d.batch_size, d.warmup_steps = 3, 8, 1
+    d.lr = 1e-3
+    d.freeze_prototypes_epochs = 0
+    c.pretrain.progress = False
+    config_defaults.shrink_for_tests(c)
+
+
+def get_config(arg: str = ""):
+    arg = (arg or "").strip()
+    if arg not in VARIANTS:
+        raise ValueError(f"bad config argument {arg!r}: use '' (the full "
+                         "default), 'smoke' or 'tiny'")
+    c = config_defaults.base_config()
+
+    # --- data: the synthetic world -------------------------------------------
+    c.data.name = "synthetic"
+    c.data.crop_size = 160
+    c.data.num_classes = 11  # background + 10 (classes.json num_classes)
+    c.data.max_classes_per_image = 4  # classes.json max_classes_per_image
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.seed_split = "train"
+    _world(c)
+
+    # --- tiny encoders: pretraining ------------------------------------------
+    _pretrain(c)
+
+    if arg == "smoke":
+        _smoke(c)
+    elif arg == "tiny":
+        _tiny(c)
+    _encoder_dependent(c)
+    if arg == "tiny":
+        c.data.crop_size = c.synthetic.image_size
+    return c

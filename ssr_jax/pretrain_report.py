@@ -1,0 +1,391 @@
+"""What the pretrained tiny encoders are worth to SSR (evidence, not targets).
+
+- `zero_shot`: CLIP's multi-label quality on val: per-class ROC AUC of the
+  image–prompt cosine ("a clean origami {}."), for the CLS embedding (what
+  CLIP is) and for the mean projected patch token (what GradCAM reads,
+  SPEC §1.4), and the same for the background prompts.
+- `seed_report`: the CAM-seed protocol of SSR's Tables 2–3 on the train
+  split against its masks: initial GradCAM seeds (block 12, present classes
+  ∪ background prompts, no CMPA heads), then propagated with CLIP attention
+  (box mask), CLIP + DINO attention (box mask) and CLIP + DINO with the
+  superpixel mask (SGC), scored with `par.cams_to_labels` (no PAR) and
+  `metrics`; plus the SGC seeds after PAR (the online pseudo labels). It
+  also measures each affinity directly: the share of a patch's attention
+  that lands on patches of its own ground-truth label (`affinity_purity`).
+
+`python -m ssr_jax.pretrain_report --config configs/synthetic.py` prepares
+the world and the encoders (cached) and prints both reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import config_dict
+from scipy import stats
+
+from ssr_jax import cam as cam_lib
+from ssr_jax import input_pipeline, metrics, pretrain
+from ssr_jax import par as par_lib
+from ssr_jax import sgc as sgc_lib
+from ssr_jax import text as text_lib
+from ssr_jax.data import synthetic
+from ssr_jax.models import loading
+from ssr_jax.models.clip import CLIP
+from ssr_jax.models.vit import ViT
+
+Array = jax.Array
+STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC (Mann–Whitney U with average ranks for ties); NaN when a
+    class is all positive or all negative.
+
+    Args:
+      scores: [N] float.
+      positive: [N] bool.
+    """
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2)
+                 / (n_pos * n_neg))
+
+
+def text_bank(clip: CLIP, tok: text_lib.TextTokenizer,
+              prompts: Sequence[str], template: str) -> np.ndarray:
+    """[P, E] L2-normalised embeddings of `template.format(prompt)`."""
+    ids = text_lib.tokenize(tok, [template.format(p) for p in prompts],
+                            clip.config.text.max_position_embeddings)
+    emb = np.asarray(jax.jit(clip.encode_text)(jnp.asarray(ids)))
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def _image_embeddings(clip: CLIP, images: np.ndarray, normalization: str,
+                      batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """(CLS embeddings, mean patch-token embeddings), L2-normalised,
+    float32 [N, E] each."""
+    graphdef, state = nnx.split(clip)
+
+    @jax.jit
+    def embed(state, x):
+        model = nnx.merge(graphdef, state)
+        pixels = pretrain.normalise(x.astype(jnp.float32), normalization)
+        cls, out = model.vision(pixels)
+        return cls, out["tokens"][:, 1:].mean(1)
+
+    cls, patch = [], []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        real = len(chunk)
+        if real < batch:  # one compiled shape
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - real,
+                                                     0)])
+        c, p = embed(state, jnp.asarray(chunk))
+        cls.append(np.asarray(c)[:real])
+        patch.append(np.asarray(p)[:real])
+
+    def unit(x):
+        x = np.concatenate(x)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return unit(cls), unit(patch)
+
+
+def zero_shot(clip_path: str, root: str, split: str = "val",
+              normalization: str = "clip") -> dict[str, Any]:
+    """Zero-shot multi-label quality of the CLIP snapshot on `split`.
+
+    Returns:
+      {"fg_auc_cls", "fg_auc_patch", "bg_auc_cls", "bg_auc_patch": mean AUC
+      over classes (background kinds), "per_class": {name: [auc_cls,
+      auc_patch]}, "num_images"}.
+    """
+    clip = loading.load_clip(clip_path)
+    tok = text_lib.load_tokenizer(clip_path)
+    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    classes = json.load(open(os.path.join(root, "classes.json")))
+    template = classes.get("template", text_lib.TEMPLATE)
+    ids = synthetic.read_split(root, split)
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    images = pretrain.read_images(root, ids)
+    cls, patch = _image_embeddings(clip, images, normalization)
+    t_fg = text_bank(clip, tok, fg, template)
+    t_bg = text_bank(clip, tok, bg, template)
+    out: dict[str, Any] = {"num_images": len(ids), "per_class": {}}
+    for kind, texts, words, truth in (
+            ("fg", t_fg, names[1:],
+             lambda m, c: c in m["labels"]),
+            ("bg", t_bg, bg, lambda m, c: m["background"] == bg[c])):
+        aucs = []
+        for c, word in enumerate(words):
+            label = c + 1 if kind == "fg" else c
+            pos = np.array([truth(meta[i], label) for i in ids])
+            pair = [roc_auc(cls @ texts[c], pos),
+                    roc_auc(patch @ texts[c], pos)]
+            out["per_class"][f"{kind}:{word}"] = pair
+            aucs.append(pair)
+        aucs = np.array(aucs)
+        out[f"{kind}_auc_cls"] = float(np.nanmean(aucs[:, 0]))
+        out[f"{kind}_auc_patch"] = float(np.nanmean(aucs[:, 1]))
+    return out
+
+
+def patch_labels(mask: Array, patch: int, num_classes: int,
+                 ignore_index: int = 255) -> Array:
+    """Majority ground-truth label per patch, −1 where a patch has no
+    labelled pixel.
+
+    Args:
+      mask: [B, H, W] uint8/int labels.
+      patch: patch side.
+      num_classes: C.
+      ignore_index: label of void/padding pixels.
+
+    Returns:
+      [B, (H/patch)·(W/patch)] int32.
+    """
+    b, h, w = mask.shape
+    m = mask.astype(jnp.int32).reshape(b, h // patch, patch, w // patch,
+                                       patch)
+    onehot = jax.nn.one_hot(jnp.where(m == ignore_index, -1, m),
+                            num_classes)  # void → all zeros
+    counts = onehot.sum(axis=(2, 4)).reshape(b, -1, num_classes)
+    return jnp.where(counts.sum(-1) > 0, counts.argmax(-1), -1).astype(
+        jnp.int32)
+
+
+def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
+    """Share of each patch's affinity mass on patches of its own label.
+
+    Rows are normalised over the labelled patches first. Returns sums over
+    the batch (so batches can be accumulated): (Σ purity over labelled
+    patches, number of labelled patches), each [2] for (background,
+    foreground) query patches.
+
+    Args:
+      aff: [B, N, N] non-negative affinity (query rows, key columns).
+      labels: [B, N] int, −1 = unlabelled.
+    """
+    valid = labels >= 0
+    a = jnp.where(valid[:, None, :], aff.astype(jnp.float32), 0.0)
+    a = a / jnp.maximum(a.sum(-1, keepdims=True), 1e-12)
+    same = labels[:, :, None] == labels[:, None, :]
+    purity = jnp.sum(a * same, axis=-1)  # [B, N]
+    fg = labels > 0
+    sums = jnp.stack([jnp.sum(jnp.where(valid & ~fg, purity, 0.0)),
+                      jnp.sum(jnp.where(fg, purity, 0.0))])
+    counts = jnp.stack([jnp.sum(valid & ~fg), jnp.sum(fg)])
+    return sums, counts.astype(jnp.float32)
+
+
+def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
+             text_fg: Array, text_bg: Array, logit_scale: float):
+    """Jitted batch → (confusion per step [S, C, C], purity sums/counts)."""
+    cg, cs = nnx.split(clip)
+    dg, ds = nnx.split(dino)
+    s = config.sgc
+    num_classes = config.data.num_classes
+    kmax = config.data.max_classes_per_image
+    patch = clip.config.vision.patch_size
+    clip_norm = config.pretrain.clip.normalization
+
+    @jax.jit
+    def fn(cs, ds, batch):
+        clip = nnx.merge(cg, cs)
+        dino = nnx.merge(dg, ds)
+        image = batch["image"]
+        b, hp, wp, _ = image.shape
+        grid = (hp // patch, wp // patch)
+        vision = clip.vision
+        x = vision.embed(pretrain.normalise(image.astype(jnp.float32),
+                                            clip_norm))
+        x11, out = vision.run_blocks(x, 0, len(vision.blocks) - 1)
+        block = vision.blocks[-1]
+        cls_ids = cam_lib.present_classes(batch["labels"], kmax)
+        slot_valid = cls_ids >= 0
+        cams, aux = cam_lib.initial_cams(
+            block.ln_1, block.from_ln1, vision.project, x11, text_fg,
+            text_bg, cls_ids, grid, target=config.cam.target,
+            logit_scale=logit_scale)
+        attn = tuple(out["attn"]) + (aux["attn12"],)
+        _, dout = dino(pretrain.normalise(image.astype(jnp.float32),
+                                          "imagenet"))
+        dino_attn = dout["attn"][-1]
+
+        def refine(use_dino, mask_kind):
+            return sgc_lib.refine_cams(
+                cams, slot_valid, clip_attn=attn, dino_attn=dino_attn,
+                image=image, superpixels=batch["superpixels"],
+                valid=batch["valid"], use_clip_attn=True,
+                use_dino_attn=use_dino, mask_kind=mask_kind,
+                clip_layers=s.clip_layers, clip_weight=s.clip_weight,
+                dino_weight=s.dino_weight, sinkhorn_iters=s.sinkhorn_iters,
+                box_threshold=s.box_threshold, colour_k=s.colour_k,
+                colour_iters=s.colour_iters, colour_space=s.colour_space,
+                theta_h=s.theta_h, theta_r=s.theta_r,
+                patch_fraction=s.patch_fraction,
+                num_segments=s.max_segments)
+
+        steps = {"initial": cams, "clip_attn": refine(False, "box"),
+                 "clip_dino": refine(True, "box"),
+                 "sgc": refine(True, "superpixel")}
+        gt = jnp.where(batch["example_valid"][:, None, None],
+                       batch["mask"].astype(jnp.int32),
+                       config.data.ignore_index)
+        confs = []
+        for name in STEPS:
+            _, labels = par_lib.cams_to_labels(steps[name], cls_ids,
+                                               (hp, wp))
+            confs.append(metrics.confusion_matrix_jnp(
+                labels, gt, num_classes, config.data.ignore_index))
+        pixels = pretrain.normalise(image.astype(jnp.float32), clip_norm)
+        p = config.par
+        plabels = par_lib.pseudo_labels(
+            steps["sgc"], cls_ids, pixels, batch["valid"], iters=p.iters,
+            dilations=tuple(p.dilations), pos_weight=p.pos_weight,
+            temperature=p.temperature, bg_power=p.bg_power,
+            ignore_index=config.data.ignore_index)
+        confs.append(metrics.confusion_matrix_jnp(
+            plabels, gt, num_classes, config.data.ignore_index))
+
+        plab = patch_labels(gt, patch, num_classes,
+                            config.data.ignore_index)
+        clip_aff = sgc_lib.clip_affinity(attn, s.clip_layers)
+        dino_aff = sgc_lib.drop_cls(dino_attn)
+        fused = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
+                                      s.dino_weight)
+        affs = {"uniform": jnp.ones_like(clip_aff), "clip": clip_aff,
+                "dino": dino_aff, "fused": fused,
+                "transition": sgc_lib.transition_matrix(fused,
+                                                        s.sinkhorn_iters)}
+        purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
+        return jnp.stack(confs), purity
+
+    return lambda batch: fn(cs, ds, batch)
+
+
+def seed_report(config: config_dict.ConfigDict, clip_path: str,
+                dino_path: str, root: str, max_images: int = 0,
+                batch_size: int = 20, logit_scale: str | float = "config",
+                ) -> dict[str, Any]:
+    """CAM-seed mIoU after each Table 3 step on the train split.
+
+    Args:
+      config: the synthetic config (`data`, `cam`, `sgc`, `par` are read;
+        `data.root` is set to `root` on a copy).
+      clip_path, dino_path: the snapshots.
+      root: the world.
+      max_images: first images of the split (0 = all).
+      batch_size: images per jitted call.
+      logit_scale: the GradCAM softmax scale: "config" (`cam.logit_scale`),
+        "model" (the CLIP's own learned exp(logit_scale), which for the
+        real CLIP is the 100 that CLIP-ES uses) or a number.
+
+    Returns:
+      {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
+      "purity": {affinity: [background, foreground] same-label share},
+      "num_images", "seconds"}. Steps: STEPS + "sgc_par".
+    """
+    start = time.perf_counter()
+    config = config_dict.ConfigDict(config.to_dict())
+    config.data.root = root
+    clip = loading.load_clip(clip_path)
+    dino = loading.load_dino(dino_path)
+    tok = text_lib.load_tokenizer(clip_path)
+    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    template = config.text.template
+    text_fg = jnp.asarray(text_bank(clip, tok, fg, template))
+    text_bg = jnp.asarray(text_bank(clip, tok, bg, template))
+    if logit_scale == "config":
+        logit_scale = config.cam.logit_scale
+    elif logit_scale == "model":
+        logit_scale = float(jnp.exp(clip.logit_scale[...]))
+    fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale))
+    num_classes = config.data.num_classes
+    conf = np.zeros((len(STEPS) + 1, num_classes, num_classes), np.int64)
+    pur: dict[str, np.ndarray] = {}
+    n = 0
+    batches = input_pipeline.seed_batches(
+        config, config.data.seed_split, batch_size, config.data.crop_size,
+        max_images=max_images, process_index=0, process_count=1)
+    for batch in batches:
+        c, purity = fn({k: jnp.asarray(v) for k, v in batch.items()})
+        conf += np.asarray(c, np.int64)
+        for k, (sums, counts) in purity.items():
+            pur[k] = pur.get(k, 0) + np.stack([np.asarray(sums),
+                                               np.asarray(counts)])
+        n += int(np.asarray(batch["example_valid"]).sum())
+    keys = STEPS + ("sgc_par",)
+    sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
+    return {"miou": {k: sc[k]["miou"] for k in keys}, "scores": sc,
+            "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
+                       for k, v in pur.items()},
+            "logit_scale": float(logit_scale), "num_images": n,
+            "seconds": time.perf_counter() - start}
+
+
+def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
+    """A short text summary of both reports."""
+    lines = [
+        f"CLIP zero-shot AUC on val ({zs['num_images']} images): "
+        f"classes {zs['fg_auc_cls']:.3f} (CLS) / {zs['fg_auc_patch']:.3f} "
+        f"(patch mean), backgrounds {zs['bg_auc_cls']:.3f} / "
+        f"{zs['bg_auc_patch']:.3f}",
+        f"CAM seeds on train ({seeds['num_images']} images), mIoU %: "
+        + ", ".join(f"{k} {100 * v:.1f}" for k, v in seeds["miou"].items()),
+        "same-label attention share [bg, fg query patches]: "
+        + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]"
+                    for k, v in seeds["purity"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    root = pretrain.ensure_world(config)
+    clip_path, dino_path = pretrain.ensure_encoders(config, root)
+    report = {"encoders": {}}
+    for kind, path in (("clip", clip_path), ("dino", dino_path)):
+        with open(os.path.join(path, pretrain.INFO_FILE)) as f:
+            report["encoders"][kind] = {"path": path, **json.load(f)}
+        print(f"{kind}: {json.dumps(report['encoders'][kind])}")
+    zs = zero_shot(clip_path, root, "val", config.pretrain.clip.normalization)
+    report["zero_shot"] = zs
+    for scale in _LOGIT_SCALES.value:
+        scale = scale if scale in ("config", "model") else float(scale)
+        seeds = seed_report(config, clip_path, dino_path, root,
+                            max_images=_MAX_IMAGES.value, logit_scale=scale)
+        report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
+        print(f"GradCAM logit scale {seeds['logit_scale']:g}:")
+        print(format_report(zs, seeds))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "configs/synthetic.py", "config file")
+    _MAX_IMAGES = flags.DEFINE_integer("max_images", 500,
+                                       "train images scored (0 = all)")
+    _LOGIT_SCALES = flags.DEFINE_list(
+        "logit_scales", ["config", "model"],
+        "GradCAM softmax scales to report: config (cam.logit_scale), "
+        "model (the CLIP's learned scale) or numbers")
+    _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
+    app.run(main)
