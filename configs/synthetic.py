@@ -123,6 +123,29 @@ def _encoder_dependent(c: config_dict.ConfigDict) -> None:
     c.model.decoder.num_layers_in = max(1, layers - 1)
 
 
+def _ssr(c: config_dict.ConfigDict) -> None:
+    """SSR itself on the world: the real pipeline, CPU-sized numbers."""
+    # [choice] GradCAM at the tiny CLIP's own learned logit scale (about 21);
+    # CLIP-ES's 100 is the real CLIP's learned scale and saturates the tiny
+    # one's softmax (docs/pretrain.md: 4-10 mIoU of initial seeds).
+    c.cam.logit_scale = 0.0
+    # WeCLIP's optimiser (lr 2e-4, decoder x10, warmup, poly): the paper's
+    # lr 1e-5 is for 30k steps at batch 128, not a few hundred CPU steps.
+    config_defaults.apply_preset(c, "weclip", "synthetic")
+    c.train.batch_size = 16
+    c.train.num_steps = 300
+    c.train.log_every = 10
+    c.train.eval_every = 0  # embedded.py scores once at the end
+    c.train.checkpoint_every = 100
+    c.cmpa.recluster_every = 100  # [paper] 5,000 of 30,000 steps; same share
+    c.cmpa.bank_size = 1024
+    c.data.num_workers = 2
+    c.eval.long_side = c.synthetic.image_size  # native size of the world
+    c.eval.seed_size = c.synthetic.image_size
+    c.eval.batch_size = 16
+    c.eval.max_images = 0
+
+
 def _smoke(c: config_dict.ConfigDict) -> None:
     c.synthetic.num_train = 400
     c.synthetic.num_val = 100
@@ -136,6 +159,11 @@ def _smoke(c: config_dict.ConfigDict) -> None:
     d.num_prototypes = 128
     d.head_hidden = 128
     d.steps, d.batch_size, d.warmup_steps = 40, 16, 4
+    c.train.num_steps = 60
+    c.train.batch_size = 8
+    c.train.checkpoint_every = 60
+    c.cmpa.recluster_every = 20
+    c.cmpa.bank_size = 256
 
 
 def _tiny(c: config_dict.ConfigDict) -> None:
@@ -182,6 +210,7 @@ def get_config(arg: str = ""):
     # --- tiny encoders: pretraining ------------------------------------------
     _pretrain(c)
 
+    _ssr(c)
     if arg == "smoke":
         _smoke(c)
     elif arg == "tiny":

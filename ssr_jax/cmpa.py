@@ -111,23 +111,37 @@ class CMPAHeads(nnx.Module):
     def __init__(self, image_dim: int, text_dim: int, *,
                  hidden_dim: int = 512, dim: int = 256,
                  tau_init: float = 0.05, tau_min: float = 0.01,
-                 rngs: nnx.Rngs):
+                 tied_init: bool = True, rngs: nnx.Rngs):
         if not 0 < tau_min <= tau_init:
             raise ValueError(
                 f"cmpa.tau_init={tau_init} and cmpa.tau_min={tau_min}: need "
                 "0 < tau_min <= tau_init (a clamped τ gets no gradient)")
         self.isa = ProjectionHead(image_dim, hidden_dim, dim, rngs=rngs)
         self.tsa = ProjectionHead(text_dim, hidden_dim, dim, rngs=rngs)
+        if tied_init:
+            # [choice] `cmpa.tied_init`: TSA starts as a copy of ISA (then
+            # trains independently). CLIP's image and text embeddings share
+            # one space, and one random ReLU map keeps their angles roughly
+            # (the arc-cosine kernel), so the projected GradCAM starts near
+            # CLIP's own instead of from two unrelated random maps (noise).
+            if image_dim != text_dim:
+                raise ValueError(
+                    f"cmpa.tied_init needs equal image and text widths, got "
+                    f"{image_dim} and {text_dim}")
+            nnx.update(self.tsa, jax.tree_util.tree_map(
+                jnp.copy, nnx.state(self.isa, nnx.Param)))
         self.log_tau = nnx.Param(jnp.asarray(math.log(tau_init), jnp.float32))
         self.log_tau_min = math.log(tau_min)
 
     @classmethod
     def from_config(cls, cmpa_config, image_dim: int, text_dim: int, *,
                     rngs: nnx.Rngs) -> CMPAHeads:
-        """Heads sized by `config.cmpa` (hidden_dim, dim, tau_init, tau_min)."""
+        """Heads sized by `config.cmpa` (hidden_dim, dim, tau_init, tau_min,
+        tied_init)."""
         return cls(image_dim, text_dim, hidden_dim=cmpa_config.hidden_dim,
                    dim=cmpa_config.dim, tau_init=cmpa_config.tau_init,
-                   tau_min=cmpa_config.tau_min, rngs=rngs)
+                   tau_min=cmpa_config.tau_min,
+                   tied_init=cmpa_config.get("tied_init", True), rngs=rngs)
 
     def tau(self) -> Array:
         """τ = exp(max(log τ, log τ_min)), a float32 scalar."""

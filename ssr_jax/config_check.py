@@ -68,7 +68,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
 
     _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
     _choice(e, "cam.target", config.cam.target, ("ln1_output", "ln1_input"))
-    _positive(e, "cam.logit_scale", config.cam.logit_scale)
+    _positive(e, "cam.logit_scale", config.cam.logit_scale, allow_zero=True)
 
     p = config.cmpa
     _choice(e, "cmpa.variant", p.variant, ("none", "feature", "intra", "cross"))

@@ -64,7 +64,9 @@ def base_config() -> config_dict.ConfigDict:
     # [choice] GradCAM activation: "ln1_output" is what CLIP-ES/WeCLIP hook
     # (forward hook on resblocks[-1].ln_1); "ln1_input" is the block input.
     cam.target = "ln1_output"
-    cam.logit_scale = 100.0  # [WeCLIP] cosine similarity scale
+    # [WeCLIP] cosine similarity scale; 0 = the CLIP checkpoint's learned
+    # exp(logit_scale) (100 for OpenAI CLIP, which is where 100 comes from).
+    cam.logit_scale = 100.0
 
     # --- CMPA (Eq. 1-6) -----------------------------------------------------
     c.cmpa = p = config_dict.ConfigDict()
@@ -72,6 +74,7 @@ def base_config() -> config_dict.ConfigDict:
     p.variant = "cross"
     p.hidden_dim = 512  # [choice] ISA/TSA: Dense(512)-BN-ReLU-Dense(dim)
     p.dim = 256  # [choice] d2
+    p.tied_init = True  # [choice] TSA initialised as a copy of ISA
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

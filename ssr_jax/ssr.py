@@ -99,7 +99,8 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
       cls_ids: [B, K] from `cam.present_classes`.
       grid: the patch grid.
       text_fg, text_bg: the text bank.
-      config: `cam.target`, `cam.logit_scale` are read.
+      config: `cam.target`, `cam.logit_scale` (0 = the checkpoint's
+        learned scale) are read.
       heads: `cmpa.CMPAHeads` to project the logits through ISA/TSA
         (running BN statistics, so every image stays independent), or None
         for plain CLIP (Table 4's "without CMPA").
@@ -108,6 +109,9 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
       (cams [B, K, h, w], aux of `cam.initial_cams`).
     """
     block = clip.vision.blocks[len(clip.vision.blocks) - 1]
+    # 0 = the checkpoint's own learned scale (exactly 100 for OpenAI CLIP).
+    scale = config.cam.logit_scale or jnp.exp(
+        clip.logit_scale[...].astype(jnp.float32))
     head_fns = None
     if heads is not None:
         head_fns = (lambda v: heads.isa(v, use_running_average=True),
@@ -115,7 +119,7 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
     cams, aux = cam_lib.initial_cams(
         block.ln_1, block.from_ln1, clip.vision.project, x11, text_fg,
         text_bg, cls_ids, grid, target=config.cam.target,
-        logit_scale=config.cam.logit_scale, heads=head_fns)
+        logit_scale=scale, heads=head_fns)
     return jax.lax.stop_gradient(cams), aux
 
 
