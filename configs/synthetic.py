@@ -129,6 +129,10 @@ def _ssr(c: config_dict.ConfigDict) -> None:
     # CLIP-ES's 100 is the real CLIP's learned scale and saturates the tiny
     # one's softmax (docs/pretrain.md: 4-10 mIoU of initial seeds).
     c.cam.logit_scale = 0.0
+    # The tiny CLIP was pretrained with CLIP's mean/std; feed it those (the
+    # WeCLIP ImageNet quirk is kept for the real CLIP). DINO always gets
+    # ImageNet statistics, as it was pretrained.
+    c.data.normalization = "clip"
     # WeCLIP's optimiser (lr 2e-4, decoder x10, warmup, poly): the paper's
     # lr 1e-5 is for 30k steps at batch 128, not a few hundred CPU steps.
     config_defaults.apply_preset(c, "weclip", "synthetic")

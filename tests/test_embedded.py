@@ -1,0 +1,67 @@
+"""The embedded default through the real `main`, shrunk (`:tiny`): the
+world is generated, tiny encoders pretrained and cached, SSR trained and
+scored; results.json and the PNGs exist with sane values."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, cache):
+    env = dict(os.environ, PYTHONPATH=ROOT, XDG_CACHE_HOME=str(cache),
+               JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "ssr_jax.main", "--config",
+         os.path.join(ROOT, "configs", "synthetic.py") + ":tiny",
+         "--workdir", str(workdir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _unit(x):
+    return x is None or (isinstance(x, float) and 0.0 <= x <= 1.0)
+
+
+@pytest.mark.slow
+def test_embedded_default_tiny_end_to_end(tmp_path):
+    r = _run(tmp_path / "run", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-4000:]
+    with open(tmp_path / "run" / "results.json") as f:
+        res = json.load(f)
+    assert 0.0 <= res["val"]["miou"] <= 1.0
+    for key in ("initial_cam", "clip_attn", "clip_dino", "sgc",
+                "pseudo_labels"):
+        assert 0.0 <= res["seeds"][key] <= 1.0, key
+    for key in ("initial_cam_without", "initial_cam_with"):
+        assert 0.0 <= res["cmpa"][key] <= 1.0, key
+    assert res["per_class_iou"] and all(
+        _unit(v) for v in res["per_class_iou"].values())
+    assert set(res["orderings"]) == {
+        "sgc > clip_dino", "clip_dino > clip_attn",
+        "clip_attn > initial_cam", "initial_cam_with > initial_cam_without"}
+    for stage in ("world", "pretrain", "train", "eval", "seeds", "total"):
+        assert math.isfinite(res["time_s"][stage]) and res["time_s"][stage] >= 0
+    assert "mIoU %" in r.stdout and "segmentation (val" in r.stdout
+    for png in ("cam_overlays.png", "predictions.png", "loss_curves.png"):
+        with Image.open(tmp_path / "run" / png) as im:
+            a = np.asarray(im)
+        assert a.ndim == 3 and a.shape[0] > 8 and a.std() > 0, png
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert metrics and "loss" in json.loads(metrics[-1]).get("scalars", {})
+
+    # A second run reuses the world and the pretrained encoders.
+    r2 = _run(tmp_path / "run2", tmp_path / "cache")
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    with open(tmp_path / "run2" / "results.json") as f:
+        res2 = json.load(f)
+    assert res2["time_s"]["pretrain"] < 5.0
+    assert res2["encoders"] == res["encoders"]
