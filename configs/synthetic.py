@@ -175,7 +175,8 @@ def _tiny(c: config_dict.ConfigDict) -> None:
     c.synthetic.num_val = 4
     c.synthetic.image_size = 64
     k = c.pretrain.clip
-    k.vision_width, k.vision_layers, k.vision_heads = 32, 1, 2
+    k.vision_width, k.vision_layers, k.vision_heads = 32, 2, 2  # >= 2: the
+    # decoder reads the blocks before the last, GradCAM the last
     k.text_width, k.text_layers, k.text_heads = 32, 1, 2
     k.image_size = 48  # 3x3 grid, resized to 4x4 on the 64 px world
     k.mlp_ratio = 2

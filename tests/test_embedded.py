@@ -18,8 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, cache):
+    # As a user runs it: one CPU device (conftest's 8 fake devices would
+    # refuse the tiny batch), XLA flags otherwise kept.
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if "xla_force_host_platform_device_count" not in f)
     env = dict(os.environ, PYTHONPATH=ROOT, XDG_CACHE_HOME=str(cache),
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     return subprocess.run(
         [sys.executable, "-m", "ssr_jax.main", "--config",
          os.path.join(ROOT, "configs", "synthetic.py") + ":tiny",

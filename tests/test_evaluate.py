@@ -223,7 +223,7 @@ def test_evaluate_segmentation_matches_per_image_reference(world, tmp_path):
     for name, pred in preds.items():
         with Image.open(tmp_path / "predictions" / f"{name}.png") as im:
             assert im.mode == "P"
-            assert im.getpalette()[:9] == voc.palette()[:9]
+            assert im.getpalette()[:9] == list(voc.palette()[:9])
             np.testing.assert_array_equal(np.asarray(im), pred)
 
 

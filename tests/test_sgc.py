@@ -10,8 +10,8 @@ import functools
 import math
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
+import jaxpr_utils
 import numpy as np
 import pytest
 import torch
@@ -556,17 +556,6 @@ def test_refine_cams_from_config_uses_config_fields():
 # --- static structure and robustness ------------------------------------------
 
 
-def _count_eqns(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += 1
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else (p,):
-                if isinstance(sub, jex.ClosedJaxpr):
-                    n += _count_eqns(sub.jaxpr)
-                elif isinstance(sub, jex.Jaxpr):
-                    n += _count_eqns(sub)
-    return n
 
 
 @pytest.mark.parametrize("mask_kind", ["superpixel", "box"])
@@ -581,10 +570,9 @@ def test_refine_cams_jaxpr_does_not_grow_with_classes(mask_kind):
                 valid=jnp.asarray(valid), mask_kind=mask_kind,
                 num_segments=S, colour_k=4)
 
-        jaxpr = jax.make_jaxpr(f)(
-            jnp.zeros((B, k, GH, GW)), jnp.ones((B, k), bool),
+        return jaxpr_utils.traced_eqns(
+            f, jnp.zeros((B, k, GH, GW)), jnp.ones((B, k), bool),
             jnp.zeros((12, B, 17, 17)), jnp.zeros((B, 17, 17)))
-        return _count_eqns(jaxpr.jaxpr)
 
     assert count(6) == count(12)
 

@@ -20,6 +20,7 @@ import sys
 import data_fixtures
 import jax
 import jax.numpy as jnp
+import jaxpr_utils
 import numpy as np
 import pytest
 import ssr_fixtures
@@ -105,20 +106,7 @@ def _path_eqns(world, tmp_path, kmax):
         return ssr.pseudo_label_path(clip, dino, model.heads, batch,
                                      bank["fg"], bank["bg"], c)["labels"]
 
-    jaxpr = jax.make_jaxpr(f)(batch)
-
-    def count(j):
-        n = len(j.eqns)
-        for e in j.eqns:
-            for p in e.params.values():
-                for sub in (p if isinstance(p, list | tuple) else [p]):
-                    if hasattr(sub, "jaxpr"):
-                        n += count(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
-                    elif hasattr(sub, "eqns"):
-                        n += count(sub)
-        return n
-
-    return count(jaxpr.jaxpr)
+    return jaxpr_utils.traced_eqns(f, batch)
 
 
 def test_pseudo_label_path_is_not_unrolled_over_classes(world, tmp_path):

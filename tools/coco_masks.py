@@ -39,6 +39,10 @@ import sys
 import numpy as np
 from PIL import Image
 
+# Runnable as `python tools/coco_masks.py` from a checkout without install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ssr_jax.data import voc  # noqa: E402
+
 SPLITS = {"train2014": "train", "val2014": "val"}
 IGNORE = 255
 
@@ -53,19 +57,7 @@ def _mask_utils():
     return mask_utils
 
 
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map: 256 RGB triples, flattened."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= (c & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+voc_palette = voc.palette  # the VOC colour map (ssr_jax/data/voc.py)
 
 
 def decode(segmentation, height: int, width: int) -> np.ndarray:

@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ssr_jax.data import voc
+
 WORLD_VERSION = 1
 PATCH_SIZE = 16
 IGNORE_INDEX = 255
@@ -1247,20 +1249,7 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def voc_palette() -> tuple[int, ...]:
-    """The PASCAL VOC colour map, 256 * 3 ints (index 255 = (224,224,192))."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return tuple(pal)
+voc_palette = voc.palette  # the VOC colour map (one copy, in voc.py)
 
 
 def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:

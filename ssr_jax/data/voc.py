@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -196,9 +197,12 @@ def class_names(config) -> tuple[str, ...]:
     return names
 
 
-def palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triples, flattened), for writing
-    palette PNGs (`Image.putpalette`) that VOC tools display as VOC does."""
+@functools.lru_cache(maxsize=1)
+def palette() -> tuple[int, ...]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened; index 255 is
+    (224, 224, 192)), for writing palette PNGs (`Image.putpalette`) that
+    VOC tools display as VOC does. The one copy: the synthetic world and
+    `tools/coco_masks.py` use it too."""
     pal = []
     for i in range(256):
         r = g = b = 0
@@ -209,7 +213,7 @@ def palette() -> list[int]:
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
         pal += [r, g, b]
-    return pal
+    return tuple(pal)
 
 
 # --- decoding ----------------------------------------------------------------
