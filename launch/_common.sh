@@ -35,6 +35,16 @@ run() {
   fi
 }
 
+# config_names CONFIG: sets DATASET ("voc" for configs/voc.py:paper) and
+# DEFAULT_RUN ("voc-paper"; preset "paper" when none is given, commas
+# become dashes), the default run name / workdir of the launch scripts.
+config_names() {
+  local file="${1%%:*}" preset="${1#*:}"
+  [[ "$preset" == "$1" ]] && preset=paper
+  DATASET="$(basename "$file" .py)"
+  DEFAULT_RUN="${DATASET}-${preset//,/-}"
+}
+
 # The pinned JAX version (requirements.txt), for the accelerator extras.
 jax_version() {
   local v

@@ -62,11 +62,8 @@ while (($#)); do
 done
 [[ -n "$COMMAND" ]] || { usage >&2; die "no command given"; }
 
-CONFIG_FILE="${CONFIG%%:*}"
-DATASET="$(basename "$CONFIG_FILE" .py)"
-PRESET="${CONFIG#*:}"
-[[ "$PRESET" == "$CONFIG" ]] && PRESET=paper
-WORKDIR="${WORKDIR:-runs/${DATASET}-${PRESET//,/-}}"
+config_names "$CONFIG"
+WORKDIR="${WORKDIR:-runs/$DEFAULT_RUN}"
 
 distributed_flags() {
   local n="${NUM_NODES:-1}"

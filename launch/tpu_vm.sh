@@ -114,11 +114,8 @@ done
   die "--data-mode must be rsync or gcsfuse, not $DATA_MODE"
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a number"
 
-CONFIG_FILE="${CONFIG%%:*}"
-DATASET="$(basename "$CONFIG_FILE" .py)"
-PRESET="${CONFIG#*:}"
-[[ "$PRESET" == "$CONFIG" ]] && PRESET=paper
-RUN_NAME="${RUN_NAME:-${DATASET}-${PRESET//,/-}}"
+config_names "$CONFIG"
+RUN_NAME="${RUN_NAME:-$DEFAULT_RUN}"
 QR_NAME="${NAME}-qr"
 JAX_VERSION="$(jax_version)"
 GCSFS_VERSION=2026.9.0
