@@ -38,9 +38,10 @@ if ROOT not in sys.path:
 
 from benchmarks import run  # noqa: E402 - after the path fix above
 
-CLASSES = (1, 2, 3, 4, 5, 6)
-BATCHES = (1, 2, 4, 8)
-SEGMENTS = (25, 50, 100, 200, 400)
+SWEEPS = {"classes": (1, 2, 3, 4, 5, 6), "batches": (1, 2, 4, 8),
+          "segments": (25, 50, 100, 200, 400)}
+# --smoke: tiny encoders, two points per sweep; checks the script runs.
+SMOKE_SWEEPS = {"classes": (1, 2), "batches": (1, 2), "segments": (25,)}
 TAG = "@@SCALING@@ "
 
 
@@ -51,6 +52,28 @@ def _labels(batch: int, classes: int, num_fg: int):
     for i in range(batch):
         labels[i, [(i * 7 + j * 3) % num_fg for j in range(classes)]] = 1.0
     return labels
+
+
+def _path_sweeps(spec, s, time_path) -> dict[str, Any]:
+    """`time_path(batch)` against classes per image and batch size (the
+    same batches for both sides); "superpixels" is filled by the caller."""
+    out: dict[str, Any] = {"classes": {}, "batch": {}, "superpixels": {}}
+    base = run.make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
+                          s.max_segments)
+    for k in spec["sweeps"]["classes"]:
+        out["classes"][k] = time_path(
+            dict(base, labels=_labels(s.batch, k, s.num_fg)))
+    for b in spec["sweeps"]["batches"]:
+        out["batch"][b] = time_path(run.make_batch(
+            b, s.crop, s.num_fg, s.n_segments, s.max_segments))
+    return out
+
+
+def _random_attn(rng, patches: int, lead):
+    """Peaked random attention rows over 1 + `patches` tokens, float32."""
+    t = 1 + patches
+    a = rng.uniform(0, 1, (*lead, t, t)) ** 8
+    return (a / a.sum(-1, keepdims=True)).astype("float32")
 
 
 # --- ssr_jax ------------------------------------------------------------------
@@ -85,31 +108,19 @@ def jax_sweeps(spec: dict) -> dict[str, Any]:
         return run._timed(lambda: jax.block_until_ready(
             jitted(states, batch)), spec["repeats"])["median_s"]
 
-    out: dict[str, Any] = {"classes": {}, "batch": {}, "superpixels": {}}
-    base = run.make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                          s.max_segments)
-    for k in CLASSES:
-        out["classes"][k] = time_path(dict(base,
-                                           labels=_labels(s.batch, k,
-                                                          s.num_fg)))
-    for b in BATCHES:
-        out["batch"][b] = time_path(run.make_batch(
-            b, s.crop, s.num_fg, s.n_segments, s.max_segments))
-
+    out = _path_sweeps(spec, s, time_path)
     h = w = s.crop // 16
-    t = 1 + h * w
     rng = np.random.default_rng(0)
 
     def attn(*lead):
-        a = rng.uniform(0, 1, (*lead, t, t)) ** 8
-        return jnp.asarray(a / a.sum(-1, keepdims=True), jnp.float32)
+        return jnp.asarray(_random_attn(rng, h * w, lead))
 
     cams = jnp.asarray(rng.uniform(0, 1, (s.batch, s.kmax, h, w)),
                        jnp.float32)
     slot = jnp.asarray(np.arange(s.kmax)[None] < 2)
     slot = jnp.broadcast_to(slot, (s.batch, s.kmax))
     clip_attn, dino_attn = attn(s.clip_layers_attn, s.batch), attn(s.batch)
-    for n in SEGMENTS:
+    for n in spec["sweeps"]["segments"]:
         m = 2 * n
         batch = {k: jnp.asarray(v) for k, v in run.make_batch(
             s.batch, s.crop, s.num_fg, n, m).items()}
@@ -145,29 +156,17 @@ def torch_sweeps(spec: dict) -> dict[str, Any]:
             models, batch, cfg, seeds=False, par=par),
             spec["repeats"])["median_s"]
 
-    out: dict[str, Any] = {"classes": {}, "batch": {}, "superpixels": {}}
-    base = run.make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                          s.max_segments)
-    for k in CLASSES:
-        out["classes"][k] = time_path(dict(base,
-                                           labels=_labels(s.batch, k,
-                                                          s.num_fg)))
-    for b in BATCHES:
-        out["batch"][b] = time_path(run.make_batch(
-            b, s.crop, s.num_fg, s.n_segments, s.max_segments))
-
+    out = _path_sweeps(spec, s, time_path)
     h = w = s.crop // 16
-    t = 1 + h * w
     rng = np.random.default_rng(0)
 
     def attn(*lead):
-        a = rng.uniform(0, 1, (*lead, t, t)) ** 8
-        return torch.from_numpy(a / a.sum(-1, keepdims=True)).float()
+        return torch.from_numpy(_random_attn(rng, h * w, lead))
 
     cams = torch.from_numpy(rng.uniform(0, 1, (s.batch, 2, h, w))).float()
     clip_attn, dino_attn = attn(s.clip_layers_attn, s.batch), attn(s.batch)
     dino_attn = dino_attn[:, 1:, 1:]
-    for n in SEGMENTS:
+    for n in spec["sweeps"]["segments"]:
         batch = run.make_batch(s.batch, s.crop, s.num_fg, n, 2 * n)
         valid = torch.as_tensor(batch["valid"])
 
@@ -295,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", default="")
     p.add_argument("--from-json", default="",
                    help="redraw the plots and table of a scaling.json")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny encoders, two points per sweep, one timed "
+                        "call: checks that the script runs (seconds)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -312,15 +314,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     threads = args.threads
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssr_scaling_")
+    os.makedirs(workdir, exist_ok=True)
     ns = argparse.Namespace(device="cpu", repeats=args.repeats,
                             threads=threads, budget_s=0,
                             cell_timeout_s=3600, dtypes=["float32"])
-    runner = run.Runner(ns, run.QUICK, workdir)
+    if args.smoke:
+        ns.repeats = 1
+    runner = run.Runner(ns, run.SMOKE if args.smoke else run.QUICK,
+                        workdir)
     prep = runner.prepare()
     if "error" in prep:
         print(f"preparing the random weights failed: {prep['error']}")
         return 1
-    spec = dict(runner.base, row="scaling")
+    spec = dict(runner.base, row="scaling",
+                sweeps=SMOKE_SWEEPS if args.smoke else SWEEPS)
     res = {kind: _spawn(runner, kind, spec) for kind in ("jax", "torch")}
     for side in res.values():  # JSON turned the int keys into strings
         for key in side:
@@ -329,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu": run._cpu_name(), "cores": len(os.sched_getaffinity(0)),
             "threads": threads, "repeats": args.repeats,
             "command": "python benchmarks/scaling.py",
-            "shapes": "CLIP width 256 x 6 blocks, DINO 192 x 6, crop 160, "
-                      "PAR 20 iterations",
+            "shapes": ("smoke (tiny encoders)" if args.smoke else
+                       "CLIP width 256 x 6 blocks, DINO 192 x 6, crop 160, "
+                       "PAR 20 iterations"),
             "total_s": round(time.perf_counter() - started)}
     write_outputs(args.out, res, meta)
     return 0

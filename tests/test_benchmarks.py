@@ -103,3 +103,27 @@ def test_cli_quick_segment_ops(tmp_path):
     assert row["name"] == "segment_ops" and row["ratio"] > 1
     assert data["meta"]["mode"] == "quick"
     assert "| segment_ops: segment_reduce |" in r.stdout
+
+
+@pytest.mark.slow
+def test_scaling_smoke_runs_both_sides(tmp_path):
+    """benchmarks/scaling.py --smoke: both sides time every sweep point and
+    the plots and table are written (the numbers themselves are not
+    asserted: timing on shared machines is noise)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"),
+         "--smoke", "--out", str(tmp_path / "plots"), "--workdir",
+         str(tmp_path / "w")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads((tmp_path / "plots" / "scaling.json").read_text())
+    for side in ("jax", "torch"):
+        assert set(data[side]["classes"]) == {"1", "2"}
+        assert set(data[side]["batch"]) == {"1", "2"}
+        assert set(data[side]["superpixels"]) == {"25"}
+        assert all(v > 0 for sweep in data[side].values()
+                   for v in sweep.values())
+    for name in ("scaling_classes.png", "scaling_batch.png",
+                 "scaling_superpixels.png", "scaling.md"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
