@@ -510,8 +510,12 @@ def text_bank_key(
     fg_prompts: Sequence[str],
     bg_prompts: Sequence[str],
     template: str | Sequence[str] = TEMPLATE,
+    tokenizer: TextTokenizer | None = None,
+    context_length: int = CONTEXT_LENGTH,
 ) -> str:
-    """Cache key: sha256 of the weights file's identity, prompts, templates.
+    """Cache key: sha256 of the weights file's identity, prompts, templates
+    and, given the `tokenizer`, the token ids the encoder will see (so a
+    changed tokenizer file or context length misses the cache).
 
     Identity = absolute path, size and modification time (hashing a 600 MB
     checkpoint on every start would cost more than embedding the prompts).
@@ -526,6 +530,13 @@ def text_bank_key(
         "bg": list(bg_prompts),
         "templates": _templates(template),
     }
+    if tokenizer is not None:
+        texts = [t.format(p) for p in [*fg_prompts, *bg_prompts]
+                 for t in _templates(template)]
+        ids = np.ascontiguousarray(tokenize(tokenizer, texts, context_length),
+                                   dtype=np.int64)
+        payload["tokens"] = [list(ids.shape),
+                             hashlib.sha256(ids.tobytes()).hexdigest()]
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

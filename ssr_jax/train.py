@@ -174,7 +174,8 @@ def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
     weights = os.path.join(config.model.clip_path, "model.safetensors")
     if not os.path.exists(weights):
         weights = weights + ".index.json"
-    key = text.text_bank_key(weights, fg, bg, config.text.template)
+    key = text.text_bank_key(weights, fg, bg, config.text.template,
+                             tokenizer=tokenizer, context_length=context)
     return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
 
 

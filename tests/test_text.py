@@ -262,3 +262,24 @@ def test_text_bank_key(tmp_path):
     assert k != text.text_bank_key(str(w), ["a"], ["b"])
     with pytest.raises(FileNotFoundError):
         text.text_bank_key(str(tmp_path / "missing"), ["a"], ["b"])
+
+
+def test_text_bank_key_follows_the_tokenizer(tmp_path, tok_dir):
+    """A different tokenizer (or context length) behind the same weights
+    misses the cache: the key hashes the token ids the encoder sees."""
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"abc")
+    fg, bg = ["aeroplane", "bicycle"], ["ground"]
+    tok = text.load_tokenizer(tok_dir)
+    k = text.text_bank_key(str(w), fg, bg, tokenizer=tok)
+    assert k == text.text_bank_key(str(w), fg, bg, tokenizer=tok)
+    assert k != text.text_bank_key(str(w), fg, bg)
+    assert k != text.text_bank_key(str(w), fg, bg, tokenizer=tok,
+                                   context_length=24)
+    # a vocabulary with other ids for the same words
+    other = text.load_tokenizer(text.build_word_tokenizer(
+        ["zebra", "yak", *fg, *bg, "a", "clean", "origami", "."],
+        str(tmp_path / "other")))
+    assert text.tokenize(other, ["a clean origami bicycle."], 77).tolist() != \
+        text.tokenize(tok, ["a clean origami bicycle."], 77).tolist()
+    assert k != text.text_bank_key(str(w), fg, bg, tokenizer=other)
