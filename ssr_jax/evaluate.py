@@ -796,7 +796,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     """
     logs.setup_logging(workdir)
     _check_crf(config)
-    clip, dino, model = train.build_models(config)
+    # The decoder reads CLIP only: DINO is not loaded for eval.
+    clip, dino, model = train.build_models(config, with_dino=False)
     train.check_models(config, clip, dino)
     model, step, directory = restore_model(config, workdir, model)
     ev = config.eval

@@ -109,8 +109,12 @@ def _tree_norm(tree: PyTree) -> jax.Array:
                         for x in leaves))
 
 
-def build_models(config):
+def build_models(config, *, with_dino: bool = True):
     """Loads the frozen encoders and builds the trainable model.
+
+    Args:
+      with_dino: False skips loading DINO (evaluating the decoder needs only
+        CLIP).
 
     Returns:
       (clip, dino, model): NNX modules; dino is None when unused.
@@ -118,7 +122,7 @@ def build_models(config):
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     clip = loading.load_clip(config.model.clip_path, dtype=dtype)
     dino = None
-    if config.sgc.use_dino_attn:
+    if with_dino and config.sgc.use_dino_attn:
         dino = loading.load_dino(config.model.dino_path, dtype=dtype)
     model = ssr.SSRModel(
         config, clip_width=clip.vision.config.hidden_size,

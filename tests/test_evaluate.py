@@ -322,6 +322,21 @@ def test_eval_mode_writes_reports(world, capsys):
         "img000.png", "img001.png"]
 
 
+def test_eval_mode_does_not_load_dino(world, monkeypatch):
+    """Eval needs only CLIP and the decoder: it runs with the DINO snapshot
+    gone and gives the same scores."""
+    from ssr_jax.models import loading
+
+    def refuse(*a, **k):
+        raise AssertionError("eval loaded DINO")
+
+    monkeypatch.setattr(loading, "load_dino", refuse)
+    c = world["config"]
+    assert c.sgc.use_dino_attn
+    report = evaluate.evaluate(c, world["workdir"])
+    assert 0.0 <= report["scores"]["miou"] <= 1.0
+
+
 def test_pseudo_label_export_writes_original_sizes(world):
     c = world["config"]
     res = evaluate.export_pseudo_labels(c, world["workdir"])
