@@ -632,6 +632,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                 size: int | None = None,
                 label_entries: Sequence[str] = (),
                 on_batch: Callable[[dict, dict], None] | None = None,
+                require_masks: bool = True,
                 ) -> dict[str, Any]:
     """CAM-seed and pseudo-label quality on `split` (SPEC §2; Tables 3–4).
 
@@ -652,6 +653,8 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
       label_entries: entries whose label maps are passed to `on_batch`.
       on_batch: called per batch with the process-local batch (numpy) and
         {entry: uint8 [b, S, S] this process's rows}.
+      require_masks: False also runs the images without a mask (they are
+        passed to `on_batch` and not scored).
 
     Returns:
       {"split", "size", "num_images", "entries": {entry: metrics.scores}}.
@@ -678,7 +681,8 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     accs: dict[str, metrics.ConfusionAccumulator] = {}
     num = 0
     for local in input_pipeline.seed_batches(config, split, batch_size, size,
-                                             max_images=max_images):
+                                             max_images=max_images,
+                                             require_masks=require_masks):
         batch = {k: jax.make_array_from_process_local_data(data_sh, v)
                  for k, v in local.items() if k != "index"}
         counts, valid, maps = step(clip_state, dino_state, params, rest, fg,
@@ -703,8 +707,10 @@ def seed_table(result: dict[str, Any]) -> str:
     def pct(x):
         return "—" if x is None else f"{100.0 * x:.2f}"
 
-    lines = [f"Seeds on {result['split']!r} ({result['num_images']} images, "
-             f"long side {result['size']}):", "",
+    masked = ("" if "num_masked" not in result else
+              f", scored on the {result['num_masked']} with masks")
+    lines = [f"Seeds on {result['split']!r} ({result['num_images']} images"
+             f"{masked}, long side {result['size']}):", "",
              "| entry | what | mIoU | precision | recall |",
              "|---|---|---:|---:|---:|"]
     for k, s in result["entries"].items():
@@ -837,8 +843,9 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     resized back to its original size (nearest), and written as VOC-palette
     PNGs to `<workdir>/pseudo_labels/<split>/labels/<id>.png`. The seed
     scores of every `SEED_ENTRIES` row go to `seeds.json` / `seeds.md`
-    there. Only images with a mask are processed (`seed_batches` needs
-    them to score).
+    there. Every image of the split is labelled; the scores are over the
+    images that have a mask (`num_masked` of `num_images`; none: no
+    scores).
     """
     logs.setup_logging(workdir)
     clip, dino, model = train.build_models(config)
@@ -866,7 +873,10 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
                                         data.names[idx] + ".png"), labels)
 
     result = score_seeds(config, clip, dino, model, split, bank=bank,
-                         label_entries=("pseudo_labels",), on_batch=write)
+                         label_entries=("pseudo_labels",), on_batch=write,
+                         require_masks=False)
+    done = data.usable[:config.eval.max_images or None]
+    result["num_masked"] = sum(data.mask_paths[i] is not None for i in done)
     result["checkpoint"] = {"directory": directory, "step": step}
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "seeds.json"), result)

@@ -350,10 +350,12 @@ def eval_examples(config, split: str, max_images: int = 0, *,
 class _SeedExample:
     """Global position → one resized, padded example (dummy past the end)."""
 
-    def __init__(self, reader: _Reader, examples: np.ndarray, size: int):
+    def __init__(self, reader: _Reader, examples: np.ndarray, size: int,
+                 masks_optional: bool = False):
         self.reader = reader
         self.examples = examples
         self.size = size
+        self.masks_optional = masks_optional
 
     def dummy(self) -> dict:
         s = self.size
@@ -372,8 +374,14 @@ class _SeedExample:
             return self.dummy()
         idx = int(self.examples[g])
         image = self.reader.image(idx)
-        mask = self.reader.mask(idx)
-        if image is None or mask is None:
+        if image is None:
+            return self.dummy()
+        if self.masks_optional and self.reader.split.mask_paths[idx] is None:
+            # No mask: labelled, never scored (all ignore).
+            mask = np.full(image.shape[:2], voc.IGNORE, np.uint8)
+        else:
+            mask = self.reader.mask(idx)
+        if mask is None:
             return self.dummy()
         s = self.size
         hw = transforms.long_side_hw(image.shape[:2], s)
@@ -399,12 +407,15 @@ class _SeedExample:
 
 def seed_batches(config, split: str, batch_size: int, size: int, *,
                  max_images: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[Batch]:
+                 process_count: int | None = None,
+                 require_masks: bool = True) -> Iterator[Batch]:
     """Fixed-size batches with GT masks, for CAM-seed/pseudo-label scoring.
 
     Every example of `split` that has a mask, in list order (`max_images`
     > 0 keeps the first ones), resized with PIL bilinear so that its long
     side is `size`, zero padded at the bottom/right to size × size.
+    `require_masks=False` (pseudo-label export) takes every example; one
+    without a mask gets an all-255 mask, so it is labelled but not scored.
 
     Yields dicts with the training keys (`image`, `valid`, `labels`,
     `superpixels`, `index`) plus `mask` uint8 [b, size, size] (nearest-
@@ -419,8 +430,13 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
                                                     process_count)
     data = voc.load_split(config, split)
     examples = np.array([i for i in data.usable
-                         if data.mask_paths[i] is not None], np.int64)
-    if not examples.size:
+                         if not require_masks
+                         or data.mask_paths[i] is not None], np.int64)
+    if not require_masks:
+        if not examples.size:
+            raise DataError(f"split {split!r} has no usable examples under "
+                            f"{data.root}")
+    elif not examples.size:
         raise DataError(f"split {split!r} has no masks under {data.root}: "
                         "seed/pseudo-label scoring needs "
                         f"{voc.MASK_DIRS[0]}/ or {voc.MASK_DIRS[1]}/")
@@ -433,7 +449,8 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
     local = _local_batch(batch_size, process_count, "batch_size")
     num_batches = math.ceil(examples.size / batch_size)
     reader = _Reader(config, data)
-    make = _SeedExample(reader, examples, size)
+    make = _SeedExample(reader, examples, size,
+                        masks_optional=not require_masks)
 
     def position(i):
         return _global_position(i, local, batch_size, process_index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -370,6 +371,36 @@ def test_pseudo_label_export_writes_original_sizes(world):
         np.testing.assert_array_equal(
             got_labels[data.names[idx]],
             resize_nearest(canvas[:h, :w], hw0))
+
+
+def test_pseudo_label_export_labels_images_without_masks(world, tmp_path):
+    """Export labels every image of the split; one whose mask is gone is
+    labelled as before and left out of the scores."""
+    c = world["config"].copy_and_resolve_references()
+    tree = world["tree"]
+    root = tmp_path / "voc"
+    shutil.copytree(tree.root, root)
+    c.data.root = str(root)
+    c.eval.checkpoint = f"{world['workdir']}/checkpoints/7"
+    names = tree.splits["train"]
+    gone = next(n for n in names if tree.has_mask[n])
+    os.remove(root / "SegmentationClassAug" / f"{gone}.png")
+    res = evaluate.export_pseudo_labels(c, str(tmp_path / "w"))
+    out = tmp_path / "w" / "pseudo_labels" / "train" / "labels"
+    assert sorted(os.listdir(out)) == [n + ".png" for n in sorted(names)]
+    with_masks = sum(tree.has_mask[n] for n in names) - 1
+    assert res["num_images"] == len(names)
+    assert res["num_masked"] == with_masks
+    c_full = world["config"].copy_and_resolve_references()
+    c_full.eval.checkpoint = c.eval.checkpoint
+    full = evaluate.export_pseudo_labels(c_full, str(tmp_path / "x"))
+    with Image.open(out / f"{gone}.png") as a, Image.open(
+            tmp_path / "x" / "pseudo_labels" / "train" / "labels"
+            / f"{gone}.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert full["num_masked"] == with_masks + 1
+    assert "scored on the" in (tmp_path / "w" / "pseudo_labels" / "train"
+                               / "seeds.md").read_text()
 
 
 def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
