@@ -173,10 +173,13 @@ def _loss_pictures(workdir: str) -> None:
                            visualize.curves(series, title="training loss"))
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-    """The whole embedded default; returns (and writes) results.json."""
-    timings: dict[str, float] = {}
-    t_start = time.time()
+def prepare(config, timings: dict[str, float] | None = None
+            ) -> tuple[str, str, str]:
+    """The world and the tiny encoders (generated / pretrained, or the
+    cached ones), written into `config.data.root` and `config.model.*_path`;
+    the config is then validated. Every mode of the synthetic config needs
+    this first. Returns (root, clip_path, dino_path)."""
+    timings = {} if timings is None else timings
     with _stage(timings, "world"):
         root = pretrain.ensure_world(config)
         config.data.root = root
@@ -187,6 +190,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     if errors:
         raise config_check.ConfigError("the embedded config is invalid:\n  - "
                                        + "\n  - ".join(errors))
+    return root, clip_path, dino_path
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+    """The whole embedded default; returns (and writes) results.json."""
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    root, clip_path, dino_path = prepare(config, timings)
     with _stage(timings, "train"):
         setup = train.train_and_evaluate(config, workdir)
     model = setup.trained_model()

@@ -105,8 +105,12 @@ def _dispatch(config, workdir: str) -> None:
     logging.get_absl_handler().use_absl_log_file("ssr_jax", workdir)
     if config.data.name == "synthetic":
         from ssr_jax import embedded
-        embedded.run(config, workdir)
-        return
+        if config.mode == "train":
+            embedded.run(config, workdir)
+            return
+        # eval / pseudo_labels on the synthetic world: the cached world
+        # and encoders, then the same code as for real data.
+        embedded.prepare(config)
     if config.mode == "train":
         from ssr_jax import train
         train.train_and_evaluate(config, workdir)

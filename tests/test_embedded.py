@@ -1,6 +1,7 @@
 """The embedded default through the real `main`, shrunk (`:tiny`): the
 world is generated, tiny encoders pretrained and cached, SSR trained and
-scored; results.json and the PNGs exist with sane values."""
+scored; results.json and the PNGs exist with sane values; a second run
+reuses the caches; eval mode re-scores the checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, cache):
+def _run(workdir, cache, *args):
     # As a user runs it: one CPU device (conftest's 8 fake devices would
     # refuse the tiny batch), XLA flags otherwise kept.
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -27,7 +28,7 @@ def _run(workdir, cache):
     return subprocess.run(
         [sys.executable, "-m", "ssr_jax.main", "--config",
          os.path.join(ROOT, "configs", "synthetic.py") + ":tiny",
-         "--workdir", str(workdir)],
+         "--workdir", str(workdir), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -69,3 +70,15 @@ def test_embedded_default_tiny_end_to_end(tmp_path):
         res2 = json.load(f)
     assert res2["time_s"]["pretrain"] < 5.0
     assert res2["encoders"] == res["encoders"]
+
+    # `--config.mode=eval` on the synthetic config evaluates the trained
+    # checkpoint with the cached world and encoders (no retraining).
+    r = _run(tmp_path / "run", tmp_path / "cache", "--config.mode=eval")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "== train" not in r.stdout
+    with open(tmp_path / "run" / "eval" / "val" / "metrics.json") as f:
+        report = json.load(f)
+    steps = sorted(int(p) for p in os.listdir(tmp_path / "run" /
+                                              "checkpoints") if p.isdigit())
+    assert report["checkpoint"]["step"] == steps[-1]
+    assert 0.0 <= report["scores"]["miou"] <= 1.0
