@@ -134,25 +134,44 @@ def test_framing_detects_corruption(tmp_path):
 
 def test_tensorboard_loader_if_available(tmp_path):
     """TensorBoard's own reader and protos, where tensorboard is installed
-    (it is not a dependency; the GPU image has it)."""
+    (a dev dependency, requirements-dev.txt; not a runtime one)."""
     loader = pytest.importorskip(
         "tensorboard.backend.event_processing.event_file_loader")
     path, img = _write_some(tmp_path)
+    # The raw records (LegacyEventFileLoader) carry simple_value, as
+    # tf.summary writes them; EventFileLoader (TensorBoard >= 2.x) migrates
+    # them to scalar tensors, which must read the same.
+    raw = list(loader.LegacyEventFileLoader(path).Load())
+    assert {v.tag: v.simple_value for v in raw[1].summary.value} == {
+        "loss": 0.5, "lr": pytest.approx(1e-5, rel=1e-6)}
     events = list(loader.EventFileLoader(path).Load())
     assert events[0].file_version == "brain.Event:2"
     assert len(events) == 5
-    scalars = {v.tag: v.simple_value for v in events[1].summary.value}
+
+    def scalar(v):
+        if v.HasField("tensor"):
+            assert v.metadata.plugin_data.plugin_name == "scalars"
+            return v.tensor.float_val[0]
+        return v.simple_value
+
+    scalars = {v.tag: scalar(v) for v in events[1].summary.value}
     assert events[1].step == 1
     assert scalars == {"loss": 0.5, "lr": pytest.approx(1e-5, rel=1e-6)}
     text = events[3].summary.value[0]
     assert text.metadata.plugin_data.plugin_name == "text"
     assert list(text.tensor.string_val) == [b"a: *1*"]
     assert text.tensor.dtype == 7  # types_pb2.DT_STRING
-    image = {v.tag: v.image for v in events[4].summary.value}["val/pred"]
+    image = {v.tag: v.image for v in raw[4].summary.value}["val/pred"]
     assert (image.height, image.width, image.colorspace) == (5, 7, 3)
     decoded = np.asarray(Image.open(
         __import__("io").BytesIO(image.encoded_image_string)))
     np.testing.assert_array_equal(decoded, img)
+    migrated = {v.tag: v for v in events[4].summary.value}["val/pred"]
+    if migrated.HasField("tensor"):  # [width, height, PNG] strings
+        w, h, png = migrated.tensor.string_val
+        assert (int(w), int(h)) == (7, 5)
+        np.testing.assert_array_equal(np.asarray(Image.open(
+            __import__("io").BytesIO(png))), img)
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator")
     acc = accumulator.EventAccumulator(os.path.dirname(path))

@@ -341,7 +341,7 @@ def test_box_mask_vs_scipy(impl, threshold):
 
 
 def test_box_mask_matches_opencv():
-    cv2 = pytest.importorskip("cv2")  # optional: cv2 is not a dependency
+    cv2 = pytest.importorskip("cv2")  # dev dependency only (CLIP-ES uses it)
     cams = _box_cases()
     got = np.asarray(jax.jit(sgc.box_mask, static_argnums=1)(
         jnp.asarray(cams[None]), 0.4))[0]
