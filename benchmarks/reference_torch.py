@@ -795,6 +795,13 @@ class PAR(nn.Module):
 
     OFFSETS = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2))
 
+    @classmethod
+    def from_config(cls, cfg: RefConfig) -> PAR:
+        """The PAR of a `RefConfig` (dilations, iterations, temperature,
+        position weight)."""
+        return cls(cfg.par_dilations, cfg.par_iters, cfg.par_temperature,
+                   cfg.par_pos_weight)
+
     def __init__(self, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
                  num_iter: int = 20, temperature: float = 0.3,
                  pos_weight: float = 0.01):
@@ -1080,8 +1087,7 @@ class TrainStep:
     def __init__(self, models: Models, cfg: RefConfig | None = None):
         self.models = models
         self.cfg = cfg = cfg or RefConfig()
-        self.par = PAR(cfg.par_dilations, cfg.par_iters, cfg.par_temperature,
-                       cfg.par_pos_weight).to(models.text_fg.device)
+        self.par = PAR.from_config(cfg).to(models.text_fg.device)
         heads = models.heads
         head_params = list(heads.isa.parameters()) + list(
             heads.tsa.parameters())

@@ -190,6 +190,13 @@ def make_batch(batch: int, crop: int, num_fg: int, n_segments: int,
             "superpixels": superpixels}
 
 
+def shapes_batch(s: Shapes, batch: int | None = None) -> dict:
+    """`make_batch` at the row's shapes (`batch` images, default
+    `s.batch`)."""
+    return make_batch(s.batch if batch is None else batch, s.crop, s.num_fg,
+                      s.n_segments, s.max_segments)
+
+
 # --- helpers shared by the workers ------------------------------------------
 
 
@@ -417,8 +424,7 @@ def _jax_pseudo_labels_cell(spec: dict, dtype: str) -> dict[str, Any]:
         spec, clip.config.projection_dim))
     graphs, states = zip(*(nnx.split(m) for m in (clip, dino, model.heads)),
                          strict=True)
-    host = make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                      s.max_segments)
+    host = shapes_batch(s)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in host.items()})
 
     def fn(states, batch, fg, bg):
@@ -455,8 +461,7 @@ def _jax_train_cells(spec: dict, batches: Sequence[int],
             config = _jax_config(spec, b, dtype)
             work = tempfile.mkdtemp(dir=spec["workdir"])
             setup = train.setup(config, work, devices)
-            host = make_batch(b, s.crop, s.num_fg, s.n_segments,
-                              s.max_segments)
+            host = shapes_batch(s, b)
             batch = setup.batch(host)
             t0 = time.perf_counter()
             compiled = setup.update.lower(setup.state, setup.frozen, batch,
@@ -511,8 +516,7 @@ def jax_segment_ops(spec: dict) -> dict[str, Any]:
     impl = spec["impl"]
     p = s.crop * s.crop
     rng = np.random.default_rng(0)
-    host = make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                      s.max_segments)
+    host = shapes_batch(s)
     values = jnp.asarray(host["image"].reshape(s.batch, p, 3), jnp.float32)
     ids = jnp.asarray(host["superpixels"].reshape(s.batch, p))
     h = w = s.crop // 16
@@ -606,8 +610,7 @@ def jax_stages(spec: dict) -> dict[str, Any]:
     clip, dino, model = _jax_models(spec, "float32", config)
     fg, bg = (jnp.asarray(x) for x in _random_bank(
         spec, clip.config.projection_dim))
-    host = make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                      s.max_segments)
+    host = shapes_batch(s)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     sg, pr = config.sgc, config.par
     grid = (s.crop // 16, s.crop // 16)
@@ -757,10 +760,8 @@ def torch_pseudo_labels(spec: dict) -> dict[str, Any]:
     device = _torch_setup(spec)
     models = _torch_models(spec, device)
     cfg = _torch_cfg(spec)
-    batch = make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                       s.max_segments)
-    par = rt.PAR(cfg.par_dilations, cfg.par_iters, cfg.par_temperature,
-                 cfg.par_pos_weight).to(device)
+    batch = shapes_batch(s)
+    par = rt.PAR.from_config(cfg).to(device)
 
     def fn():
         rt.pseudo_labels(models, batch, cfg, seeds=False, par=par)
@@ -786,8 +787,7 @@ def torch_train_step(spec: dict) -> dict[str, Any]:
         started = time.perf_counter()
         models = _torch_models(spec, device)
         step = rt.TrainStep(models, _torch_cfg(spec))
-        batch = make_batch(b, s.crop, s.num_fg, s.n_segments,
-                           s.max_segments)
+        batch = shapes_batch(s, b)
         _torch_reset_peak(device)
         timing = _timed(lambda step=step, batch=batch: step(batch),
                         spec["repeats"])
@@ -809,16 +809,14 @@ def torch_stages(spec: dict) -> dict[str, Any]:
     device = _torch_setup(spec)
     models = _torch_models(spec, device)
     cfg = _torch_cfg(spec)
-    batch = make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                       s.max_segments)
+    batch = shapes_batch(s)
     grid = (s.crop // 16, s.crop // 16)
     images = torch.as_tensor(batch["image"], device=device)
     valid = torch.as_tensor(batch["valid"], device=device)
     pixels = rt.normalize_images(images)
     cls_ids = rt.present_classes(torch.as_tensor(batch["labels"]))
     ids = [[c for c in row.tolist() if c >= 0] for row in cls_ids]
-    par = rt.PAR(cfg.par_dilations, cfg.par_iters, cfg.par_temperature,
-                 cfg.par_pos_weight).to(device)
+    par = rt.PAR.from_config(cfg).to(device)
     stages, keep = {}, {}
 
     def run(name, fn):

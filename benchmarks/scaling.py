@@ -58,14 +58,12 @@ def _path_sweeps(spec, s, time_path) -> dict[str, Any]:
     """`time_path(batch)` against classes per image and batch size (the
     same batches for both sides); "superpixels" is filled by the caller."""
     out: dict[str, Any] = {"classes": {}, "batch": {}, "superpixels": {}}
-    base = run.make_batch(s.batch, s.crop, s.num_fg, s.n_segments,
-                          s.max_segments)
+    base = run.shapes_batch(s)
     for k in spec["sweeps"]["classes"]:
         out["classes"][k] = time_path(
             dict(base, labels=_labels(s.batch, k, s.num_fg)))
     for b in spec["sweeps"]["batches"]:
-        out["batch"][b] = time_path(run.make_batch(
-            b, s.crop, s.num_fg, s.n_segments, s.max_segments))
+        out["batch"][b] = time_path(run.shapes_batch(s, b))
     return out
 
 
@@ -148,8 +146,7 @@ def torch_sweeps(spec: dict) -> dict[str, Any]:
     device = run._torch_setup(spec)
     models = run._torch_models(spec, device)
     cfg = run._torch_cfg(spec)
-    par = rt.PAR(cfg.par_dilations, cfg.par_iters, cfg.par_temperature,
-                 cfg.par_pos_weight)
+    par = rt.PAR.from_config(cfg)
 
     def time_path(batch):
         return run._timed(lambda: rt.pseudo_labels(

@@ -224,18 +224,11 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
         dino_attn = dout["attn"][-1]
 
         def refine(use_dino, mask_kind):
-            return sgc_lib.refine_cams(
-                cams, slot_valid, clip_attn=attn, dino_attn=dino_attn,
+            return sgc_lib.refine_cams_from_config(
+                cams, slot_valid, s, clip_attn=attn, dino_attn=dino_attn,
                 image=image, superpixels=batch["superpixels"],
                 valid=batch["valid"], use_clip_attn=True,
-                use_dino_attn=use_dino, mask_kind=mask_kind,
-                clip_layers=s.clip_layers, clip_weight=s.clip_weight,
-                dino_weight=s.dino_weight, sinkhorn_iters=s.sinkhorn_iters,
-                box_threshold=s.box_threshold, colour_k=s.colour_k,
-                colour_iters=s.colour_iters, colour_space=s.colour_space,
-                theta_h=s.theta_h, theta_r=s.theta_r,
-                patch_fraction=s.patch_fraction,
-                num_segments=s.max_segments)
+                use_dino_attn=use_dino, mask_kind=mask_kind)
 
         steps = {"initial": cams, "clip_attn": refine(False, "box"),
                  "clip_dino": refine(True, "box"),

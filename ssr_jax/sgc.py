@@ -591,25 +591,29 @@ def refine_cams(cams: Array, slot_valid: Array, *,
 
 
 def refine_cams_from_config(cams: Array, slot_valid: Array, sgc, *,
-                            impl: str = "segment", **arrays) -> Array:
+                            impl: str = "segment", **kwargs) -> Array:
     """`refine_cams` with its knobs read from `config.sgc`.
 
     Args:
       cams, slot_valid: as `refine_cams`.
       sgc: the `config.sgc` ConfigDict (see config_defaults.py).
       impl: segment_ops implementation.
-      **arrays: clip_attn, dino_attn, image, superpixels, valid.
+      **kwargs: the arrays (clip_attn, dino_attn, image, superpixels,
+        valid, optionally clip_aff) and any `refine_cams` knob to take
+        instead of the config's (e.g. `use_dino_attn` and `mask_kind` for
+        each Table 3 step).
 
     Returns:
       [B, K, h, w] float32.
     """
-    return refine_cams(
-        cams, slot_valid, use_clip_attn=sgc.use_clip_attn,
-        use_dino_attn=sgc.use_dino_attn, mask_kind=sgc.mask,
-        clip_layers=sgc.clip_layers, clip_weight=sgc.clip_weight,
-        dino_weight=sgc.dino_weight, sinkhorn_iters=sgc.sinkhorn_iters,
-        box_threshold=sgc.box_threshold, colour_k=sgc.colour_k,
-        colour_iters=sgc.colour_iters, colour_space=sgc.colour_space,
-        theta_h=sgc.theta_h, theta_r=sgc.theta_r,
-        patch_fraction=sgc.patch_fraction, num_segments=sgc.max_segments,
-        impl=impl, **arrays)
+    knobs = dict(
+        use_clip_attn=sgc.use_clip_attn, use_dino_attn=sgc.use_dino_attn,
+        mask_kind=sgc.mask, clip_layers=sgc.clip_layers,
+        clip_weight=sgc.clip_weight, dino_weight=sgc.dino_weight,
+        sinkhorn_iters=sgc.sinkhorn_iters, box_threshold=sgc.box_threshold,
+        colour_k=sgc.colour_k, colour_iters=sgc.colour_iters,
+        colour_space=sgc.colour_space, theta_h=sgc.theta_h,
+        theta_r=sgc.theta_r, patch_fraction=sgc.patch_fraction,
+        num_segments=sgc.max_segments)
+    knobs.update(kwargs)
+    return refine_cams(cams, slot_valid, impl=impl, **knobs)

@@ -182,19 +182,12 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         dino_attn = dout["attn"][-1]
 
     def refine(use_clip, use_dino, mask_kind):
-        return sgc_lib.refine_cams(
-            cams, slot_valid, clip_attn=clip_attn, dino_attn=dino_attn,
-            clip_aff=clip_aff,
-            image=image, superpixels=batch["superpixels"],
-            valid=batch["valid"], use_clip_attn=use_clip,
-            use_dino_attn=use_dino, mask_kind=mask_kind,
-            clip_weight=s.clip_weight, dino_weight=s.dino_weight,
-            sinkhorn_iters=s.sinkhorn_iters, box_threshold=s.box_threshold,
-            colour_k=s.colour_k, colour_iters=s.colour_iters,
-            colour_space=s.colour_space, theta_h=s.theta_h,
-            theta_r=s.theta_r, patch_fraction=s.patch_fraction,
-            num_segments=s.max_segments, clip_layers=s.clip_layers,
-            impl=s.segment_impl)
+        return sgc_lib.refine_cams_from_config(
+            cams, slot_valid, s, impl=s.segment_impl, clip_attn=clip_attn,
+            dino_attn=dino_attn, clip_aff=clip_aff, image=image,
+            superpixels=batch["superpixels"], valid=batch["valid"],
+            use_clip_attn=use_clip, use_dino_attn=use_dino,
+            mask_kind=mask_kind)
 
     refined = refine(s.use_clip_attn, s.use_dino_attn and dino is not None,
                      s.mask)

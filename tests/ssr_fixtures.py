@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import hf_fixtures
 
@@ -59,3 +60,17 @@ def read_checkpoint(workdir: str, step: int, item: str = "params"):
     args = jax.tree_util.tree_map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ckptr.restore(path, restore_args=args)[item]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def voc_tiny_argv(data_root: str, clip: str, dino: str,
+                  *overrides: str) -> list[str]:
+    """`python -m ssr_jax.main --config configs/voc.py:tiny` on a fixture
+    tree and tiny encoders, plus `--workdir`/`--config.*` overrides."""
+    return [sys.executable, "-m", "ssr_jax.main",
+            "--config", os.path.join(ROOT, "configs", "voc.py") + ":tiny",
+            f"--config.data.root={data_root}",
+            f"--config.model.clip_path={clip}",
+            f"--config.model.dino_path={dino}", *overrides]

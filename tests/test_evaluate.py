@@ -423,17 +423,14 @@ def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
 
 def _main(world, *args):
     c = world["config"]
-    cmd = [sys.executable, "-m", "ssr_jax.main",
-           "--config", os.path.join(ROOT, "configs", "voc.py") + ":tiny",
-           f"--config.data.root={c.data.root}",
-           f"--config.model.clip_path={c.model.clip_path}",
-           f"--config.model.dino_path={c.model.dino_path}",
+    cmd = ssr_fixtures.voc_tiny_argv(
+           c.data.root, c.model.clip_path, c.model.dino_path,
            "--config.sgc.clip_layers=2",
            "--config.model.decoder.num_layers_in=2",
            "--config.model.decoder.embed_dim=32",
            "--config.model.decoder.depth=1",
            "--config.model.decoder.heads=2",
-           "--config.cmpa.hidden_dim=32", "--config.cmpa.dim=16", *args]
+           "--config.cmpa.hidden_dim=32", "--config.cmpa.dim=16", *args)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import data_fixtures
 import jax
@@ -21,16 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _argv(tree, clip, dino, workdir):
-    return [sys.executable, "-m", "ssr_jax.main",
-            "--config", os.path.join(ROOT, "configs", "voc.py") + ":tiny",
+    return ssr_fixtures.voc_tiny_argv(
+            tree.root, clip, dino,
             "--workdir", workdir,
-            f"--config.data.root={tree.root}",
-            f"--config.model.clip_path={clip}",
-            f"--config.model.dino_path={dino}",
             "--config.data.train_split=train",
             "--config.train.num_steps=2",
             "--config.train.batch_size=4",
-            "--config.model.decoder.dropout=0.0"]
+            "--config.model.decoder.dropout=0.0")
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import data_fixtures
 import jax
@@ -159,16 +158,12 @@ def test_nan_stops_with_the_step_range(world, tmp_path):
 
 def _main_argv(world, workdir, steps):
     tree, clip, dino = world
-    return [sys.executable, "-m", "ssr_jax.main",
-            "--config", os.path.join(ROOT, "configs", "voc.py") + ":tiny",
-            "--workdir", workdir,
-            f"--config.data.root={tree.root}",
-            f"--config.model.clip_path={clip}",
-            f"--config.model.dino_path={dino}",
-            "--config.data.train_split=train",
-            f"--config.train.num_steps={steps}",
-            "--config.train.checkpoint_every=100",
-            "--config.train.batch_size=2"]
+    return ssr_fixtures.voc_tiny_argv(
+        tree.root, clip, dino, "--workdir", workdir,
+        "--config.data.train_split=train",
+        f"--config.train.num_steps={steps}",
+        "--config.train.checkpoint_every=100",
+        "--config.train.batch_size=2")
 
 
 def _final_params(workdir, step):
