@@ -94,8 +94,11 @@ def summary_text(meta: dict, report: dict, directory: str,
                      f"computed, {r['slic_reused']} reused from an earlier "
                      f"SLIC work cache; {r['seconds']:.1f} s")
         lines.append(line)
+        hist = summ["class_histogram"]
+        absent = [k for k, v in hist.items() if not v]
         lines.append("    images per class: " + ", ".join(
-            f"{k} {v}" for k, v in summ["class_histogram"].items()))
+            f"{k} {v}" for k, v in hist.items() if v)
+            + (f"; absent: {', '.join(absent)}" if absent else ""))
         for p in summ["problems"][:20]:
             lines.append(f"    skipped: {p}")
         if len(summ["problems"]) > 20:
@@ -147,8 +150,11 @@ def build(config, *, workers: int = 0, splits: list[str] | None = None,
         log(f"removed {path} (left by an interrupted build)")
     tfds = tfds_source.require_tfds()
     start = time.perf_counter()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    try:
+        builder.download_and_prepare(download_config=tfds.download
+                                     .DownloadConfig(try_download_gcs=False))
+    finally:
+        builder.close_pool()
     seconds = time.perf_counter() - start
     meta = tfds_source._read_metadata_file(directory)  # noqa: SLF001
     return {"directory": directory, "built": True, "metadata": meta,

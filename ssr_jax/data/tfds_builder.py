@@ -70,6 +70,7 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.classes = voc.folder_class_names(ssr_config)
         self.split_names = splits or self.default_splits(ssr_config)
         self.report: dict[str, dict] = {}
+        self._pool = None
         cfg = tfds.core.BuilderConfig(
             name=tfds_source.slic_tag(self.settings),
             description=f"SLIC settings {self.settings}")
@@ -146,7 +147,7 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         problems: list[str] = []
         reused = 0
         start = time.perf_counter()
-        for rec in _encoded(jobs, self.workers):
+        for rec in self._encoded(jobs):
             if "problem" in rec:
                 if self.ssr_config.data.strict:
                     raise DataError(
@@ -173,6 +174,26 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "slic_reused": reused, "seconds": time.perf_counter() - start,
         }
 
+    def _encoded(self, jobs: list[tuple]):
+        """`encode_example` over `jobs`, in order; a spawn pool (one per
+        build: spawn, as forking a threaded parent is unsafe) when
+        `workers` > 1."""
+        if self.workers <= 1 or len(jobs) < 2:
+            yield from map(tfds_source.encode_example, jobs)
+            return
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.workers)
+        chunk = max(1, min(16, len(jobs) // (4 * self.workers)))
+        yield from self._pool.imap(tfds_source.encode_example, jobs,
+                                   chunksize=chunk)
+
+    def close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
     def _record_split(self, name: str, split: voc.Split, stored: list[int],
                       problems: list[str]) -> None:
         summary = split.summary.as_dict()
@@ -195,17 +216,6 @@ def _skimage_version() -> str:
     import skimage
 
     return skimage.__version__
-
-
-def _encoded(jobs: list[tuple], workers: int):
-    """`encode_example` over `jobs`, in order (a spawn pool if workers > 1)."""
-    if workers <= 1 or len(jobs) < 2:
-        yield from map(tfds_source.encode_example, jobs)
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    chunk = max(1, min(16, len(jobs) // (4 * workers)))
-    with ctx.Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap(tfds_source.encode_example, jobs, chunksize=chunk)
 
 
 def remove_incomplete(builder: LayoutBuilder) -> list[str]:
