@@ -361,3 +361,32 @@ def test_build_command_line(tmp_path):
     assert "split 'train_aug': 3 listed, 3 stored, 0 skipped" in run.stdout
     assert "--config.data.source=tfds" in run.stdout
     assert os.path.isdir(os.path.join(str(tmp_path / "t"), "voc_aug"))
+
+
+def test_evaluation_loader_reads_tfds(voc_built):
+    """evaluate.py's loader and the pseudo-label export read the same
+    images, masks, names and sizes from either source."""
+    from ssr_jax import evaluate
+
+    _, config, _ = voc_built
+    a = voc.load_split(config, "train_aug")
+    b = voc.load_split(_tfds(config), "train_aug")
+    np.testing.assert_array_equal(a.sizes, b.sizes)
+    assert a.names == b.names
+    assert [p is None for p in a.mask_paths] == [
+        p is None for p in b.mask_paths]
+    la = evaluate._Loader(config, a, 1)
+    lb = evaluate._Loader(_tfds(config), b, 1)
+    try:
+        for idx in a.usable.tolist():
+            x, y = la._one(idx, (32, 32)), lb._one(idx, (32, 32))
+            assert x["name"] == y["name"]
+            for k in ("image", "resized"):
+                np.testing.assert_array_equal(x[k], y[k])
+            if x["mask"] is None:
+                assert y["mask"] is None
+            else:
+                np.testing.assert_array_equal(x["mask"], y["mask"])
+    finally:
+        la.close()
+        lb.close()
