@@ -53,7 +53,8 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "data.name", d.name, DATASETS)
     _choice(e, "data.normalization", d.normalization, ("imagenet", "clip"))
     _choice(e, "data.label_source", d.label_source, ("auto", "mask", "xml"))
-    _choice(e, "data.source", d.source, SOURCES)
+    source = d.get("source", "folders")
+    _choice(e, "data.source", source, SOURCES)
     if d.crop_size % PATCH:
         e.append(f"data.crop_size={d.crop_size}: must be a multiple of the "
                  f"patch size {PATCH}")
@@ -142,7 +143,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))
 
-    if d.source == "tfds" and d.name in DATASETS:
+    if source == "tfds" and d.name in DATASETS:
         # Imports tensorflow_datasets (about 2 s) and reads metadata.json.
         from ssr_jax.data import tfds_source
 
@@ -155,7 +156,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
 
 
 def _paths(e: list[str], config) -> None:
-    if config.data.source == "tfds":
+    if config.data.get("source", "folders") == "tfds":
         pass  # the TFDS dataset replaces data.root (checked above)
     elif not config.data.root:
         e.append("data.root is empty: point it at the dataset root "

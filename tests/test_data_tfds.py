@@ -390,3 +390,26 @@ def test_evaluation_loader_reads_tfds(voc_built):
     finally:
         la.close()
         lb.close()
+
+
+def test_benchmark_cells_and_table(tmp_path):
+    """benchmarks/input_pipeline.py's cells (also run.py's row) on tiny
+    JPEGs: every source runs, TFDS is built once, the table renders."""
+    from benchmarks import input_pipeline as bench
+    from benchmarks import run
+
+    root = run.write_voc_tree(str(tmp_path / "voc"), 8, hw=(75, 100))
+    cells = bench.rates(root, str(tmp_path), n_train=4, crop=64, batch=2,
+                        workers=1, n_segments=16, max_segments=64, epochs=1)
+    assert [c["mode"] for c in cells] == ["per_crop", "cache", "tfds"]
+    assert all(c["images_per_s"] > 0 and c["cores"] >= 1 for c in cells)
+    assert cells[2]["built"] and cells[2]["build_s"] > 0
+    row = {"name": "input_pipeline", "settings": {"crop": 64},
+           "cells": cells + [{"mode": "tfds", "workers": 1,
+                              "skipped": "not installed"}],
+           "step_images_per_s": 1.0}
+    for c in cells:
+        c["ratio_to_step"] = c["images_per_s"]
+    text = run.table([run._goal(row)])
+    assert "| input_pipeline (tfds) |" in text and "built once in" in text
+    assert "skipped: not installed" in text
