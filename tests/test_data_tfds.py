@@ -413,3 +413,11 @@ def test_benchmark_cells_and_table(tmp_path):
     text = run.table([run._goal(row)])
     assert "| input_pipeline (tfds) |" in text and "built once in" in text
     assert "skipped: not installed" in text
+
+
+def test_missing_split_in_a_built_dataset(voc_built):
+    _, config, out = voc_built
+    with pytest.raises(DataError, match="built without split.*extra"):
+        _build(config, splits=["train_aug", "extra"])
+    with pytest.raises(DataError, match="(?s)--splits=.*extra"):
+        voc.load_split(_tfds(config), "extra")

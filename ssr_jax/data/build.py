@@ -129,7 +129,7 @@ def build(config, *, workers: int = 0, splits: list[str] | None = None,
     (incomplete directories of killed builds that were deleted)}`. Raises
     `DataError` for bad data (with `data.strict`) and a missing root.
     """
-    from ssr_jax.data import tfds_builder, tfds_source, voc
+    from ssr_jax.data import DataError, tfds_builder, tfds_source, voc
 
     d = config.data
     if d.name == "synthetic" and not d.root:
@@ -143,6 +143,14 @@ def build(config, *, workers: int = 0, splits: list[str] | None = None,
     directory = os.fspath(builder.data_path)
     if os.path.isfile(os.path.join(directory, "dataset_info.json")):
         meta = tfds_source._read_metadata_file(directory)  # noqa: SLF001
+        have = list((meta or {}).get("splits", {}))
+        missing = [s for s in builder.split_names if s not in have]
+        if missing:
+            raise DataError(
+                f"{directory} is built without split(s) "
+                f"{', '.join(missing)} (it has {', '.join(have)}); a built "
+                "dataset is never modified: delete the directory and build "
+                f"again with --splits={','.join(have + missing)}")
         return {"directory": directory, "built": False, "metadata": meta,
                 "report": {}, "seconds": 0.0, "removed": []}
     removed = tfds_builder.remove_incomplete(builder)

@@ -366,8 +366,9 @@ def split_from_metadata(config, directory: str, split: str,
     if split not in splits:
         raise DataError(f"split {split!r} is not in the TFDS dataset "
                         f"{directory} (built splits: "
-                        f"{', '.join(sorted(splits))}); add it with "
-                        "--splits to the build command:\n  "
+                        f"{', '.join(sorted(splits))}). Delete that "
+                        "directory and build again with --splits="
+                        f"{','.join([*splits, split])} added to:\n  "
                         + build_command(config))
     s = splits[split]
     names = tuple(s["names"])
