@@ -91,8 +91,8 @@ def summary_text(meta: dict, report: dict, directory: str,
                 f"{len(s['stored'])} stored, {summ['num_skipped']} skipped")
         if r:
             line += (f"; superpixels {r['stored'] - r['slic_reused']} "
-                     f"computed, {r['slic_reused']} reused from an earlier "
-                     f"SLIC work cache; {r['seconds']:.1f} s")
+                     f"computed, {r['slic_reused']} reused from the SLIC "
+                     f"work cache; {r['seconds']:.1f} s")
         lines.append(line)
         hist = summ["class_histogram"]
         absent = [k for k, v in hist.items() if not v]

@@ -48,6 +48,7 @@ import os
 import threading
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from ssr_jax.data import DataError, slic, voc
@@ -406,6 +407,8 @@ def load_split(config, split: str) -> voc.Split:
                         f"{meta['num_classes']} classes but data.num_classes="
                         f"{config.data.num_classes}")
     data = split_from_metadata(config, dataset_dir(config), split, meta)
+    logging.info("split %r: %d records of the TFDS dataset %s", split,
+                 data.usable.size, dataset_dir(config))
     if not data.usable.size:
         raise DataError(f"split {split!r} of {dataset_dir(config)} stores "
                         "no example")
