@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 from absl import logging
 
 from ssr_jax.data import DataError, tfds_source, voc
@@ -147,7 +148,10 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         problems: list[str] = []
         reused = 0
         start = time.perf_counter()
+        bar = tqdm.tqdm(total=len(jobs), desc=f"{name}: encode + SLIC",
+                        unit=" images", disable=None)  # off without a TTY
         for rec in self._encoded(jobs):
+            bar.update(1)
             if "problem" in rec:
                 if self.ssr_config.data.strict:
                     raise DataError(
@@ -166,6 +170,7 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "labels": split.labels[line] > 0,
                 "id": rec["name"], "index": line,
             }
+        bar.close()
         self._record_split(name, split, stored, problems)
         self.report[name] = {
             "listed": len(split.names), "stored": len(stored),
