@@ -20,6 +20,7 @@ FIELD_HINT = (
 
 MODES = ("train", "eval", "pseudo_labels")
 DATASETS = ("voc", "coco", "synthetic")
+SOURCES = ("folders", "tfds")
 PATCH = 16  # ViT-B/16 and ViT-S/16; the synthetic tiny encoders use 16 too
 
 
@@ -52,6 +53,8 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "data.name", d.name, DATASETS)
     _choice(e, "data.normalization", d.normalization, ("imagenet", "clip"))
     _choice(e, "data.label_source", d.label_source, ("auto", "mask", "xml"))
+    source = d.get("source", "folders")
+    _choice(e, "data.source", source, SOURCES)
     if d.crop_size % PATCH:
         e.append(f"data.crop_size={d.crop_size}: must be a multiple of the "
                  f"patch size {PATCH}")
@@ -140,6 +143,11 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))
 
+    if source == "tfds" and d.name in DATASETS:
+        # Imports tensorflow_datasets (about 2 s) and reads metadata.json.
+        from ssr_jax.data import tfds_source
+
+        e.extend(tfds_source.problems(config))
     if d.name != "synthetic":
         _paths(e, config)
     if check_devices and not e:
@@ -148,7 +156,9 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
 
 
 def _paths(e: list[str], config) -> None:
-    if not config.data.root:
+    if config.data.get("source", "folders") == "tfds":
+        pass  # the TFDS dataset replaces data.root (checked above)
+    elif not config.data.root:
         e.append("data.root is empty: point it at the dataset root "
                  "(see README 'Data preparation')")
     elif not os.path.isdir(config.data.root):

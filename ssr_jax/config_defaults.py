@@ -39,6 +39,12 @@ def base_config() -> config_dict.ConfigDict:
     d.prefetch = 8  # batches prefetched per process
     d.cache_dir = ""  # label/SLIC caches; "" = <root>/.ssr_jax_cache
     d.shuffle_seed = 0
+    # Where examples are read from: "folders" (the files under data.root)
+    # or "tfds" (the array_record TFDS dataset that `python -m
+    # ssr_jax.data.build` wrote under data.tfds_dir, superpixels included;
+    # docs/data.md "TFDS datasets").
+    d.source = "folders"
+    d.tfds_dir = ""  # TFDS data_dir: local path or gs:// bucket
 
     # --- model --------------------------------------------------------------
     c.model = m = config_dict.ConfigDict()

@@ -142,9 +142,9 @@ def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
         pred_path = os.path.join(pred_dir, "predictions", f"{name}.png")
         if not os.path.exists(pred_path):
             continue
-        img = voc.read_image(split.image_paths[i])
+        img = split.read_image(i)
         pred = np.asarray(_read_indices(pred_path))
-        gt = voc.read_mask(split.mask_paths[i], config.data.num_classes)
+        gt = split.read_mask(i, config.data.num_classes)
         rows.append([img, visualize.label_overlay(img, pred),
                      visualize.label_overlay(img, gt)])
         if len(rows) == NUM_PICTURES:

@@ -359,10 +359,8 @@ class _Loader:
         if idx < 0:
             return None
         try:
-            image = voc.read_image(self.split.image_paths[idx])
-            path = self.split.mask_paths[idx]
-            mask = (None if path is None
-                    else voc.read_mask(path, self.num_classes))
+            image = self.split.read_image(idx)
+            mask = self.split.read_mask(idx, self.num_classes)
         except DataError as e:
             if self.strict:
                 raise
