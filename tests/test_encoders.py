@@ -238,3 +238,25 @@ def test_dinov2_affinity_feeds_sgc_fusion(snapshots):
                        jnp.float32)
     refined = sgc.propagate(trans, cams)
     assert refined.shape == (2, 3, n) and bool(jnp.isfinite(refined).all())
+
+
+def test_patch_affinity_under_jit(snapshots):
+    """Grids are static Python ints inside jit (from out["grid"])."""
+    from flax import nnx
+
+    model, layout = load_affinity_encoder("dinov2", snapshots["dinov2"])
+
+    @nnx.jit
+    def affinity(m, pixels):
+        _, out = m(pixels)
+        return patch_affinity(out["attn"][-1], m.layout, out["grid"],
+                              (pixels.shape[1] // 16, pixels.shape[2] // 16),
+                              target_patch=16)
+
+    pixels = jnp.asarray(np.random.default_rng(6).normal(size=(1, 64, 48, 3)),
+                         jnp.float32)
+    _, out = model(pixels)
+    eager = patch_affinity(out["attn"][-1], layout, out["grid"], (4, 3),
+                           target_patch=16)
+    np.testing.assert_allclose(np.asarray(affinity(model, pixels)),
+                               np.asarray(eager), atol=1e-6)
