@@ -46,11 +46,24 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
-def pair(request, tmp_path_factory):
-    path = make_tiny_dinov2(tmp_path_factory.mktemp(request.param),
-                            **VARIANTS[request.param])
-    return request.param, path, load_dinov2(path), hf_dinov2(path)
+@pytest.fixture(scope="module")
+def make_pair(tmp_path_factory):
+    """name → (name, snapshot path, our model, HF model), built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = make_tiny_dinov2(tmp_path_factory.mktemp(name),
+                                    **VARIANTS[name])
+            cache[name] = name, path, load_dinov2(path), hf_dinov2(path)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def pair(request, make_pair):
+    return make_pair(request.param)
 
 
 @nnx.jit
@@ -93,7 +106,11 @@ def compare(model, ref, pixels, report, jit=True, hidden_scaled=False):
     def check(name, ours, theirs, scaled=False):
         err = max_err(ours, theirs)
         report[name] = max(err, report.get(name, 0.0))
-        tol = ATOL * (max(1.0, float(theirs.abs().max())) if scaled else 1.0)
+        scale = float(theirs.abs().max())
+        if scaled:
+            report[name + "_rel"] = max(err / scale,
+                                        report.get(name + "_rel", 0.0))
+        tol = ATOL * (max(1.0, scale) if scaled else 1.0)
         assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
 
     check("embeddings", model.embed(jnp.asarray(pixels)), hf.hidden_states[0])
@@ -158,10 +175,8 @@ def test_position_interpolation_mode_matters(pair):
     assert err > 10 * ATOL, err
 
 
-def test_dinov2_bf16_loading(pair):
-    name, path, _, ref = pair
-    if name != "registers":
-        pytest.skip("one variant is enough")
+def test_dinov2_bf16_loading(make_pair):
+    _, path, _, ref = make_pair("registers")
     m16 = load_dinov2(path, dtype=jnp.bfloat16)
     params = jax.tree.leaves(nnx.state(m16, nnx.Param))
     assert params and all(p.dtype == jnp.bfloat16 for p in params)
@@ -236,10 +251,8 @@ def test_save_round_trip_and_hf_reads_it(tmp_path, pair):
                                    msg=key)
 
 
-def test_missing_misshaped_and_unexpected_tensors(tmp_path, pair):
-    name, path, model, _ = pair
-    if name != "registers":
-        pytest.skip("one variant is enough")
+def test_missing_misshaped_and_unexpected_tensors(tmp_path, make_pair):
+    _, path, _, _ = make_pair("registers")
     dst = tmp_path / "bad"
     shutil.copytree(path, dst)
     file = os.path.join(dst, "model.safetensors")
@@ -270,10 +283,8 @@ def test_missing_misshaped_and_unexpected_tensors(tmp_path, pair):
         load_dinov2(ok)
 
 
-def test_snapshot_errors(tmp_path, pair):
-    name, path, _, _ = pair
-    if name != "plain":
-        pytest.skip("one variant is enough")
+def test_snapshot_errors(tmp_path, make_pair):
+    _, path, _, _ = make_pair("plain")
     with pytest.raises(WeightsError, match="not a directory.*dinov2"):
         load_dinov2(tmp_path / "nope")
     # A DINO ViT config is refused with both accepted model types named.
