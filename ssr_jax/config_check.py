@@ -21,6 +21,7 @@ FIELD_HINT = (
 MODES = ("train", "eval", "pseudo_labels")
 DATASETS = ("voc", "coco", "synthetic")
 SOURCES = ("folders", "tfds")
+DINO_KINDS = ("dino", "dinov2")  # = ssr_jax.models.encoders.KINDS
 PATCH = 16  # ViT-B/16 and ViT-S/16; the synthetic tiny encoders use 16 too
 
 
@@ -70,6 +71,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "data.num_workers", d.num_workers, allow_zero=True)
 
     _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    _choice(e, "model.dino_kind", config.model.dino_kind, DINO_KINDS)
     _choice(e, "cam.target", config.cam.target, ("ln1_output", "ln1_input"))
     _positive(e, "cam.logit_scale", config.cam.logit_scale, allow_zero=True)
 
