@@ -88,9 +88,11 @@ def test_compiles_once_for_different_class_sets(world, tmp_path):
     assert s.update._cache_size() == 1
 
 
-def _path_eqns(world, tmp_path, kmax):
+def _path_eqns(world, tmp_path, kmax, mask="superpixel",
+               superpixels=True):
     c = _config(world)
     c.data.max_classes_per_image = kmax
+    c.sgc.mask = mask
     clip, dino, model = train.build_models(c)
     bank = train.build_text_bank(c, clip, str(tmp_path))
     b, hw = 2, c.data.crop_size
@@ -100,6 +102,8 @@ def _path_eqns(world, tmp_path, kmax):
         "labels": jnp.zeros((b, 20), jnp.float32).at[:, 3].set(1),
         "superpixels": jnp.zeros((b, hw, hw), jnp.int32),
     }
+    if not superpixels:
+        del batch["superpixels"]
 
     def f(batch):
         return ssr.pseudo_label_path(clip, dino, model.heads, batch,
@@ -110,6 +114,16 @@ def _path_eqns(world, tmp_path, kmax):
 
 def test_pseudo_label_path_is_not_unrolled_over_classes(world, tmp_path):
     assert _path_eqns(world, tmp_path, 6) == _path_eqns(world, tmp_path, 12)
+
+
+def test_box_mask_does_not_need_superpixels(world, tmp_path):
+    """sgc.mask='box' traces without batch['superpixels'] and to the same
+    program as with them (they are unused); 'superpixel' says what is
+    missing."""
+    without = _path_eqns(world, tmp_path, 6, "box", superpixels=False)
+    assert without == _path_eqns(world, tmp_path, 6, "box")
+    with pytest.raises(ValueError, match="no 'superpixels'.*sgc.mask='box'"):
+        _path_eqns(world, tmp_path, 6, "superpixel", superpixels=False)
 
 
 @pytest.mark.slow
