@@ -640,7 +640,7 @@ def test_rfm_similarity_and_gate_split():
         np.asarray(sgc.rfm_gate(jnp.asarray(attn), jnp.asarray(sim),
                                 last_n=4)))
     with pytest.raises(ValueError, match="sim has shape"):
-        sgc.rfm_gate(jnp.asarray(attn), jnp.asarray(given[:, :4, :4]))
+        sgc.rfm_gate(jnp.asarray(attn), jnp.asarray(given[:, :4, :4]), 4)
 
 
 def test_refine_cams_uses_a_given_clip_affinity():
