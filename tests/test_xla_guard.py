@@ -68,20 +68,25 @@ def test_self_check_passes_in_this_process():
     assert c["rel_err"] < RTOL and c["n"] * c["shape"][1] >= 4096
 
 
-def test_apply_keeps_user_flags_and_is_idempotent():
+def test_apply_keeps_user_flags_and_is_idempotent(monkeypatch):
+    monkeypatch.setattr(xla_guard, "_state", dict(xla_guard._state))
+    monkeypatch.setattr(xla_guard, "_backend_started", lambda: False)
     env = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
     status = xla_guard.apply(env)
-    known, _ = xla_guard.flag_known()
-    if known and not xla_guard._backend_started():
+    if xla_guard.flag_known()[0]:
         assert status == "applied"
         assert env["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 "
                                     + xla_guard.FLAG)
         assert xla_guard.apply(env) == "user"  # not added twice
         assert env["XLA_FLAGS"].count(xla_guard.FLAG_NAME) == 1
+    else:
+        assert status == "unsupported"
+        assert env["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
     env = {"XLA_FLAGS": "--a", xla_guard.ENV: "0"}
     assert xla_guard.apply(env) == "disabled" and env["XLA_FLAGS"] == "--a"
-    # restore the module state for report() in this process
-    xla_guard.apply(dict(os.environ))
+    monkeypatch.setattr(xla_guard, "_backend_started", lambda: True)
+    env = {}
+    assert xla_guard.apply(env) == "late" and "XLA_FLAGS" not in env
 
 
 def test_unknown_binary_is_not_trusted(tmp_path, monkeypatch):
