@@ -36,6 +36,7 @@ from ssr_jax import (
     ssr,
     train,
     visualize,
+    xla_guard,
 )
 from ssr_jax.data import voc
 
@@ -239,6 +240,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "world": root,
         "encoders": {"clip": clip_path, "dino": dino_path},
         "steps": config.train.num_steps,
+        "xla": xla_guard.report(),
     }
     results["orderings"] = orderings(results)
     if jax.process_index() == 0:

@@ -77,6 +77,7 @@ from ssr_jax import (
     metrics,
     ssr,
     train,
+    xla_guard,
 )
 from ssr_jax import par as par_lib
 from ssr_jax.data import DataError, voc
@@ -816,6 +817,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                      "scales": [float(s) for s in ev.scales],
                      "flip": bool(ev.flip), "crf": bool(ev.crf)},
         "scores": scores,
+        "xla": xla_guard.report(),
     }
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "metrics.json"), report)
@@ -876,6 +878,7 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     done = data.usable[:config.eval.max_images or None]
     result["num_masked"] = sum(data.mask_paths[i] is not None for i in done)
     result["checkpoint"] = {"directory": directory, "step": step}
+    result["xla"] = xla_guard.report()
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "seeds.json"), result)
         table = seed_table(result)

@@ -94,10 +94,24 @@ def main(argv: list[str]) -> None:
     if errors:
         _fail("the config does not fit the devices:\n  - "
               + "\n  - ".join(errors))
+    _xla_self_check()
     try:
         _dispatch(config, workdir)
     except config_check.ConfigError as e:
         _fail(str(e))
+
+
+def _xla_self_check() -> None:
+    """Refuses to run on a backend that miscompiles GradCAM's vmapped vjp."""
+    from ssr_jax import xla_guard
+    rep = xla_guard.report()
+    logging.info("XLA self-check on %s (jax %s, jaxlib %s, guard %s): %s, "
+                 "rel err %.2g in %.2f s", rep["backend"], rep["jax"],
+                 rep["jaxlib"], rep["guard"],
+                 "ok" if rep["self_check"]["ok"] else "FAILED",
+                 rep["self_check"]["rel_err"], rep["self_check"]["seconds"])
+    if not rep["self_check"]["ok"]:
+        _fail(xla_guard.refusal(rep))
 
 
 def _dispatch(config, workdir: str) -> None:

@@ -11,6 +11,7 @@ update step; CLIP and DINO are frozen inputs, never in the optimiser.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from ssr_jax import (
     logs,
     ssr,
     text,
+    xla_guard,
 )
 from ssr_jax.models import loading
 
@@ -341,6 +343,8 @@ def train_and_evaluate(config, workdir: str, devices=None,
     writer = logs.MetricWriter(workdir)
     logging.info("devices: %s (%d processes)", jax.devices(),
                  jax.process_count())
+    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py).
+    writer.write_text(0, {"xla": json.dumps(xla_guard.report())})
 
     # --- input ---
     train_iter = input_pipeline.train_iterator(config)

@@ -62,6 +62,13 @@ def test_embedded_default_tiny_end_to_end(tmp_path):
         assert a.ndim == 3 and a.shape[0] > 8 and a.std() > 0, png
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert metrics and "loss" in json.loads(metrics[-1]).get("scalars", {})
+    # backend, versions and the XLA self-check (ssr_jax/xla_guard.py)
+    assert res["xla"]["self_check"]["ok"] and res["xla"]["jaxlib"]
+    assert res["xla"]["backend"] == "cpu"
+    xla = [json.loads(json.loads(m)["text"]["xla"]) for m in metrics
+           if "xla" in json.loads(m).get("text", {})]
+    assert xla and xla[0]["self_check"]["ok"]
+    assert "XLA self-check on cpu" in r.stderr
 
     # A second run reuses the world and the pretrained encoders.
     r2 = _run(tmp_path / "run2", tmp_path / "cache")
