@@ -85,6 +85,8 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     s = config.sgc
     _choice(e, "sgc.mask", s.mask, ("superpixel", "box", "none"))
     _choice(e, "sgc.colour_space", s.colour_space, ("lab", "rgb"))
+    _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
+            ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
     if s.use_dino_attn and not s.use_clip_attn and s.clip_weight > 0:
         e.append("sgc.use_dino_attn without sgc.use_clip_attn: set "
