@@ -33,7 +33,7 @@ from ml_collections import config_dict
 from scipy import stats
 
 from ssr_jax import cam as cam_lib
-from ssr_jax import input_pipeline, metrics, pretrain
+from ssr_jax import diagnostics, input_pipeline, metrics, pretrain
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
@@ -166,27 +166,10 @@ def patch_labels(mask: Array, patch: int, num_classes: int,
 
 
 def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
-    """Share of each patch's affinity mass on patches of its own label.
-
-    Rows are normalised over the labelled patches first. Returns sums over
-    the batch (so batches can be accumulated): (Σ purity over labelled
-    patches, number of labelled patches), each [2] for (background,
-    foreground) query patches.
-
-    Args:
-      aff: [B, N, N] non-negative affinity (query rows, key columns).
-      labels: [B, N] int, −1 = unlabelled.
-    """
-    valid = labels >= 0
-    a = jnp.where(valid[:, None, :], aff.astype(jnp.float32), 0.0)
-    a = a / jnp.maximum(a.sum(-1, keepdims=True), 1e-12)
-    same = labels[:, :, None] == labels[:, None, :]
-    purity = jnp.sum(a * same, axis=-1)  # [B, N]
-    fg = labels > 0
-    sums = jnp.stack([jnp.sum(jnp.where(valid & ~fg, purity, 0.0)),
-                      jnp.sum(jnp.where(fg, purity, 0.0))])
-    counts = jnp.stack([jnp.sum(valid & ~fg), jnp.sum(fg)])
-    return sums, counts.astype(jnp.float32)
+    """Share of each patch's affinity mass on patches of its own label;
+    `diagnostics.attention_purity` (sums and counts for [background,
+    foreground] query patches)."""
+    return diagnostics.attention_purity(aff, labels)
 
 
 def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
