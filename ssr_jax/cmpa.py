@@ -111,7 +111,8 @@ class CMPAHeads(nnx.Module):
     def __init__(self, image_dim: int, text_dim: int, *,
                  hidden_dim: int = 512, dim: int = 256,
                  tau_init: float = 0.05, tau_min: float = 0.01,
-                 tied_init: bool = True, rngs: nnx.Rngs):
+                 tied_init: bool = True, identity_init: bool = False,
+                 rngs: nnx.Rngs):
         if not 0 < tau_min <= tau_init:
             raise ValueError(
                 f"cmpa.tau_init={tau_init} and cmpa.tau_min={tau_min}: need "
@@ -130,6 +131,14 @@ class CMPAHeads(nnx.Module):
                     f"{image_dim} and {text_dim}")
             nnx.update(self.tsa, jax.tree_util.tree_map(
                 jnp.copy, nnx.state(self.isa, nnx.Param)))
+        if identity_init:
+            # [choice] `cmpa.identity_init`: both heads start as x -> x/|x|
+            # (padded with zeros to dim), so the projected GradCAM at step 0
+            # is plain CLIP's up to per-token normalisation, and training's
+            # effect on the CAM is measured from a known start
+            # (docs/diagnostics.md).
+            for head, width in ((self.isa, image_dim), (self.tsa, text_dim)):
+                _identity_start(head, width)
         self.log_tau = nnx.Param(jnp.asarray(math.log(tau_init), jnp.float32))
         self.log_tau_min = math.log(tau_min)
 
@@ -141,11 +150,37 @@ class CMPAHeads(nnx.Module):
         return cls(image_dim, text_dim, hidden_dim=cmpa_config.hidden_dim,
                    dim=cmpa_config.dim, tau_init=cmpa_config.tau_init,
                    tau_min=cmpa_config.tau_min,
-                   tied_init=cmpa_config.get("tied_init", True), rngs=rngs)
+                   tied_init=cmpa_config.get("tied_init", True),
+                   identity_init=cmpa_config.get("identity_init", False),
+                   rngs=rngs)
 
     def tau(self) -> Array:
         """τ = exp(max(log τ, log τ_min)), a float32 scalar."""
         return jnp.exp(jnp.maximum(self.log_tau[...], self.log_tau_min))
+
+
+def _identity_start(head: ProjectionHead, width: int) -> None:
+    """fc1 = [I, −I, 0], fc2 = [I; −I; 0] (zero biases): with the BatchNorm
+    at its initial running statistics (mean 0, var 1, scale 1, bias 0),
+    ReLU(x) − ReLU(−x) = x, so the head is x/|x| up to the BN epsilon
+    (a factor 1/sqrt(1 + eps) that the L2 normalisation removes)."""
+    hidden = head.fc1.kernel.shape[1]
+    dim = head.fc2.kernel.shape[1]
+    if hidden < 2 * width or dim < width:
+        raise ValueError(
+            f"cmpa.identity_init needs cmpa.hidden_dim >= 2 x the CLIP "
+            f"embedding width ({2 * width}) and cmpa.dim >= it ({width}); "
+            f"got hidden_dim={hidden}, dim={dim}")
+    eye = jnp.eye(width, dtype=jnp.float32)
+    fc1 = jnp.zeros((width, hidden), jnp.float32)
+    fc1 = fc1.at[:, :width].set(eye).at[:, width:2 * width].set(-eye)
+    fc2 = jnp.zeros((hidden, dim), jnp.float32)
+    fc2 = fc2.at[:width, :width].set(eye).at[width:2 * width, :width].set(
+        -eye)
+    head.fc1.kernel.value = fc1
+    head.fc1.bias.value = jnp.zeros_like(head.fc1.bias.value)
+    head.fc2.kernel.value = fc2
+    head.fc2.bias.value = jnp.zeros_like(head.fc2.bias.value)
 
 
 def masked_average_pool(features: Array, cams: Array,

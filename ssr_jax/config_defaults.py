@@ -75,6 +75,10 @@ def base_config() -> config_dict.ConfigDict:
     p.hidden_dim = 512  # [choice] ISA/TSA: Dense(512)-BN-ReLU-Dense(dim)
     p.dim = 256  # [choice] d2
     p.tied_init = True  # [choice] TSA initialised as a copy of ISA
+    # [choice] both heads start as x -> x/|x| (needs hidden_dim >= 2 x and
+    # dim >= the CLIP embedding width): the projected CAM starts at plain
+    # CLIP's. Off: the embedded table was measured without it.
+    p.identity_init = False
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

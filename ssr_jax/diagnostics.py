@@ -423,13 +423,14 @@ def projected_cam_miou(problem: CMPAProblem,
     return cams_miou(projected_cams(problem, heads, logit_scale), problem)
 
 
-POOLS = ("gt", "plain_cam", "self_cam")
+POOLS = ("gt", "plain_cam", "plain_label", "self_cam", "ema_cam")
 
 
 def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
                      steps: int = 150, batch: int = 16, lr: float = 1e-3,
                      hidden_dim: int = 64, dim: int = 32,
                      tau_init: float = 0.05, tied_init: bool = True,
+                     identity_init: bool = False, ema: float = 0.99,
                      variant: str = "cross", positive: str = "class",
                      bank_size: int = 256, recluster_every: int = 20,
                      logit_scale: float = 20.0, bg_negatives: bool = False,
@@ -444,8 +445,12 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
 
     Args:
       pool: "gt" (object masks, the oracle), "plain_cam" (the fixed plain
-        CLIP GradCAM) or "self_cam" (the GradCAM through the heads being
-        trained, recomputed every step, as ssr.py does).
+        CLIP GradCAM), "plain_label" (its binary seed, `par.cams_to_labels`:
+        a stand-in for pooling under a pseudo label), "self_cam" (the
+        GradCAM through the heads being trained, recomputed every step, as
+        ssr.py does) or "ema_cam" (the GradCAM through an EMA copy of the
+        heads, momentum `ema`).
+      identity_init: `cmpa.identity_init` (heads start as x -> x/|x|).
       bg_negatives: [reading under test] add TSA(background prompts) as
         extra negatives of the InfoNCE (never positives).
       Others: head widths, loss and optimiser knobs.
@@ -459,15 +464,22 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
     c = problem.text_fg.shape[0]
     heads = cmpa_lib.CMPAHeads(e, e, hidden_dim=hidden_dim, dim=dim,
                                tau_init=tau_init, tied_init=tied_init,
+                               identity_init=identity_init,
                                rngs=nnx.Rngs(seed))
+    ema_heads = nnx.clone(heads) if pool == "ema_cam" else None
     opt = nnx.Optimizer(heads, optax.adam(lr), wrt=nnx.Param)
     text_fg = jnp.asarray(problem.text_fg)
     text_bg = jnp.asarray(problem.text_bg)
     tokens_all = jnp.asarray(problem.tokens[:, 1:])
     plain = None
-    if pool == "plain_cam":
-        plain = projected_cams(problem, None, logit_scale).reshape(
-            len(problem.cls), 1, -1)
+    if pool in ("plain_cam", "plain_label"):
+        cams = projected_cams(problem, None, logit_scale)
+        plain = cams.reshape(len(problem.cls), 1, -1)
+        if pool == "plain_label":
+            _, lab = par_lib.cams_to_labels(
+                cams, jnp.asarray(problem.cls, jnp.int32)[:, None],
+                problem.grid)
+            plain = (lab > 0).astype(jnp.float32).reshape(plain.shape)
     k = c
     bank = cmpa_lib.init_bank(bank_size, dim)
     protos = cmpa_lib.init_protos(k, dim, c)
@@ -500,17 +512,22 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
         cls_ids = jnp.asarray(problem.cls[idx], jnp.int32)[:, None]
         if pool == "gt":
             masks = jnp.asarray(problem.obj[idx], jnp.float32)[:, None]
-        elif pool == "plain_cam":
+        elif pool in ("plain_cam", "plain_label"):
             masks = plain[idx]
         else:
             sub = dataclasses.replace(
                 problem, tokens=problem.tokens[idx], obj=problem.obj[idx],
                 cls=problem.cls[idx])
-            masks = projected_cams(sub, heads, logit_scale).reshape(
-                batch, 1, -1)
+            masks = projected_cams(
+                sub, heads if pool == "self_cam" else ema_heads,
+                logit_scale).reshape(batch, 1, -1)
         loss, acc, f_img = step(heads, opt, tokens_all[idx], masks, cls_ids,
                                 protos)
         bank = cmpa_lib.update_bank(bank, f_img, cls_ids)
+        if ema_heads is not None:
+            nnx.update(ema_heads, jax.tree_util.tree_map(
+                lambda e_, n_: ema * e_ + (1 - ema) * n_,
+                nnx.state(ema_heads), nnx.state(heads)))
         if positive == "kmeans" and (t + 1) % recluster_every == 0:
             protos = cmpa_lib.recluster(bank, k=k, iters=10,
                                         key=jax.random.PRNGKey(t),
