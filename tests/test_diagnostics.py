@@ -148,3 +148,29 @@ def test_boundary_recall_perfect_and_errors():
         0, 12)
     with pytest.raises(ValueError, match="differ"):
         diagnostics.boundary_recall(np.zeros((5, 6), int), gt)
+
+
+def test_pretrain_report_homes_and_background_kinds(tmp_path):
+    """The seed report's host helpers on a written 8-image world (64 px): class
+    homes from world.json equal `home_kinds` of the config; the kind map
+    of a seed batch follows each image's meta."""
+    import json  # noqa: PLC0415
+
+    from ssr_jax import pretrain_report, text  # noqa: PLC0415
+
+    synthetic.generate(tmp_path, seed=0, num_train=6, num_val=2,
+                       image_size=64)
+    _, bg, names = text.dataset_prompts("synthetic", str(tmp_path))
+    home = pretrain_report._home_from_classes(str(tmp_path), names, bg)
+    np.testing.assert_array_equal(
+        home, diagnostics.home_kinds(synthetic.WorldConfig(), bg))
+    assert (home[1:] >= 0).any()
+    meta = json.load(open(tmp_path / "meta.json"))
+    ids = synthetic.read_split(tmp_path, "train")
+    batch = {"index": np.array([0, 3, -1]),
+             "valid": np.ones((3, 64, 64), bool)}
+    kinds = pretrain_report._bg_kinds(batch, meta, ids, bg, 64)
+    for i, j in enumerate((0, 3)):
+        want = diagnostics.background_kind_map(meta[ids[j]], bg, 64, 64)
+        np.testing.assert_array_equal(kinds[i], want)
+    assert (kinds[2] == -1).all()
