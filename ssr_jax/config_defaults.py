@@ -185,6 +185,13 @@ def base_config() -> config_dict.ConfigDict:
     ev.crf_workers = 0  # 0 = half the CPU cores (DenseCRF is memory hungry)
     ev.save_predictions = True  # PNGs with the VOC palette
     ev.max_images = 0  # first images of each split evaluated; 0 = all
+    # Synthetic world only (embedded default): also run the plain-CLIP
+    # diagnostics of pretrain_report.seed_report (attention purity, oracle-
+    # affinity Table 3 rows, initial-CAM P/R and false positives by
+    # background kind, superpixel boundary recall) on the first
+    # `diagnostics_images` seed images; results.json "diagnostics".
+    ev.diagnostics = False
+    ev.diagnostics_images = 500
 
     # --- multi-host ---------------------------------------------------------
     c.distributed = dist = config_dict.ConfigDict()

@@ -396,11 +396,17 @@ def _bg_kinds(batch: dict, meta: dict, split_names: Sequence[str],
 
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
     """A short text summary of both reports."""
-    lines = [
+    return "\n".join([
         f"CLIP zero-shot AUC on val ({zs['num_images']} images): "
         f"classes {zs['fg_auc_cls']:.3f} (CLS) / {zs['fg_auc_patch']:.3f} "
         f"(patch mean), backgrounds {zs['bg_auc_cls']:.3f} / "
-        f"{zs['bg_auc_patch']:.3f}",
+        f"{zs['bg_auc_patch']:.3f}", format_seed_diagnostics(seeds)])
+
+
+def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
+    """The seed report's lines (mIoU per step, purity, CAM errors,
+    boundary recall)."""
+    lines = [
         f"CAM seeds on train ({seeds['num_images']} images), mIoU %: "
         + ", ".join(f"{k} {100 * v:.1f}" for k, v in seeds["miou"].items()),
         "same-label attention share [bg, fg query patches]: "
