@@ -174,3 +174,16 @@ def test_pretrain_report_homes_and_background_kinds(tmp_path):
         want = diagnostics.background_kind_map(meta[ids[j]], bg, 64, 64)
         np.testing.assert_array_equal(kinds[i], want)
     assert (kinds[2] == -1).all()
+
+
+def test_config_check_names_the_new_fields():
+    from ssr_jax import config_check, config_defaults  # noqa: PLC0415
+
+    c = config_defaults.base_config()
+    assert not [e for e in config_check.validate(c)
+                if "kmeans_init" in e or "diagnostics" in e]
+    c.sgc.kmeans_init = "random"
+    c.eval.diagnostics = True  # base config is VOC, not the synthetic world
+    errors = config_check.validate(c)
+    assert any("sgc.kmeans_init" in e for e in errors), errors
+    assert any("eval.diagnostics" in e for e in errors), errors

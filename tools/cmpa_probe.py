@@ -3,7 +3,8 @@
 Prints the projected-GradCAM mIoU (background + classes, `par.cams_to_labels`
 seeds on the token grid) of ssr_jax's CMPA heads trained by ssr_jax's own
 pooling / bank / K-means / InfoNCE code under each reading, per confound,
-mean ± sd over seeds. See docs/diagnostics.md.
+mean ± sd over seeds, and the largest first-step CMPA loss over the runs
+of each reading (last column). See docs/diagnostics.md.
 
     python tools/cmpa_probe.py --seeds 0 1 2 --confounds 0 0.5 1 --steps 80
 """
@@ -51,6 +52,7 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     res: dict[str, dict[str, list[float]]] = {}
+    first: dict[str, list[float]] = {}
     for name, spec in READINGS.items():
         res[name] = {}
         for conf in args.confounds:
@@ -63,17 +65,22 @@ def main():
                     continue
                 pool, kw = spec
                 kw = {"steps": args.steps, "seed": seed, **kw}
-                heads, _ = d.train_cmpa_heads(p, pool, **kw)
+                heads, info = d.train_cmpa_heads(p, pool, **kw)
                 vals.append(d.projected_cam_miou(p, heads))
+                if info["loss"]:
+                    first.setdefault(name, []).append(info["loss"][0])
             res[name][str(conf)] = vals
         cells = [f"{np.mean(v):.3f} ± {_sd(v):.3f}"
                  for v in res[name].values()]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        loss0 = (f"{max(first[name]):.3f}" if name in first else "-")
+        print(f"| {name} | " + " | ".join(cells) + f" | {loss0} |",
+              flush=True)
     print(f"({time.time() - t0:.0f} s; confounds {args.confounds}, seeds "
           f"{args.seeds}, {args.steps} steps, {args.images} images)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "miou": res}, f, indent=1)
+            json.dump({"args": vars(args), "miou": res,
+                       "first_step_loss": first}, f, indent=1)
 
 
 if __name__ == "__main__":
