@@ -79,6 +79,10 @@ def base_config() -> config_dict.ConfigDict:
     # dim >= the CLIP embedding width): the projected CAM starts at plain
     # CLIP's. Off: the embedded table was measured without it.
     p.identity_init = False
+    # [choice] leave crop-padding tokens out of ISA's BatchNorm statistics
+    # and the masked pooling. Off: the embedded table was measured with
+    # them in (docs/diagnostics.md).
+    p.valid_tokens_only = False
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

@@ -473,3 +473,38 @@ def test_identity_init_starts_at_plain_clip():
     with pytest.raises(ValueError, match="identity_init"):
         cmpa.CMPAHeads(e, e, hidden_dim=20, dim=24, identity_init=True,
                        rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("valid_only", [True, False])
+def test_valid_tokens_only_ignores_padding(valid_only):
+    """`cmpa.valid_tokens_only`: with it, what crop-padding tokens hold
+    changes neither f_image nor ISA's BatchNorm running statistics; without
+    it (the default) both change."""
+    from ssr_jax import ssr  # noqa: PLC0415
+
+    c = base_config()
+    c.cmpa.valid_tokens_only = valid_only
+    rng = np.random.default_rng(0)
+    b, n, e, k = 2, 6, 8, 2
+    tokens = rng.normal(size=(b, n, e)).astype(np.float32)
+    valid = np.ones((b, n), bool)
+    valid[1, 4:] = False
+    path = {"cls_ids": jnp.asarray([[0, 1], [2, -1]], jnp.int32),
+            "slot_valid": jnp.asarray([[True, True], [True, False]]),
+            "cams": jnp.asarray(rng.random((b, k, 2, 3)), jnp.float32),
+            "token_valid": jnp.asarray(valid)}
+    outs = []
+    for fill in (0.0, 50.0):
+        t = tokens.copy()
+        t[~valid] = fill
+        heads = cmpa.CMPAHeads(e, e, hidden_dim=12, dim=6, rngs=nnx.Rngs(0))
+        f = ssr.cmpa_image_features(heads, {**path, "tokens": jnp.asarray(t)},
+                                    c)
+        outs.append((np.asarray(f), np.asarray(heads.isa.bn.mean[...])))
+    same = all(np.allclose(a, b_, atol=1e-6) for a, b_ in zip(*outs,
+                                                              strict=True))
+    assert same == valid_only
+    np.testing.assert_array_equal(
+        np.asarray(ssr.token_valid(jnp.asarray(
+            np.pad(np.ones((1, 2, 4), bool), ((0, 0), (0, 2), (0, 0)))),
+            (2, 2))), [[True, True, False, False]])

@@ -33,6 +33,11 @@ READINGS = {
     "GT pools + background negatives": ("gt", {"bg_negatives": True}),
     "identity start, self CAM pools": ("self_cam", {"identity_init": True}),
     "identity start, GT pools": ("gt", {"identity_init": True}),
+    "GT pools, tau 0.5": ("gt", {"tau_init": 0.5}),
+    "plain-CAM pools, tau 0.5": ("plain_cam", {"tau_init": 0.5}),
+    "self CAM pools, tau 0.5": ("self_cam", {"tau_init": 0.5}),
+    "BN statistics only, tau 0.5 (lr 0)": ("gt", {"tau_init": 0.5,
+                                                   "lr": 0.0}),
 }
 
 
@@ -49,11 +54,15 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--text_overlap", type=float, default=0.7)
     ap.add_argument("--out", default="")
+    ap.add_argument("--only", default="",
+                    help="run only the readings whose name contains this")
     args = ap.parse_args()
     t0 = time.time()
     res: dict[str, dict[str, list[float]]] = {}
     first: dict[str, list[float]] = {}
     for name, spec in READINGS.items():
+        if args.only and args.only not in name:
+            continue
         res[name] = {}
         for conf in args.confounds:
             vals = []
