@@ -525,7 +525,8 @@ def _batch_class_means(f_img: Array, cls_ids: Array,
 
 def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
               cls_ids: Array, protos: dict[str, Array], tau: Array,
-              positive_mode: str = "kmeans"
+              positive_mode: str = "kmeans",
+              extra_negatives: Array | None = None
               ) -> tuple[Array, dict[str, Array]]:
     """The CMPA loss of one Table 4 variant (`cmpa.variant`).
 
@@ -540,6 +541,10 @@ def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
       protos: from `recluster` / `init_protos`.
       tau: scalar temperature (`CMPAHeads.tau()`).
       positive_mode: `cmpa.positive`, for "cross" and "intra".
+      extra_negatives: optional [M, d] prototypes appended to the softmax
+        as negatives only (never a positive), e.g. TSA of the background
+        prompts ([choice] `cmpa.background_negatives`); "cross" and
+        "feature" only.
 
     Returns:
       (loss scalar, {"acc": fraction of valid slots whose highest logit is
@@ -569,6 +574,16 @@ def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
         onehot = cls_ids[..., None] == jnp.arange(num_classes)
         prototypes, proto_valid = f_text, onehot.any((0, 1))
         positives = jnp.where(cls_ids >= 0, cls_ids, -1)
+    if extra_negatives is not None:
+        if variant == "intra":
+            raise ValueError("extra_negatives (cmpa.background_negatives) "
+                             "needs cmpa.variant 'cross' or 'feature'")
+        m = extra_negatives.shape[0]
+        prototypes = jnp.concatenate(
+            [prototypes, extra_negatives.astype(prototypes.dtype)])
+        if proto_valid is None:
+            proto_valid = jnp.ones((num_classes,), bool)
+        proto_valid = jnp.concatenate([proto_valid, jnp.ones((m,), bool)])
     loss, acc, n = _proto_terms(f_img, slot_valid, prototypes, positives,
                                 tau, proto_valid)
     return loss, {"acc": acc, "tau": jnp.asarray(tau, jnp.float32),

@@ -83,6 +83,11 @@ def base_config() -> config_dict.ConfigDict:
     # and the masked pooling. Off: the embedded table was measured with
     # them in (docs/diagnostics.md).
     p.valid_tokens_only = False
+    # [choice] TSA(background prompts) as extra negatives of the InfoNCE
+    # (never positives). Off: the paper's Eq. 3-6 has only the foreground
+    # text prototypes (docs/diagnostics.md measures it on a constructed
+    # problem).
+    p.background_negatives = False
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

@@ -451,8 +451,8 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
         ssr.py does) or "ema_cam" (the GradCAM through an EMA copy of the
         heads, momentum `ema`).
       identity_init: `cmpa.identity_init` (heads start as x -> x/|x|).
-      bg_negatives: [reading under test] add TSA(background prompts) as
-        extra negatives of the InfoNCE (never positives).
+      bg_negatives: `cmpa.background_negatives`: TSA(background prompts)
+        as extra negatives of the InfoNCE (never positives).
       Others: head widths, loss and optimiser knobs.
 
     Returns:
@@ -490,15 +490,10 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
             v = heads.isa(tokens)
             f_img = cmpa_lib.masked_average_pool(v, masks, cls_ids >= 0)
             f_text = heads.tsa(text_fg)
-            if bg_negatives:
-                f_bg = heads.tsa(text_bg)
-                f_text_all = jnp.concatenate([f_text, f_bg])
-                loss, aux = _cross_with_extra(f_img, f_text_all, cls_ids,
-                                              protos, heads.tau(), positive)
-            else:
-                loss, aux = cmpa_lib.cmpa_loss(
-                    variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
-                    heads.tau(), positive)
+            extra = heads.tsa(text_bg) if bg_negatives else None
+            loss, aux = cmpa_lib.cmpa_loss(
+                variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
+                heads.tau(), positive, extra_negatives=extra)
             return loss, (aux, f_img)
         (loss, (aux, f_img)), grads = nnx.value_and_grad(
             loss_fn, has_aux=True)(heads)
@@ -535,15 +530,3 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
         losses.append(float(loss))
         accs.append(float(acc))
     return heads, {"loss": losses, "acc": accs, "tau": float(heads.tau())}
-
-
-def _cross_with_extra(f_img: Array, prototypes: Array, cls_ids: Array,
-                      protos: dict[str, Array], tau: Array,
-                      positive: str) -> tuple[Array, dict[str, Array]]:
-    """The "cross" InfoNCE with extra (background) negatives appended to
-    the C text prototypes; positives index the first C."""
-    positives = cmpa_lib.positive_indices(f_img, cls_ids, protos, positive)
-    slot_valid = cls_ids >= 0
-    loss, acc, n = cmpa_lib._proto_terms(f_img, slot_valid, prototypes,
-                                         positives, tau, None)
-    return loss, {"acc": acc, "tau": tau, "num_valid": n}

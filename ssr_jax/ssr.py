@@ -151,7 +151,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       "cams" [B, K, h, w] initial CAMs, "refined" [B, K, h, w],
       "cls_ids" [B, K], "slot_valid" [B, K], "hidden" [L, B, N, D] (decoder
       input), "tokens" [B, N, E] projected patch tokens, "token_valid"
-      [B, N] (patches with a valid pixel, `token_valid`), "grid", and with
+      [B, N] (patches with a valid pixel, `token_valid`), "text_bg" (the
+      background bank, for `cmpa.background_negatives`), "grid", and with
       `all_steps` a dict "steps" of refined CAMs per Table 3 step.
     """
     image = batch["image"]
@@ -205,6 +206,7 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         "hidden": hidden,
         "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
         "token_valid": token_valid(batch["valid"], grid),
+        "text_bg": text_bg,
         "clip_x12": aux["y12"],
         "grid": grid,
     }
@@ -292,9 +294,15 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
     if p.variant != "none":
         f_img = cmpa_image_features(heads, path, config)
         f_text = heads.tsa(text_fg)
+        extra = None
+        if p.get("background_negatives", False):
+            # [choice] TSA(background prompts) as extra InfoNCE negatives
+            # (docs/diagnostics.md); off: the paper writes only the
+            # foreground text prototypes.
+            extra = heads.tsa(path["text_bg"])
         l_proto, aux = cmpa_lib.cmpa_loss(
             p.variant, f_img, f_text, path["slot_valid"], path["cls_ids"],
-            protos, heads.tau(), p.positive)
+            protos, heads.tau(), p.positive, extra_negatives=extra)
         parts["proto"] = l_proto
     else:
         f_img = jnp.zeros((b, k, p.dim))

@@ -508,3 +508,46 @@ def test_valid_tokens_only_ignores_padding(valid_only):
         np.asarray(ssr.token_valid(jnp.asarray(
             np.pad(np.ones((1, 2, 4), bool), ((0, 0), (0, 2), (0, 0)))),
             (2, 2))), [[True, True, False, False]])
+
+
+def test_extra_negatives_vs_loop():
+    """`cmpa_loss(..., extra_negatives=)` (`cmpa.background_negatives`):
+    the extra rows join the softmax denominator only."""
+    rng = np.random.default_rng(3)
+    b, k, d, c, m = 3, 2, 5, 4, 3
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    f_img = unit(rng.normal(size=(b, k, d))).astype(np.float32)
+    f_text = unit(rng.normal(size=(c, d))).astype(np.float32)
+    f_bg = unit(rng.normal(size=(m, d))).astype(np.float32)
+    cls_ids = np.array([[0, 2], [1, -1], [3, 0]], np.int32)
+    tau = 0.2
+    protos = cmpa.init_protos(c, d, c)
+    for variant in ("cross", "feature"):
+        got, _ = cmpa.cmpa_loss(variant, jnp.asarray(f_img),
+                                jnp.asarray(f_text), jnp.asarray(cls_ids >= 0),
+                                jnp.asarray(cls_ids), protos, tau, "class",
+                                extra_negatives=jnp.asarray(f_bg))
+        present = set(cls_ids[cls_ids >= 0].tolist())
+        terms = []
+        for i in range(b):
+            for j in range(k):
+                if cls_ids[i, j] < 0:
+                    continue
+                rows = [f_text[q] for q in range(c)
+                        if variant == "cross" or q in present]
+                logits = [f_img[i, j] @ r / tau for r in rows + list(f_bg)]
+                pos = f_img[i, j] @ f_text[cls_ids[i, j]] / tau
+                terms.append(math.log(sum(math.exp(x) for x in logits)) - pos)
+        np.testing.assert_allclose(float(got), np.mean(terms), rtol=1e-5)
+        plain, _ = cmpa.cmpa_loss(variant, jnp.asarray(f_img),
+                                  jnp.asarray(f_text),
+                                  jnp.asarray(cls_ids >= 0),
+                                  jnp.asarray(cls_ids), protos, tau, "class")
+        assert float(got) > float(plain)
+    with pytest.raises(ValueError, match="background_negatives"):
+        cmpa.cmpa_loss("intra", jnp.asarray(f_img), jnp.asarray(f_text),
+                       jnp.asarray(cls_ids >= 0), jnp.asarray(cls_ids),
+                       protos, tau, "class", extra_negatives=jnp.asarray(f_bg))
