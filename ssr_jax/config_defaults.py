@@ -22,7 +22,7 @@ def base_config() -> config_dict.ConfigDict:
     # --- data ---------------------------------------------------------------
     c.data = d = config_dict.ConfigDict()
     d.name = "voc"  # voc | coco | synthetic
-    d.root = ""  # dataset root (see README "Data preparation")
+    d.root = ""  # dataset root (layout and preparation: docs/data.md)
     d.train_split = "train_aug"  # list file under ImageSets/Segmentation
     d.val_split = "val"
     d.seed_split = "train"  # split where CAM seeds and pseudo labels are scored

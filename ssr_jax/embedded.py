@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from ssr_jax import (
+    checkpointing,
     config_check,
     evaluate,
     logs,
@@ -49,6 +51,27 @@ def _stage(timings: dict[str, float], name: str):
     yield
     timings[name] = round(time.time() - t0, 1)
     print(f"== {name}: {timings[name]:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """After training: SIGTERM / Ctrl-C stop at once (the checkpoint is
+    complete; nothing else needs saving) with the preemption exit path,
+    instead of spending the grace period on evaluation."""
+    def handle(signum, frame):
+        del frame
+        raise checkpointing.PreemptedError(
+            f"stopped by {signal.Signals(signum).name} after training "
+            "(the checkpoint is complete). Re-run the same command to "
+            "evaluate it. Exit code 75.")
+
+    previous = {sig: signal.signal(sig, handle)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _miou(scores: dict[str, Any]) -> float | None:
@@ -200,6 +223,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     root, clip_path, dino_path = prepare(config, timings)
     with _stage(timings, "train"):
         setup = train.train_and_evaluate(config, workdir)
+    with _stop_on_signal():
+        return _evaluate_all(config, workdir, setup, timings, t_start,
+                             root, clip_path, dino_path)
+
+
+def _evaluate_all(config, workdir, setup, timings, t_start, root,
+                  clip_path, dino_path) -> dict[str, Any]:
     model = setup.trained_model()
     val_dir = os.path.join(workdir, "eval", config.data.val_split)
     with _stage(timings, "eval"):

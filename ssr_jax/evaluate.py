@@ -804,7 +804,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     _check_crf(config)
     # The decoder reads CLIP only: DINO is not loaded for eval.
     clip, dino, model = train.build_models(config, with_dino=False)
-    train.check_models(config, clip, dino)
+    train.check_models(config, clip, dino, pseudo_labels=False)
     model, step, directory = restore_model(config, workdir, model)
     ev = config.eval
     split = ev.split

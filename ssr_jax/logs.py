@@ -329,6 +329,34 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drops the records of `<workdir>/metrics.jsonl` after `step` (the
+    step a run resumes from; 0 for a fresh start), so a resumed or
+    repeated run does not log steps twice. Unparsable lines (a write cut
+    by a crash) go too. Rewrites the file atomically; returns how many
+    lines were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if int(rec.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 _FILE_HANDLERS: dict[str, py_logging.Handler] = {}
 
 

@@ -192,7 +192,8 @@ def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     first = preemption_utils.preempt(_main_argv(world, resumed, steps),
                                      marker=re.compile(r"^step 2\b"),
                                      extra_env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # Preempted: saved, stopped with exit 75 (docs/errors.md).
+    assert first.returncode == 75, first.stderr[-3000:]
     assert "preempted at step" in first.stdout
     stopped = int(re.search(r"preempted at step (\d+)",
                             first.stdout).group(1))
@@ -202,6 +203,7 @@ def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"step {stopped + 1} " in r.stdout  # it resumed, not restarted
+    assert f"resumed from step {stopped}" in r.stderr
     a = _final_params(straight, steps)
     b = _final_params(resumed, steps)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
