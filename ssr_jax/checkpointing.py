@@ -62,7 +62,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -98,10 +97,10 @@ class Restored(NamedTuple):
 
 
 def warn(message: str) -> None:
-    """A warning for the log file and the terminal (stderr, process 0)."""
-    logging.warning("%s", message)
-    if jax.process_index() == 0:
-        print(f"ssr_jax: warning: {message}", file=sys.stderr, flush=True)
+    """A warning for the log file and the terminal (`logs.warn`)."""
+    from ssr_jax import logs
+
+    logs.warn(message)
 
 
 class PreemptedError(Exception):
@@ -516,8 +515,8 @@ class PreemptionGuard:
             raise KeyboardInterrupt
         if self.reason is None:
             self.reason = signal.Signals(signum).name
-            logging.warning("%s received: saving at the next step boundary "
-                            "and exiting", self.reason)
+            warn(f"{self.reason} received: saving at the next step "
+                 "boundary and stopping (Ctrl-C again to stop at once)")
 
     @property
     def requested(self) -> bool:

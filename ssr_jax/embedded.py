@@ -115,6 +115,18 @@ def _table(results: dict[str, Any]) -> str:
               for k, ok in results["orderings"].items()]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in results["time_s"].items())
     lines.append(f"wall time: {times}")
+    counts = []
+    for label, images in (("val", results["val"].get("images")),
+                          ("seeds", results["seed_split"].get("images"))):
+        if images:
+            counts.append(f"{label} {images['scored']} of {images['listed']}")
+    if counts:
+        lines.append("images scored: " + ", ".join(counts)
+                     + "; mIoU over the classes present in the ground truth"
+                     " (val over all classes: "
+                     + (f"{100 * results['val']['miou_all_classes']:.1f})"
+                        if results["val"].get("miou_all_classes") is not None
+                        else "—)"))
     return "\n".join(lines)
 
 
@@ -250,6 +262,8 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
     e = seeds["entries"]
     results = {
         "val": {"miou": _miou(seg),
+                "miou_all_classes": seg.get("miou_all_classes"),
+                "images": seg.get("images"),
                 "precision": seg.get("mean_precision"),
                 "recall": seg.get("mean_recall"),
                 "confusion": seg.get("mean_confusion"),
@@ -264,7 +278,8 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
                  "initial_cam_with": _miou(e["cam_cmpa"])},
         "per_class_iou": _per_class(seg),
         "seed_split": {"name": config.data.seed_split,
-                       "num_images": seeds["num_images"]},
+                       "num_images": seeds["num_images"],
+                       "images": seeds.get("images")},
         "time_s": timings,
         "world": root,
         "encoders": {"clip": clip_path, "dino": dino_path},

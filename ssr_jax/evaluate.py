@@ -354,6 +354,7 @@ class _Loader:
         self.strict = bool(config.data.strict)
         self.num_classes = int(config.data.num_classes)
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+        self.skipped: list[str] = []  # reasons, data.strict=False
 
     def _one(self, idx: int, hw1: tuple[int, int]) -> dict | None:
         if idx < 0:
@@ -366,7 +367,8 @@ class _Loader:
         except DataError as e:
             if self.strict:
                 raise
-            logging.warning("skipping (data.strict=False): %s", e)
+            logs.warn(f"skipping (data.strict=False): {e}")
+            self.skipped.append(str(e))
             return None
         return {"image": image, "mask": mask, "resized":
                 resize_image(image, hw1), "name": self.split.names[idx]}
@@ -512,9 +514,45 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     result.update(num_images=int(len(examples)),
                   num_scored=int(_sum_over_processes(counts["scored"])),
                   num_shapes=num_shapes)
+    unreadable = _sum_over_processes(len(loader.skipped))
+    without_mask = sum(data.mask_paths[i] is None for i in examples)
+    result["images"] = image_accounting(
+        data, result["num_scored"], max_images=max_images,
+        beyond_max=len(data.usable) - len(examples),
+        without_mask=without_mask,
+        unreadable=unreadable, unreadable_reasons=loader.skipped,
+        warn=out_dir is not None)
     if not has_masks:
         result["miou"] = None
     return result
+
+
+def image_accounting(data: voc.Split, scored: int, *, max_images: int,
+                     beyond_max: int, without_mask: int, unreadable: int,
+                     unreadable_reasons: Sequence[str] = (),
+                     warn: bool = True) -> dict[str, Any]:
+    """How many images of a split were scored, and why the others were not
+    (recorded in metrics.json / seeds.json; with `warn`, a shortfall is
+    also printed as a warning)."""
+    listed = len(data.names)
+    out = {
+        "listed": listed,
+        "scored": int(scored),
+        "not_scored": {
+            "unusable (data.strict=False)": int(data.summary.num_skipped),
+            f"beyond eval.max_images={max_images}": int(beyond_max),
+            "no mask": int(without_mask),
+            "unreadable when read (data.strict=False)": int(unreadable),
+        },
+        "unusable_examples": list(data.summary.problems[:10]),
+        "unreadable_examples": list(unreadable_reasons)[:10],
+    }
+    missing = {k: v for k, v in out["not_scored"].items() if v}
+    if missing and warn:
+        logs.warn(f"split {data.name!r}: scored {scored} of {listed} listed "
+                  "images; not scored: " + ", ".join(
+                      f"{v} {k}" for k, v in missing.items()))
+    return out
 
 
 def _sum_over_processes(x: int) -> int:
@@ -698,8 +736,18 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     names = voc.class_names(config)
     entries = {k: metrics.scores(accs[k].result(), names)
                for k in SEED_ENTRIES if k in accs}
+    data = voc.load_split(config, split)
+    with_mask = [i for i in data.usable if data.mask_paths[i] is not None]
+    pool = with_mask if require_masks else list(data.usable)
+    taken = pool[:max_images] if max_images > 0 else pool
+    masked_taken = sum(data.mask_paths[i] is not None for i in taken)
+    images = image_accounting(
+        data, num if require_masks else masked_taken, max_images=max_images,
+        beyond_max=len(pool) - len(taken),
+        without_mask=len(data.usable) - len(with_mask),
+        unreadable=max(0, len(taken) - num), warn=on_batch is None)
     return {"split": split, "size": size, "num_images": num,
-            "entries": entries}
+            "images": images, "entries": entries}
 
 
 def seed_table(result: dict[str, Any]) -> str:
@@ -826,9 +874,12 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             table = (f"{scores['num_images']} images of {split!r} have no "
                      "masks: predictions only.\n")
+        images = scores.get("images", {})
         header = (f"# {split}, step {step}{' + CRF' if ev.crf else ''}\n\n"
                   f"Scales {list(ev.scales)}, flip {bool(ev.flip)}, long "
-                  f"side {ev.long_side}.\n\n")
+                  f"side {ev.long_side}. Images scored: "
+                  f"{images.get('scored')} of {images.get('listed')} "
+                  "listed (not scored: see metrics.json \"images\").\n\n")
         _write_text(os.path.join(out_dir, "metrics.md"), header + table)
         print(header + table, flush=True)
     return report

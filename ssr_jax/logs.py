@@ -1,6 +1,10 @@
 """Metric logging: JSON lines, TensorBoard event files (no TensorFlow), PNGs.
 
 API:
+  warn(message), note(message)
+      A warning / a start-up note for the user: logged, and printed on
+      stderr by process 0 (`ssr_jax: warning: ...`), since absl sends
+      log records only to the log file once it has one.
   setup_logging(workdir, process_index=None) -> str
       absl/Python logging also goes to `<workdir>/logs/ssr_jax.<p>.log`
       (console output unchanged); idempotent; returns the file path.
@@ -50,12 +54,36 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+
+def _terminal_process() -> bool:
+    jax = sys.modules.get("jax")  # never import JAX just for this
+    try:
+        return jax is None or jax.process_index() == 0
+    except Exception:  # noqa: BLE001 - before the backend is up
+        return True
+
+
+def warn(message: str) -> None:
+    """Logs a warning and prints it on stderr (process 0)."""
+    logging.warning("%s", message)
+    if _terminal_process():
+        print(f"ssr_jax: warning: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """Logs an info record and prints it on stderr (process 0)."""
+    logging.info("%s", message)
+    if _terminal_process():
+        print(message, file=sys.stderr, flush=True)
+
 
 # --- CRC-32C (Castagnoli), table driven -------------------------------------
 

@@ -68,7 +68,7 @@ def _voc(tree, workdir, *extra):
             "--config.data.train_split=train", *extra)
 
 
-# --- rows of docs/errors.md ----------------------------------------------------
+# --- rows of docs/errors.md --------------------------------------------------
 def test_missing_split_list_is_found_before_any_model(tree, tmp_path):
     r = _main(*_voc(tree, tmp_path / "w", "--config.data.train_split="
                     "train_aug2"))

@@ -38,7 +38,7 @@ README = os.path.join(ROOT, "README.md")
 EXIT_PREEMPTED = 75
 
 
-# --- extraction ----------------------------------------------------------------
+# --- extraction --------------------------------------------------------------
 def _normalise(cmd: str) -> str:
     return " ".join(cmd.replace("\\\n", " ").split())
 
@@ -68,7 +68,7 @@ def readme_commands(text: str | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-# --- planning ------------------------------------------------------------------
+# --- planning ----------------------------------------------------------------
 @dataclasses.dataclass
 class Case:
     readme: str  # as written in the README
@@ -213,7 +213,7 @@ def test_extraction_joins_continuations_and_inline_spans():
                          "--config.model.dino_path={dino_path}"]
 
 
-# --- running -------------------------------------------------------------------
+# --- running -----------------------------------------------------------------
 def _env(cache) -> dict[str, str]:
     # One CPU device, as a user runs it (conftest's 8 fake devices would
     # refuse the tiny batch); other XLA flags kept.

@@ -574,10 +574,14 @@ def load_split(config, split: str) -> Split:
                       np.int64)
     summary = _summarise(config, split, records, usable, classes, from_cache)
     if bad:
+        from ssr_jax import logs  # noqa: PLC0415 - no JAX import
+
         for p in bad[:_MAX_LISTED_PROBLEMS]:
             logging.warning("skipping: %s", p)
-        logging.warning("skipped %d of %d examples of split %r "
-                        "(data.strict=False)", len(bad), len(names), split)
+        more = (f" (+{len(bad) - 1} more in the log)" if len(bad) > 1
+                else "")
+        logs.warn(f"skipped {len(bad)} of {len(names)} examples of split "
+                  f"{split!r} (data.strict=False): {bad[0]}{more}")
     if not usable.size:
         raise DataError(f"split {split!r} has no usable example; first "
                         f"problem: {bad[0]}")
