@@ -827,6 +827,17 @@ def _check_crf(config) -> None:
             raise config_check.ConfigError(str(e)) from None
 
 
+def refuse_overwrite(config, out_dir: str, report: str) -> None:
+    """ConfigError (before any model loads) when `out_dir/report` is left
+    from an earlier run and `eval.overwrite` is off."""
+    path = os.path.join(out_dir, report)
+    if os.path.exists(path) and not config.eval.overwrite:
+        raise config_check.ConfigError(
+            f"{path} exists from an earlier run. Pass "
+            "--config.eval.overwrite=True to replace it (and its PNGs), or "
+            "move it away first.")
+
+
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -850,6 +861,9 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     """
     logs.setup_logging(workdir)
     _check_crf(config)
+    out_dir = os.path.join(workdir, "eval", config.eval.split
+                           + ("_crf" if config.eval.crf else ""))
+    refuse_overwrite(config, out_dir, "metrics.json")
     # The decoder reads CLIP only: DINO is not loaded for eval.
     clip, dino, model = train.build_models(config, with_dino=False)
     train.check_models(config, clip, dino, pseudo_labels=False)
@@ -899,6 +913,9 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     scores).
     """
     logs.setup_logging(workdir)
+    refuse_overwrite(config, os.path.join(workdir, "pseudo_labels",
+                                          config.data.seed_split),
+                     "seeds.json")
     clip, dino, model = train.build_models(config)
     if dino is None and config.model.dino_path:
         from ssr_jax.models import loading

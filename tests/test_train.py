@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 
 import data_fixtures
@@ -189,10 +190,12 @@ def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
     resumed = str(tmp_path / "resumed")
+    # Ctrl-C behaves as SIGTERM (tests/test_readme_commands.py sends
+    # SIGTERM): saved at the next step boundary, stopped with exit 75.
     first = preemption_utils.preempt(_main_argv(world, resumed, steps),
                                      marker=re.compile(r"^step 2\b"),
+                                     sig=signal.SIGINT,
                                      extra_env=env, timeout=600)
-    # Preempted: saved, stopped with exit 75 (docs/errors.md).
     assert first.returncode == 75, first.stderr[-3000:]
     assert "preempted at step" in first.stdout
     stopped = int(re.search(r"preempted at step (\d+)",
