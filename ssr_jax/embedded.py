@@ -151,7 +151,7 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
         return path["steps"], path["labels"], path["cls_ids"]
 
     steps, labels, cls_ids = jax.device_get(run(arrays))
-    rows = []
+    rows, label_maps = [], []
     for i in range(len(batch["image"])):
         if not batch["example_valid"][i] or cls_ids[i, 0] < 0:
             continue
@@ -164,15 +164,21 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
         row.append(visualize.label_overlay(img, labels[i]))
         row.append(visualize.label_overlay(img, batch["mask"][i]))
         rows.append(row)
+        label_maps += [labels[i], batch["mask"][i]]
     if rows:
-        visualize.save_png(os.path.join(workdir, "cam_overlays.png"),
-                           visualize.grid(rows))
+        headers = ("image", "initial CAM", "+ CLIP attn", "+ DINO attn",
+                   "+ superpixels", "pseudo label", "ground truth")
+        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        visualize.save_png(
+            os.path.join(workdir, "cam_overlays.png"),
+            visualize.annotate(visualize.grid(rows), headers,
+                               rows[0][0].shape[1], legend=legend))
 
 
 def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
     """Val images | prediction | ground truth, from the evaluator's PNGs."""
     split = voc.load_split(config, config.data.val_split)
-    rows = []
+    rows, label_maps = [], []
     for i, name in enumerate(split.names):
         pred_path = os.path.join(pred_dir, "predictions", f"{name}.png")
         if not os.path.exists(pred_path):
@@ -182,11 +188,16 @@ def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
         gt = voc.read_mask(split.mask_paths[i], config.data.num_classes)
         rows.append([img, visualize.label_overlay(img, pred),
                      visualize.label_overlay(img, gt)])
+        label_maps += [pred, gt]
         if len(rows) == NUM_PICTURES:
             break
     if rows:
-        visualize.save_png(os.path.join(workdir, "predictions.png"),
-                           visualize.grid(rows))
+        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        visualize.save_png(
+            os.path.join(workdir, "predictions.png"),
+            visualize.annotate(visualize.grid(rows),
+                               ("val image", "prediction", "ground truth"),
+                               rows[0][0].shape[1], legend=legend))
 
 
 def _read_indices(path: str) -> np.ndarray:
@@ -252,7 +263,7 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
     with _stage(timings, "seeds"):
         seeds = evaluate.score_seeds(config, setup.clip, setup.dino, model,
                                      config.data.seed_split, bank=setup.bank,
-                                     max_images=0)
+                                     max_images=0, progress=True)
     with _stage(timings, "pictures"):
         _cam_pictures(setup, model, config, workdir)
         _prediction_pictures(config, workdir, val_dir)

@@ -60,6 +60,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -476,10 +477,15 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
             yield from pool.submit(crf.predict, lg, mh, mw, image,
                                    crf_params, meta=meta)
 
+    bar = tqdm.tqdm(total=len(plan), desc=f"eval ({split})",
+                    dynamic_ncols=True, mininterval=1.0,
+                    disable=not (out_dir is not None and config.train.progress
+                                 and jax.process_index() == 0))
     try:
         futures = loader.submit(plan[0], rows) if plan else []
         previous = None
         for k, batch in enumerate(plan):
+            bar.update(1)
             items = [f.result() for f in futures]
             if k + 1 < len(plan):
                 futures = loader.submit(plan[k + 1], rows)
@@ -503,6 +509,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
         for meta, pred in pool.drain():
             finish(meta, pred)
     finally:
+        bar.close()
         loader.close()
         pool.close()
 
@@ -670,7 +677,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                 size: int | None = None,
                 label_entries: Sequence[str] = (),
                 on_batch: Callable[[dict, dict], None] | None = None,
-                require_masks: bool = True,
+                require_masks: bool = True, progress: bool = False,
                 ) -> dict[str, Any]:
     """CAM-seed and pseudo-label quality on `split` (SPEC §2; Tables 3–4).
 
@@ -693,6 +700,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
         {entry: uint8 [b, S, S] this process's rows}.
       require_masks: False also runs the images without a mask (they are
         passed to `on_batch` and not scored).
+      progress: a tqdm bar (with `train.progress`, process 0).
 
     Returns:
       {"split", "size", "num_images", "entries": {entry: metrics.scores}}.
@@ -718,9 +726,14 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     data_sh = NamedSharding(mesh, P("data"))
     accs: dict[str, metrics.ConfusionAccumulator] = {}
     num = 0
-    for local in input_pipeline.seed_batches(config, split, batch_size, size,
-                                             max_images=max_images,
-                                             require_masks=require_masks):
+    batches = input_pipeline.seed_batches(config, split, batch_size, size,
+                                          max_images=max_images,
+                                          require_masks=require_masks)
+    show = progress and bool(config.train.progress) and (
+        jax.process_index() == 0)
+    for local in tqdm.tqdm(batches, desc=f"seeds ({split})",
+                           dynamic_ncols=True, mininterval=1.0,
+                           disable=not show):
         batch = {k: jax.make_array_from_process_local_data(data_sh, v)
                  for k, v in local.items() if k != "index"}
         counts, valid, maps = step(clip_state, dino_state, params, rest, fg,
@@ -942,7 +955,7 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
 
     result = score_seeds(config, clip, dino, model, split, bank=bank,
                          label_entries=("pseudo_labels",), on_batch=write,
-                         require_masks=False)
+                         require_masks=False, progress=True)
     done = data.usable[:config.eval.max_images or None]
     result["num_masked"] = sum(data.mask_paths[i] is not None for i in done)
     result["checkpoint"] = {"directory": directory, "step": step}

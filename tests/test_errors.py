@@ -108,7 +108,6 @@ def test_verbose_prints_the_traceback(tree, tmp_path):
                        "resumes from the last complete checkpoint")),
     (errno.EROFS, 2, ("cannot write", "Read-only file system",
                       "writable --workdir")),
-    (errno.EACCES, 2, ("cannot write", "Permission denied")),
 ])
 def test_disk_full_and_read_only_writes(tree, tmp_path, err, code, needles):
     # The label cache is the first file a run writes after the workdir.
@@ -165,6 +164,8 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
      "disk full while writing /w/x"),
     (OSError(errno.EROFS, "Read-only file system", "/w"), 2,
      "cannot write /w: Read-only file system"),
+    (PermissionError(errno.EACCES, "Permission denied", "/w/c"), 2,
+     "cannot write /w/c: Permission denied"),
 ])
 def test_describe_error_rows(error, code, needle):
     got = main.describe_error(error, "/w")
@@ -222,3 +223,26 @@ def test_docs_table_lists_every_exit_code():
                    "split list", "Re-run the same command to resume",
                    "internal error"):
         assert needle in doc, needle
+
+
+def test_data_corrupted_after_the_scan_is_a_short_error(tmp_path):
+    """A file edited in place after the (cached) scan is found when it is
+    read mid-training: the DataError reaches the one error path."""
+    from ssr_jax import input_pipeline
+
+    tree = data_fixtures.write_voc_tree(str(tmp_path / "voc"))
+    c = data_fixtures.fixture_config(
+        tree, **{"data.cache_dir": str(tmp_path / "cache")})
+    input_pipeline.voc.load_split(c, "train_aug")  # scanned and cached
+    for name in tree.splits["train_aug"]:
+        with open(tree.image(name), "r+b") as f:
+            f.truncate(os.path.getsize(tree.image(name)) // 2)
+    it = input_pipeline.train_iterator(c, process_index=0, process_count=1)
+    with pytest.raises(DataError) as e:
+        for _ in range(4):
+            next(it)
+    it.close()
+    code, message = main.describe_error(e.value)
+    assert code == 2
+    assert message.startswith("data problem: corrupt image ")
+    assert "docs/data.md" in message

@@ -16,7 +16,10 @@ here is substituted:
 
 The embedded default is also preempted (SIGTERM after its first step):
 it must exit 75 without evaluating, and the same command must resume and
-finish. A README command this file does not know fails
+finish; its results and pictures are checked (this replaces the former
+tests/test_embedded.py), and a fresh process must pretrain bitwise-equal
+tiny encoders on an equal world (determinism across processes). A README
+command this file does not know fails
 `test_every_readme_command_is_covered`: add it to `plan()`.
 """
 
@@ -289,13 +292,14 @@ def test_readme_embedded_commands(tmp_path):
     assert f"resumed from step {stopped}" in r.stderr
     with open(os.path.join(workdir, "results.json")) as f:
         res = json.load(f)
-    assert 0.0 <= res["val"]["miou"] <= 1.0
+    _check_results(res, r.stdout, workdir)
     steps = _steps(workdir)
     assert steps[-1] == res["steps"]
     records = [json.loads(ln) for ln in open(
         os.path.join(workdir, "metrics.jsonl")) if ln.strip()]
     logged = [rec["step"] for rec in records if "scalars" in rec]
     assert logged == sorted(set(logged)), logged  # no step twice
+    assert "loss" in records[-1].get("scalars", {})
 
     # Eval and pseudo labels on the saved checkpoint, as written.
     _run(cases[("eval", "runs/synth")], cwd, env)
@@ -305,12 +309,96 @@ def test_readme_embedded_commands(tmp_path):
     labels = os.path.join(workdir, "pseudo_labels", "train", "labels")
     assert os.listdir(labels)
 
-    # The smoke command (same path, another relative workdir).
+    # The smoke command (same path, another relative workdir) reuses the
+    # cached world and encoders.
     smoke = cases.get(("train", "runs/smoke"))
     if smoke is not None:
         _run(smoke, cwd, env)
-        assert os.path.exists(os.path.join(cwd, "runs", "smoke",
-                                           "results.json"))
+        with open(os.path.join(cwd, "runs", "smoke", "results.json")) as f:
+            res2 = json.load(f)
+        assert res2["time_s"]["pretrain"] < 5.0
+        assert res2["encoders"] == res["encoders"]
+
+    # Deterministic across processes: a fresh process (another hash seed,
+    # an empty cache) generates the same world and pretrains bitwise-equal
+    # encoders (issue 14: two runs of the full default disagreed).
+    other = _pretrain_elsewhere(tmp_path / "cache2")
+    mine = [res["world"], res["encoders"]["clip"], res["encoders"]["dino"]]
+    for x, y in zip(mine, other, strict=True):
+        assert x != y
+        fx, fy = _files(x), _files(y)
+        assert sorted(fx) == sorted(fy) and fx
+        differ = [k for k in fx if fx[k] != fy[k]]
+        assert not differ, (x, differ[:10])
+
+
+def _check_results(res: dict, stdout: str, workdir: str) -> None:
+    """results.json and the PNGs of an embedded run are sane."""
+    import math  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    def unit(x):
+        return x is None or (isinstance(x, float) and 0.0 <= x <= 1.0)
+
+    assert 0.0 <= res["val"]["miou"] <= 1.0
+    assert unit(res["val"]["miou_all_classes"])
+    assert res["val"]["images"]["scored"] >= 1
+    for key in ("initial_cam", "clip_attn", "clip_dino", "sgc",
+                "pseudo_labels"):
+        assert 0.0 <= res["seeds"][key] <= 1.0, key
+    for key in ("initial_cam_without", "initial_cam_with"):
+        assert 0.0 <= res["cmpa"][key] <= 1.0, key
+    assert res["per_class_iou"] and all(
+        unit(v) for v in res["per_class_iou"].values())
+    assert set(res["orderings"]) == {
+        "sgc > clip_dino", "clip_dino > clip_attn",
+        "clip_attn > initial_cam", "initial_cam_with > initial_cam_without"}
+    for stage in ("world", "pretrain", "train", "eval", "seeds", "total"):
+        assert math.isfinite(res["time_s"][stage]) and (
+            res["time_s"][stage] >= 0)
+    assert "mIoU %" in stdout and "segmentation (val" in stdout
+    assert "images scored: val" in stdout
+    for png in ("cam_overlays.png", "predictions.png", "loss_curves.png"):
+        with Image.open(os.path.join(workdir, png)) as im:
+            a = np.asarray(im)
+        assert a.ndim == 3 and a.shape[0] > 8 and a.std() > 0, png
+
+
+_PRETRAIN = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+c = module.get_config("tiny")
+from ssr_jax import pretrain
+root = pretrain.ensure_world(c)
+print(json.dumps([root, *pretrain.ensure_encoders(c, root)]))
+"""
+
+
+def _pretrain_elsewhere(cache) -> list[str]:
+    env = dict(_env(cache), PYTHONHASHSEED="12345")
+    r = subprocess.run(
+        [sys.executable, "-c", _PRETRAIN,
+         os.path.join(ROOT, "configs", "synthetic.py")],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    """Every file under `directory` but the run records (timings, paths)."""
+    out = {}
+    for d, _, names in os.walk(directory):
+        for n in names:
+            if n in ("pretrain.json", "world.json"):
+                continue
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, directory)] = f.read()
+    return out
 
 
 @pytest.mark.slow

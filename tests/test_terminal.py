@@ -62,3 +62,21 @@ def test_warn_goes_to_stderr(capsys):
     logs.warn("checkpoint step 4 is broken")
     assert capsys.readouterr().err == (
         "ssr_jax: warning: checkpoint step 4 is broken\n")
+
+
+def test_pictures_have_headers_and_a_class_legend():
+    from ssr_jax import visualize
+
+    tile = np.zeros((32, 40, 3), np.uint8)
+    pic = visualize.grid([[tile, tile], [tile, tile]])
+    labels = [np.array([[0, 1], [15, 255]]), np.array([[0, 0], [0, 1]])]
+    legend = visualize.class_legend(labels, voc.VOC_CLASSES)
+    assert [name for name, _ in legend] == ["background", "aeroplane",
+                                            "person"]
+    assert legend[1][1] == tuple(voc.palette()[3:6])
+    out = visualize.annotate(pic, ("image", "prediction"), 40,
+                             legend=legend)
+    assert out.shape[1] == pic.shape[1] and out.shape[0] > pic.shape[0] + 20
+    head = out[:pic.shape[0] and 14]
+    assert (head < 128).any()  # header text drawn
+    np.testing.assert_array_equal(out[16:16 + pic.shape[0]], pic)
