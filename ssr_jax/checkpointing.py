@@ -376,7 +376,10 @@ class Checkpointer:
                 except CheckpointMismatchError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any read failure
-                    why = f"step {s}: {type(e).__name__}: {e}"[:500]
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    first = first.split(" See full TensorStore")[0]
+                    why = f"step {s}: {type(e).__name__}: {first}"[:300]
+                    logging.info("reading step %d failed:\n%s", s, e)
             failures.append(why)
             if step is not None:
                 break
@@ -515,8 +518,10 @@ class PreemptionGuard:
             raise KeyboardInterrupt
         if self.reason is None:
             self.reason = signal.Signals(signum).name
+            again = (" (Ctrl-C again to stop at once)"
+                     if signum == signal.SIGINT else "")
             warn(f"{self.reason} received: saving at the next step "
-                 "boundary and stopping (Ctrl-C again to stop at once)")
+                 f"boundary and stopping{again}")
 
     @property
     def requested(self) -> bool:

@@ -409,3 +409,19 @@ def test_two_process_preemption_and_save(tmp_path, service):
     for pid, o in enumerate(outs):
         assert o["restored"] == k and o["data"] == {"next": k + 1}
         assert o["local"] == [pid + 1.0 + k]
+
+
+def test_tmp_directory_of_an_interrupted_save_is_removed(tmp_path):
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2,
+                                    async_save=False) as ckpt:
+        _save_steps(ckpt, [2])
+    # What a save killed half-way (Ctrl-C twice, a crash) leaves behind.
+    leftover = tmp_path / "4.orbax-checkpoint-tmp-1733380000000000"
+    (leftover / "state").mkdir(parents=True)
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2) as ckpt:
+        assert not leftover.exists()  # removed when the next run starts
+        assert ckpt.all_steps() == [2]
+        assert ckpt.save(4, _state(4.0), {"next": 5}, force=True)
+        ckpt.wait_until_finished()
+        assert ckpt.complete_steps() == [2, 4]
+    assert not leftover.exists()
