@@ -345,7 +345,7 @@ def handle_error(e: BaseException, workdir: str | None) -> None:
     if verbose:
         traceback.print_exception(e, file=sys.stderr)
     print(f"ssr_jax: {message}", file=sys.stderr)
-    if log and not verbose and code != EXIT_PREEMPTED:
+    if log and not verbose and code == EXIT_FAULT:
         print(f"(full traceback in {log}; --verbose prints it)",
               file=sys.stderr)
     _exit(code)
