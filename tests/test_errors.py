@@ -173,6 +173,31 @@ def test_describe_error_rows(error, code, needle):
     assert needle in got[1], got
 
 
+def test_tensorstore_disk_full_text_is_recognised():
+    # What Orbax raised when a checkpoint filled a 64 kB tmpfs.
+    e = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/c/1.orbax-checkpoint'
+        '-tmp/state/_sharding": Failed writing: "/c/x.__lock": Failed to '
+        'write 51021 bytes')
+    code, message = main.describe_error(e)
+    assert code == 1
+    assert message.startswith("disk full while writing /c/1.orbax-")
+
+
+def test_closed_event_loop_callbacks_are_dropped():
+    import asyncio
+
+    main._quiet_closed_event_loops()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    assert loop.call_soon_threadsafe(print) is None  # was: RuntimeError
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.call_soon_threadsafe(print) is not None
+    finally:
+        loop.close()
+
+
 def test_errors_wrapped_by_other_libraries_are_found():
     # Orbax's async save re-raises the OSError inside its own errors.
     try:
