@@ -94,6 +94,25 @@ fi
 print('torch cuda', torch.cuda.is_available())" || say "device check failed"
 say "setup took $(( $(date +%s) - START )) s; benchmark budget ${BUDGET} s"
 
+# --- 3b. XLA self-check and real-shape GradCAM parity on this device -----------
+# docs/known_issues.md: jit(vmap(vjp)) through LayerNorm vs float64 NumPy on
+# the default backend (what main checks before training), then
+# cam.initial_cams at ViT-B/16 shapes (401 tokens, width 768; B*K = 12, 24,
+# 18) vs a per-class jax.grad loop and the torch reference, with JAX on the
+# device (JAX_PLATFORMS unset for pytest, whose conftest would pick cpu) and
+# float32 matmuls (no TF32: the tolerances are float32's). ~2 min.
+"$PY" -c "import json, ssr_jax; from ssr_jax import xla_guard; \
+print('xla self-check', json.dumps(xla_guard.report()))" \
+  || say "XLA self-check FAILED (or could not run) on this device"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  JAX_PLATFORMS="" JAX_DEFAULT_MATMUL_PRECISION=highest \
+    "$PY" -m pytest -q -s -p no:cacheprovider -m "slow or not slow" \
+    tests/test_gradcam_real_shapes.py 2>&1 | tail -n 20 \
+    || say "real-shape GradCAM parity FAILED on this device"
+else
+  say "pytest missing: real-shape GradCAM parity skipped"
+fi
+
 # --- 4. the benchmark ----------------------------------------------------------
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
 "$PY" benchmarks/run.py --device "$DEVICE" --rows "$ROWS" \

@@ -15,9 +15,10 @@ subprocess, so peak RSS is per row and a crash costs one cell):
   (B x H x W pixels -> 256 superpixels, mean colour).
 - `devices_1_vs_8`: the same global batch through `Setup.update` on 1 and on
   8 fake CPU devices.
-- `input_pipeline`: images/s of `input_pipeline.train_iterator` (per-crop
-  SLIC, SLIC cache cold and warm) on generated 375x500 JPEGs, against the
-  train step's consumption rate.
+- `input_pipeline`: images/s of `input_pipeline.train_iterator` (folders
+  with per-crop SLIC, SLIC cache cold and warm; the TFDS source with
+  superpixels stored at build time) on generated 375x500 JPEGs, against
+  the train step's consumption rate (`benchmarks/input_pipeline.py`).
 - `eval`: images/s of `ssr_jax.evaluate.evaluate_segmentation` (multi-scale
   + flip), DenseCRF off and on; skipped while ssr_jax.evaluate is absent.
 - `stages` (not in the default list): time of each stage of the pseudo-
@@ -28,13 +29,23 @@ Random weights in the Hugging Face snapshot layout are written once per run
 sides see the same uint8 batch (blobby images, SLIC superpixels, 1-3
 classes per image, one image with crop padding). Times are medians over
 `--repeats` calls after one warm-up call; JAX compile time is measured
-separately (`jit(...).lower(...).compile()`). Threads (`--threads`,
-recorded in the JSON): 1 by default, i.e. `torch.set_num_threads(1)` and
-single-threaded XLA (`--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`); N > 1 gives torch N threads and XLA its
-default (every core). One thread each is the default because on a shared
-machine torch's OpenMP threads stall whenever another process holds a core
-(the reference's train step: 0.8 s with 1 thread, 10-18 s with 2, measured
+separately (`jit(...).lower(...).compile()`).
+
+Equal cores on both sides: every worker pins itself (`sched_setaffinity`,
+before jax or torch is imported, so every thread they start inherits it)
+to the same CPU set (`--cpus`; default the last `--threads` usable cores),
+and every timed sample records the process's CPU seconds per wall second
+(`cores_used`, all threads, spinning included). A ratio whose two sides
+ran on different CPU sets or used more than 10% different cores is not
+reported: the cell says INVALID and why. Thread flags alone do not bound
+XLA: with `--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`
+the ssr_jax process still kept 1.9 cores busy on this 2-core machine while
+torch with one thread used 1.0. Threads (`--threads`, recorded in the
+JSON): 1 by default, i.e. `torch.set_num_threads(1)` and single-threaded
+XLA flags on one pinned core; N > 1 gives torch N threads and XLA its
+default, both on the same N pinned cores. On a shared machine torch's
+OpenMP threads stall whenever another process holds a core (the
+reference's train step: 0.8 s with 1 thread, 10-18 s with 2, measured
 side by side under load). On CPU the two sides of `pseudo_labels` and
 `train_step` are timed in turns (`--paired`): both warm in two processes,
 one call each, alternating, so that both see the same load.
@@ -253,11 +264,16 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     reset = _reset_peak_rss()
     times = []
 
+    cpu_per_wall = []
+
     def sample():
+        c0 = time.process_time()  # every thread of this process
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t0) / inner)
+        wall = time.perf_counter() - t0
+        times.append(wall / inner)
+        cpu_per_wall.append((time.process_time() - c0) / max(wall, 1e-9))
 
     if _PAIRED["on"]:
         print(READY_TAG, flush=True)
@@ -268,7 +284,10 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             sample()
     out = {"median_s": statistics.median(times), "min_s": min(times),
-           "runs_s": [round(t, 6) for t in times], "calls_per_run": inner}
+           "runs_s": [round(t, 6) for t in times], "calls_per_run": inner,
+           # Cores this process kept busy while timed: CPU seconds (all
+           # its threads, spinning included) per wall second.
+           "cores_used": round(statistics.median(cpu_per_wall), 3)}
     if reset:
         out["run_rss_mb"] = _peak_rss_since_reset_mb()
     return out
@@ -923,44 +942,17 @@ def write_voc_tree(root: str, num_images: int, hw=(375, 500),
 
 
 def pipeline_rates(spec: dict) -> dict[str, Any]:
-    """Images/s of the training iterator, per-crop SLIC and SLIC cache."""
-    from ssr_jax import config_defaults, input_pipeline
+    """Images/s of the training iterator: folders with per-crop SLIC and
+    with the SLIC cache, and the TFDS source (`benchmarks/input_pipeline.py`
+    runs the same cells on its own, pinned to chosen cores)."""
+    from benchmarks import input_pipeline as bench_pipeline
 
     s = _shapes(spec)
-    cells = []
-    for mode in ("per_crop", "cache"):
-        c = config_defaults.dataset_config("voc", "weclip")
-        c.data.root = spec["data_root"]
-        c.data.train_split = "train"
-        c.data.crop_size = s.crop
-        c.data.num_workers = spec["workers"]
-        c.data.cache_dir = tempfile.mkdtemp(dir=spec["workdir"])
-        c.train.batch_size = s.batch
-        c.sgc.slic_segments = s.n_segments
-        c.sgc.max_segments = s.max_segments
-        c.sgc.slic_cache = mode == "cache"
-        it = input_pipeline.train_iterator(c, process_index=0,
-                                           process_count=1)
-        n_train = s.dataset_images // 2
-        epoch_batches = max(1, n_train // s.batch)
-        cell = {"mode": mode, "workers": spec["workers"],
-                "images": n_train}
-        t0 = time.perf_counter()
-        for _ in range(epoch_batches):
-            next(it)
-        cold = time.perf_counter() - t0
-        if mode == "cache":  # the first epoch computes and writes the cache
-            cell["first_epoch_images_per_s"] = (epoch_batches * s.batch
-                                                / cold)
-        batches = 2 * epoch_batches
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        dt = time.perf_counter() - t0
-        it.close()
-        cell.update(images_per_s=batches * s.batch / dt,
-                    median_s=dt / batches)
-        cells.append(cell)
+    cells = bench_pipeline.rates(
+        spec["data_root"], spec["workdir"], n_train=s.dataset_images // 2,
+        crop=s.crop, batch=s.batch, workers=spec["workers"],
+        n_segments=s.n_segments, max_segments=s.max_segments,
+        build_workers=spec["workers"])
     return {"cells": cells}
 
 
@@ -979,9 +971,24 @@ WORKERS = {
 }
 
 
+def _pin(cpus: Sequence[int] | None) -> list[int]:
+    """Pins this process (and every thread it starts later) to `cpus`.
+
+    Called before jax or torch is imported, so XLA's and OpenMP's thread
+    pools inherit the CPU set: both sides of a ratio then run on the same
+    cores whatever their thread flags do (XLA:CPU keeps ~20 threads busy
+    with `--xla_cpu_multi_thread_eigen=false`; affinity, not flags, is
+    what bounds it).
+    """
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+    return sorted(os.sched_getaffinity(0))
+
+
 def worker_main(spec: dict) -> None:
     """Runs one cell in this (child) process; prints the result line."""
     result: dict[str, Any] = {}
+    affinity = _pin(spec.get("cpus"))
     load = os.getloadavg()[0]
     _PAIRED["on"] = bool(spec.get("paired"))
     try:
@@ -1003,6 +1010,7 @@ def worker_main(spec: dict) -> None:
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}"[:2000]}
     result["peak_rss_mb"] = _rss_mb()
+    result["affinity"] = affinity
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -1052,7 +1060,7 @@ class Runner:
             "workdir": workdir, "clip_path": os.path.join(enc, "clip"),
             "dino_path": os.path.join(enc, "dino"),
             "data_root": os.path.join(workdir, "voc"),
-            "dtypes": args.dtypes,
+            "dtypes": args.dtypes, "cpus": args.cpus,
         }
 
     def prepare(self) -> dict[str, Any]:
@@ -1226,7 +1234,7 @@ def _side_summary(result: dict, cell: dict | None) -> dict[str, Any]:
         return {k: result[k] for k in ("error", "skipped") if k in result}
     out = dict(cell or {})
     for key in ("peak_rss_mb", "gpu", "jax_device", "jax_backend",
-                "torch_threads", "loadavg_1m"):
+                "torch_threads", "loadavg_1m", "affinity"):
         if result.get(key) is not None:
             out[key] = result[key]
     return out
@@ -1261,8 +1269,8 @@ def row_pseudo_labels(r: Runner) -> dict[str, Any]:
     for dtype, res in jx.items():
         jc = _side_summary(res, _first(res, dtype=dtype))
         tc = _side_summary(th, _first(th))
-        cells.append({"dtype": dtype, "ssr_jax": jc, "peer": tc,
-                      "ratio": _ratio(tc, jc)})
+        cells.append(_mark_cores({"dtype": dtype, "ssr_jax": jc,
+                                  "peer": tc, "ratio": _ratio(tc, jc)}))
     row["cells"] = cells
     row.update(_headline(cells[0]))
     return _goal(row)
@@ -1285,7 +1293,7 @@ def row_train_step(r: Runner, batches: Sequence[int] | None = None
                     t = cell[side].get("median_s")
                     if t:
                         cell[side]["projected_30k_h"] = ITERATIONS * t / 3600
-            cells.append(cell)
+            cells.append(_mark_cores(cell))
     row = {"name": "train_step",
            "settings": {**s.describe(), "batches": batches,
                         "what": "one iteration (pseudo labels, decoder, "
@@ -1365,7 +1373,8 @@ def row_input_pipeline(r: Runner, step_row: dict | None) -> dict[str, Any]:
     row["step_images_per_s"] = step
     if step:
         for c in row["cells"]:
-            c["ratio_to_step"] = c["images_per_s"] / step
+            if "images_per_s" in c:
+                c["ratio_to_step"] = c["images_per_s"] / step
     return _goal(row)
 
 
@@ -1410,14 +1419,46 @@ def row_stages(r: Runner) -> dict[str, Any]:
     return row
 
 
+# Two sides whose measured core use differs by more than this are not a
+# fair comparison: the row is marked invalid and its ratio not reported.
+CORES_TOLERANCE = 0.10
+
+
+def _equal_cores(peer: dict, mine: dict) -> str | None:
+    """None when both sides used the same cores, else why not."""
+    a, b = mine.get("cores_used"), peer.get("cores_used")
+    if mine.get("affinity") != peer.get("affinity"):
+        return (f"different CPU sets: ssr_jax {mine.get('affinity')}, "
+                f"peer {peer.get('affinity')}")
+    if a is None or b is None:
+        return None  # GPU rows and rows timed without _timed
+    if abs(a - b) > CORES_TOLERANCE * max(a, b):
+        return (f"unequal cores used: ssr_jax {a:.2f}, peer {b:.2f} CPU-s "
+                "per wall-s")
+    return None
+
+
 def _ratio(peer: dict, mine: dict) -> float | None:
     if peer.get("median_s") and mine.get("median_s"):
+        if _equal_cores(peer, mine) is not None:
+            return None
         return peer["median_s"] / mine["median_s"]
     return None
 
 
+def _mark_cores(cell: dict) -> dict:
+    """Records in the cell why its ratio is withheld, if it is."""
+    why = None
+    if cell["ssr_jax"].get("median_s") and cell["peer"].get("median_s"):
+        why = _equal_cores(cell["peer"], cell["ssr_jax"])
+    if why:
+        cell["invalid"] = why
+    return cell
+
+
 def _headline(cell: dict) -> dict[str, Any]:
-    return {k: cell[k] for k in ("ssr_jax", "peer", "ratio")}
+    return {k: cell[k] for k in ("ssr_jax", "peer", "ratio", "invalid")
+            if k in cell}
 
 
 def _goal(row: dict) -> dict:
@@ -1430,7 +1471,8 @@ def _goal(row: dict) -> dict:
     if name == "devices_1_vs_8" and row.get("overhead") is not None:
         met = row["overhead"] <= thr
     elif name == "input_pipeline" and row.get("step_images_per_s"):
-        met = all(c["ratio_to_step"] >= thr for c in row["cells"])
+        met = all(c["ratio_to_step"] >= thr for c in row["cells"]
+                  if "ratio_to_step" in c)
     elif row.get("ratio") is not None:
         met = row["ratio"] >= thr
         if name == "train_step":
@@ -1469,6 +1511,8 @@ def _side_text(side: dict) -> str:
     if "error" in side or "skipped" in side:
         return side.get("error") or side.get("skipped")
     parts = [_fmt_s(side.get("median_s"))]
+    if side.get("cores_used") is not None:
+        parts.append(f"{side['cores_used']:.2f} cores")
     if side.get("compile_s") is not None:
         parts.append(f"compile {side['compile_s']:.1f} s")
     if side.get("peak_device_mb") is not None:
@@ -1509,7 +1553,8 @@ def table(rows: list[dict]) -> str:
                 lines.append(
                     f"| {name}: {c['what']} | {setting} | segment: "
                     f"{_side_text(c['ssr_jax'])} | onehot: "
-                    f"{_side_text(c['peer'])} | {_fmt_x(c.get('ratio'))} | "
+                    f"{_side_text(c['peer'])} | "
+                    f"{_fmt_x(c.get('ratio'), c.get('invalid'))} | "
                     f"{goal(row) if c is row['cells'][0] else ''} |")
         elif name == "devices_1_vs_8":
             ov = row.get("overhead")
@@ -1521,7 +1566,13 @@ def table(rows: list[dict]) -> str:
                 f"{goal(row)} |")
         elif name == "input_pipeline":
             for c in row["cells"]:
+                if "skipped" in c:
+                    lines.append(f"| {name} ({c['mode']}) | | skipped: "
+                                 f"{c['skipped']} | | | |")
+                    continue
                 extra = ""
+                if "build_s" in c:
+                    extra = f" (built once in {c['build_s']:.1f} s)"
                 if "first_epoch_images_per_s" in c:
                     extra = (f" (first epoch, writing the cache: "
                              f"{c['first_epoch_images_per_s']:.1f})")
@@ -1554,12 +1605,15 @@ def table(rows: list[dict]) -> str:
                 setting += f", crop {row['settings']['crop']}, {c['dtype']}"
                 lines.append(
                     f"| {name} | {setting} | {_side_text(c['ssr_jax'])} | "
-                    f"{_side_text(c['peer'])} | {_fmt_x(c.get('ratio'))} | "
+                    f"{_side_text(c['peer'])} | "
+                    f"{_fmt_x(c.get('ratio'), c.get('invalid'))} | "
                     f"{goal(row) if c is row['cells'][0] else ''} |")
     return "\n".join(lines)
 
 
-def _fmt_x(x: float | None) -> str:
+def _fmt_x(x: float | None, invalid: str | None = None) -> str:
+    if invalid:
+        return f"INVALID ({invalid})"
     return "-" if x is None else f"{x:.2f}x"
 
 
@@ -1600,6 +1654,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "and single-threaded XLA (the default: robust on a "
                         "shared machine); N > 1 = torch N threads and XLA's "
                         "default (every core)")
+    p.add_argument("--cpus", default="",
+                   help="CPU set both sides are pinned to (sched_setaffinity "
+                        "in each worker, before jax/torch load), e.g. 1 or "
+                        "0,1; default on CPU: the last --threads usable "
+                        "cores; on GPU: not pinned")
     p.add_argument("--workers", type=int, default=4,
                    help="input-pipeline threads (data.num_workers)")
     p.add_argument("--dtypes", default="",
@@ -1649,6 +1708,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.batches = [int(b) for b in (
         args.batches or (",".join(map(str, GPU_BATCHES)) if gpu else "")
     ).split(",") if b.strip()]
+    usable = sorted(os.sched_getaffinity(0))
+    if args.cpus:
+        try:
+            args.cpus = sorted({int(c) for c in args.cpus.split(",")
+                                if c.strip()})
+        except ValueError:
+            p.error(f"--cpus {args.cpus!r}: a comma-separated list of CPU "
+                    "numbers, e.g. 0,1")
+        if not set(args.cpus) <= set(usable):
+            p.error(f"--cpus {args.cpus}: this process may use {usable}")
+    elif gpu:
+        args.cpus = None
+    else:
+        if args.threads > len(usable):
+            p.error(f"--threads {args.threads}: only {len(usable)} usable "
+                    "cores here")
+        args.cpus = usable[-args.threads:]
+    if args.cpus and len(args.cpus) < args.threads:
+        p.error(f"--threads {args.threads} on --cpus {args.cpus}: give at "
+                "least as many CPUs as threads")
     shapes = QUICK if args.quick else FULL
     if args.kmax:
         shapes = dataclasses.replace(shapes, kmax=args.kmax)
@@ -1658,7 +1737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = Runner(args, shapes, workdir)
     xla = "1 thread" if args.threads == 1 else "default threads"
     print(f"ssr_jax benchmarks: mode {shapes.name}, device {args.device}, "
-          f"torch threads {args.threads}, XLA {xla}; scratch {workdir} "
+          f"torch threads {args.threads}, XLA {xla}, both sides pinned to "
+          f"CPUs {args.cpus or 'all'}; scratch {workdir} "
           "(worker logs in workers.log)", flush=True)
     prep = (runner.prepare() if set(rows) - {"segment_ops"}
             else {"prepare_s": 0.0})
@@ -1701,6 +1781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "usable_cores": len(os.sched_getaffinity(0)),
         "torch_threads": args.threads,
         "xla_threads": 1 if args.threads == 1 else "default (every core)",
+        "cpus": args.cpus, "cores_tolerance": CORES_TOLERANCE,
         "repeats": args.repeats, "shapes": dataclasses.asdict(shapes),
         "versions": _versions(), "total_s": time.perf_counter() - started,
         "prepare_s": prep.get("prepare_s"),

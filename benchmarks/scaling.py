@@ -4,7 +4,8 @@
 
 Three sweeps on the `--quick` shapes of benchmarks/run.py (CLIP width 256,
 6 blocks; DINO width 192, 6 blocks; 160x160 crops), each side in its own
-subprocess with one thread (`--threads`, as in benchmarks/run.py):
+subprocess with one thread (`--threads`, as in benchmarks/run.py), both
+pinned to the same CPUs (the last `--threads` usable cores):
 
 - classes per image, 1 to 6 (batch 2, every image with that many classes):
   the pseudo-label path. ssr_jax pads to 6 class slots and runs one
@@ -243,6 +244,7 @@ def line_plot(path: str, title: str, xlabel: str, xs: Sequence[float],
 
 
 def _worker(kind: str, spec: dict) -> None:
+    run._pin(spec.get("cpus"))  # before jax/torch load: same cores both
     fn = jax_sweeps if kind == "jax" else torch_sweeps
     print(TAG + json.dumps(fn(spec)), flush=True)
 
@@ -312,9 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssr_scaling_")
     os.makedirs(workdir, exist_ok=True)
+    usable = sorted(os.sched_getaffinity(0))
+    if threads > len(usable):
+        p.error(f"--threads {threads}: only {len(usable)} usable cores")
     ns = argparse.Namespace(device="cpu", repeats=args.repeats,
                             threads=threads, budget_s=0,
-                            cell_timeout_s=3600, dtypes=["float32"])
+                            cell_timeout_s=3600, dtypes=["float32"],
+                            cpus=usable[-threads:])
     if args.smoke:
         ns.repeats = 1
     runner = run.Runner(ns, run.SMOKE if args.smoke else run.QUICK,
@@ -332,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"date": datetime.date.today().isoformat(),
             "cpu": run._cpu_name(), "cores": len(os.sched_getaffinity(0)),
             "threads": threads, "repeats": args.repeats,
+            "cpus": ns.cpus,
             "command": "python benchmarks/scaling.py",
             "shapes": ("smoke (tiny encoders)" if args.smoke else
                        "CLIP width 256 x 6 blocks, DINO 192 x 6, crop 160, "

@@ -10,7 +10,11 @@ Usage: launch/gpu.sh [options] COMMAND [-- extra ssr_jax.main flags]
 
 Commands:
   install  pip install -r requirements.txt -e . "jax[cuda12]==<pinned jax>"
-           into the active Python environment
+           into the active Python environment (+ requirements-tfds.txt
+           with --tfds-dir)
+  build    build the TFDS dataset once: python -m ssr_jax.data.build
+           --config CONFIG --config.data.root=DATA_ROOT
+           --config.data.tfds_dir=TFDS_DIR (needs --data-root, --tfds-dir)
   train    python -m ssr_jax.main --config CONFIG --workdir WORKDIR ...
   eval     the same with --config.mode=eval
 
@@ -19,6 +23,9 @@ Options:
   --workdir DIR      [WORKDIR] (runs/DATASET-PRESET); resuming is automatic
                      from the latest checkpoint in it
   --data-root DIR    [DATA_ROOT] -> --config.data.root
+  --tfds-dir DIR     [TFDS_DIR] read the TFDS dataset built there (local
+                     path or gs:// bucket) instead of the raw files:
+                     -> --config.data.source=tfds --config.data.tfds_dir
   --clip DIR         [CLIP_PATH] -> --config.model.clip_path
   --dino DIR         [DINO_PATH] -> --config.model.dino_path
   --dry-run          print the commands instead of running them
@@ -39,6 +46,7 @@ EOF
 CONFIG="${CONFIG:-configs/voc.py:paper}"
 WORKDIR="${WORKDIR:-}"
 DATA_ROOT="${DATA_ROOT:-}"
+TFDS_DIR="${TFDS_DIR:-}"
 CLIP_PATH="${CLIP_PATH:-}"
 DINO_PATH="${DINO_PATH:-}"
 COMMAND=""
@@ -49,6 +57,7 @@ while (($#)); do
     --config) CONFIG="$2"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
     --data-root) DATA_ROOT="$2"; shift 2 ;;
+    --tfds-dir) TFDS_DIR="$2"; shift 2 ;;
     --clip) CLIP_PATH="$2"; shift 2 ;;
     --dino) DINO_PATH="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -91,7 +100,11 @@ cmd_main() {
   distributed_flags
   args=(-m ssr_jax.main --config "$CONFIG" --workdir "$WORKDIR"
         "--config.mode=$mode")
-  [[ -n "$DATA_ROOT" ]] && args+=("--config.data.root=$DATA_ROOT")
+  if [[ -n "$TFDS_DIR" ]]; then
+    args+=(--config.data.source=tfds "--config.data.tfds_dir=$TFDS_DIR")
+  elif [[ -n "$DATA_ROOT" ]]; then
+    args+=("--config.data.root=$DATA_ROOT")
+  fi
   [[ -n "$CLIP_PATH" ]] && args+=("--config.model.clip_path=$CLIP_PATH")
   [[ -n "$DINO_PATH" ]] && args+=("--config.model.dino_path=$DINO_PATH")
   cd "$REPO_ROOT"
@@ -109,8 +122,20 @@ cmd_main() {
 case "$COMMAND" in
   install)
     cd "$REPO_ROOT"
+    tfds=()
+    [[ -n "$TFDS_DIR" ]] && tfds=(-r requirements-tfds.txt)
     run python -m pip install -r requirements.txt -e . \
-      "jax[cuda12]==$(jax_version)"
+      "jax[cuda12]==$(jax_version)" "${tfds[@]+"${tfds[@]}"}"
+    ;;
+  build)
+    [[ -n "$DATA_ROOT" ]] || die "build needs --data-root (the raw dataset)"
+    [[ -n "$TFDS_DIR" ]] || die "build needs --tfds-dir (where to write it)"
+    [[ "$TFDS_DIR" != *://* ]] ||
+      die "build into a local --tfds-dir, then copy it to the bucket"
+    cd "$REPO_ROOT"
+    run python -m ssr_jax.data.build --config "$CONFIG" \
+      "--config.data.root=$DATA_ROOT" "--config.data.tfds_dir=$TFDS_DIR" \
+      "${EXTRA[@]+"${EXTRA[@]}"}"
     ;;
   train) cmd_main train ;;
   eval) cmd_main eval ;;

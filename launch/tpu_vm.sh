@@ -37,6 +37,12 @@ Options (environment variable in brackets):
                        for data/train/eval/sync/all)
   --data-src gs://...  dataset root in GCS [DATA_SRC] (BUCKET/data/DATASET;
                        VOC: the VOC2012 directory with SegmentationClassAug)
+  --tfds-src gs://...  read a TFDS dataset instead of the raw files
+                       [TFDS_SRC]: the data.tfds_dir it was built into,
+                       copied to GCS (see below); `data` copies (rsync) or
+                       mounts (gcsfuse) it, `train`/`eval` pass
+                       --config.data.source=tfds, `setup` installs
+                       requirements-tfds.txt
   --weights-src gs://  [WEIGHTS_SRC] (BUCKET/weights, holding the Hugging
                        Face snapshots clip-vit-base-patch16/ dino-vits16/)
   --data-mode MODE     rsync (copy to local disk) | gcsfuse (mount)
@@ -58,6 +64,14 @@ Options (environment variable in brackets):
 
 Example:
   launch/tpu_vm.sh --spot --bucket gs://my-bucket/ssr --accelerator v4-8 all
+
+TFDS (superpixels precomputed, no SLIC on the hosts): build it once on any
+machine with the raw dataset, then copy it to the bucket:
+  python -m ssr_jax.data.build --config configs/voc.py \
+      --config.data.root=/data/VOC2012 --config.data.tfds_dir=/data/tfds
+  gcloud storage rsync -r /data/tfds gs://my-bucket/ssr/tfds
+  launch/tpu_vm.sh --bucket gs://my-bucket/ssr \
+      --tfds-src gs://my-bucket/ssr/tfds all
 EOF
 }
 
@@ -70,6 +84,7 @@ SPOT=0
 QUEUED=0
 BUCKET="${BUCKET:-}"
 DATA_SRC="${DATA_SRC:-}"
+TFDS_SRC="${TFDS_SRC:-}"
 WEIGHTS_SRC="${WEIGHTS_SRC:-}"
 DATA_MODE=rsync
 CONFIG="${CONFIG:-configs/voc.py:paper}"
@@ -92,6 +107,7 @@ while (($#)); do
     --queued) QUEUED=1; shift ;;
     --bucket) BUCKET="${2%/}"; shift 2 ;;
     --data-src) DATA_SRC="${2%/}"; shift 2 ;;
+    --tfds-src) TFDS_SRC="${2%/}"; shift 2 ;;
     --weights-src) WEIGHTS_SRC="${2%/}"; shift 2 ;;
     --data-mode) DATA_MODE="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
@@ -113,6 +129,8 @@ done
 [[ "$DATA_MODE" == rsync || "$DATA_MODE" == gcsfuse ]] ||
   die "--data-mode must be rsync or gcsfuse, not $DATA_MODE"
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a number"
+[[ -z "$TFDS_SRC" || "$TFDS_SRC" == gs://* ]] ||
+  die "--tfds-src must be a gs:// path (the built TFDS directory in GCS)"
 
 config_names "$CONFIG"
 RUN_NAME="${RUN_NAME:-$DEFAULT_RUN}"
@@ -143,6 +161,16 @@ remote_data_root() {
     printf '%s' "\$HOME/gcs/${path#*/}"
   else
     printf '%s' "\$HOME/data/$DATASET"
+  fi
+}
+
+# The TFDS data_dir on the VM: a local copy, or the gcsfuse mount.
+remote_tfds_dir() {
+  if [[ "$DATA_MODE" == gcsfuse ]]; then
+    local path="${TFDS_SRC#gs://}"
+    printf '%s' "\$HOME/gcs/${path#*/}"
+  else
+    printf '%s' "\$HOME/tfds"
   fi
 }
 
@@ -229,7 +257,9 @@ cmd_setup() {
   # Orbax (through etils.epath) list and commit gs:// checkpoint
   # directories; its version must equal fsspec's (2026.9.0 resolves with
   # requirements.txt).
-  ssh_all "sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && python3.11 -m venv $R_VENV && . $R_VENV/bin/activate && pip install -q -U pip && cd $R_REPO && pip install -r requirements.txt -e . \"jax[tpu]==$JAX_VERSION\" gcsfs==$GCSFS_VERSION -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  local tfds=""
+  [[ -n "$TFDS_SRC" ]] && tfds=" -r requirements-tfds.txt"
+  ssh_all "sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && python3.11 -m venv $R_VENV && . $R_VENV/bin/activate && pip install -q -U pip && cd $R_REPO && pip install -r requirements.txt -e . \"jax[tpu]==$JAX_VERSION\" gcsfs==$GCSFS_VERSION$tfds -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 }
 
 cmd_data() {
@@ -239,6 +269,8 @@ cmd_data() {
     local bucket_name="${BUCKET#gs://}"
     bucket_name="${bucket_name%%/*}"
     ssh_all "(command -v gcsfuse >/dev/null || (echo deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse)) && mkdir -p \$HOME/gcs && (mountpoint -q \$HOME/gcs || gcsfuse --implicit-dirs $bucket_name \$HOME/gcs) && $weights"
+  elif [[ -n "$TFDS_SRC" ]]; then
+    ssh_all "mkdir -p \$HOME/tfds && gcloud storage rsync -r $TFDS_SRC \$HOME/tfds && $weights"
   else
     ssh_all "mkdir -p \$HOME/data/$DATASET && gcloud storage rsync -r $DATA_SRC \$HOME/data/$DATASET && $weights"
   fi
@@ -249,7 +281,11 @@ main_flags() {
   flags="--config $(_quote "$CONFIG") --workdir $R_WORKDIR"
   flags+=" --config.mode=$mode"
   flags+=" --config.train.checkpoint_dir=$RUN_GCS/checkpoints"
-  flags+=" --config.data.root=$(remote_data_root)"
+  if [[ -n "$TFDS_SRC" ]]; then
+    flags+=" --config.data.source=tfds --config.data.tfds_dir=$(remote_tfds_dir)"
+  else
+    flags+=" --config.data.root=$(remote_data_root)"
+  fi
   flags+=" --config.model.clip_path=$R_WEIGHTS/clip-vit-base-patch16"
   flags+=" --config.model.dino_path=$R_WEIGHTS/dino-vits16"
   # Every worker runs one process; JAX reads the slice layout from the TPU

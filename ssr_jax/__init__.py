@@ -5,3 +5,10 @@ Importing the package is cheap (no JAX): configs import
 """
 
 __version__ = "0.1.0"
+
+# Before anything can start a JAX backend: work around an XLA:CPU
+# miscompile of GradCAM's jit(vmap(vjp)) (ssr_jax/xla_guard.py; stdlib
+# only, no JAX import).
+from ssr_jax import xla_guard as _xla_guard  # noqa: E402
+
+_xla_guard.apply()

@@ -20,6 +20,8 @@ FIELD_HINT = (
 
 MODES = ("train", "eval", "pseudo_labels")
 DATASETS = ("voc", "coco", "synthetic")
+SOURCES = ("folders", "tfds")
+DINO_KINDS = ("dino", "dinov2")  # = ssr_jax.models.encoders.KINDS
 PATCH = 16  # ViT-B/16 and ViT-S/16; the synthetic tiny encoders use 16 too
 
 
@@ -52,6 +54,8 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "data.name", d.name, DATASETS)
     _choice(e, "data.normalization", d.normalization, ("imagenet", "clip"))
     _choice(e, "data.label_source", d.label_source, ("auto", "mask", "xml"))
+    source = d.get("source", "folders")
+    _choice(e, "data.source", source, SOURCES)
     if d.crop_size % PATCH:
         e.append(f"data.crop_size={d.crop_size}: must be a multiple of the "
                  f"patch size {PATCH}")
@@ -67,6 +71,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "data.num_workers", d.num_workers, allow_zero=True)
 
     _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    _choice(e, "model.dino_kind", config.model.dino_kind, DINO_KINDS)
     _choice(e, "cam.target", config.cam.target, ("ln1_output", "ln1_input"))
     _positive(e, "cam.logit_scale", config.cam.logit_scale, allow_zero=True)
 
@@ -140,6 +145,11 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))
 
+    if source == "tfds" and d.name in DATASETS:
+        # Imports tensorflow_datasets (about 2 s) and reads metadata.json.
+        from ssr_jax.data import tfds_source
+
+        e.extend(tfds_source.problems(config))
     if d.name != "synthetic":
         _paths(e, config)
     if check_devices and not e:
@@ -177,7 +187,9 @@ def splits_needed(config) -> list[str]:
 
 def _paths(e: list[str], config) -> None:
     root = config.data.root
-    if not root:
+    if config.data.get("source", "folders") == "tfds":
+        pass  # the TFDS dataset replaces data.root (checked above)
+    elif not root:
         e.append("data.root is empty: point it at the dataset root "
                  "(layout and preparation: docs/data.md)")
     elif not os.path.isdir(root):

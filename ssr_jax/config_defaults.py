@@ -39,11 +39,21 @@ def base_config() -> config_dict.ConfigDict:
     d.prefetch = 8  # batches prefetched per process
     d.cache_dir = ""  # label/SLIC caches; "" = ~/.cache/ssr_jax/data/...
     d.shuffle_seed = 0
+    # Where examples are read from: "folders" (the files under data.root)
+    # or "tfds" (the array_record TFDS dataset that `python -m
+    # ssr_jax.data.build` wrote under data.tfds_dir, superpixels included;
+    # docs/data.md "TFDS datasets").
+    d.source = "folders"
+    d.tfds_dir = ""  # TFDS data_dir: local path or gs:// bucket
 
     # --- model --------------------------------------------------------------
     c.model = m = config_dict.ConfigDict()
     m.clip_path = ""  # HF snapshot dir of openai/clip-vit-base-patch16
-    m.dino_path = ""  # HF snapshot dir of facebook/dino-vits16
+    m.dino_path = ""  # HF snapshot dir of facebook/dino-vits16 (or DINOv2)
+    # [choice] affinity encoder behind dino_path: "dino" (ViT-S/16, the
+    # paper's) | "dinov2" (ViT/14, with or without registers, WeCLIP+'s);
+    # see ssr_jax/models/encoders.py.
+    m.dino_kind = "dino"
     m.dtype = "float32"  # frozen-encoder compute dtype: float32 | bfloat16
     m.decoder = dec = config_dict.ConfigDict()
     dec.num_layers_in = 11  # [WeCLIP] CLIP blocks 1..11 feed the decoder

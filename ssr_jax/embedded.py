@@ -38,6 +38,7 @@ from ssr_jax import (
     ssr,
     train,
     visualize,
+    xla_guard,
 )
 from ssr_jax.data import voc
 
@@ -183,9 +184,9 @@ def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
         pred_path = os.path.join(pred_dir, "predictions", f"{name}.png")
         if not os.path.exists(pred_path):
             continue
-        img = voc.read_image(split.image_paths[i])
+        img = split.read_image(i)
         pred = np.asarray(_read_indices(pred_path))
-        gt = voc.read_mask(split.mask_paths[i], config.data.num_classes)
+        gt = split.read_mask(i, config.data.num_classes)
         rows.append([img, visualize.label_overlay(img, pred),
                      visualize.label_overlay(img, gt)])
         label_maps += [pred, gt]
@@ -295,6 +296,7 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
         "world": root,
         "encoders": {"clip": clip_path, "dino": dino_path},
         "steps": config.train.num_steps,
+        "xla": xla_guard.report(),
     }
     results["orderings"] = orderings(results)
     if jax.process_index() == 0:

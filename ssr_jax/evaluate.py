@@ -78,6 +78,7 @@ from ssr_jax import (
     metrics,
     ssr,
     train,
+    xla_guard,
 )
 from ssr_jax import par as par_lib
 from ssr_jax.data import DataError, voc
@@ -361,10 +362,8 @@ class _Loader:
         if idx < 0:
             return None
         try:
-            image = voc.read_image(self.split.image_paths[idx])
-            path = self.split.mask_paths[idx]
-            mask = (None if path is None
-                    else voc.read_mask(path, self.num_classes))
+            image = self.split.read_image(idx)
+            mask = self.split.read_mask(idx, self.num_classes)
         except DataError as e:
             if self.strict:
                 raise
@@ -893,6 +892,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                      "scales": [float(s) for s in ev.scales],
                      "flip": bool(ev.flip), "crf": bool(ev.crf)},
         "scores": scores,
+        "xla": xla_guard.report(),
     }
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "metrics.json"), report)
@@ -959,6 +959,7 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     done = data.usable[:config.eval.max_images or None]
     result["num_masked"] = sum(data.mask_paths[i] is not None for i in done)
     result["checkpoint"] = {"directory": directory, "step": step}
+    result["xla"] = xla_guard.report()
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, "seeds.json"), result)
         table = seed_table(result)

@@ -13,6 +13,15 @@ P reads rows `[p·B/P, (p+1)·B/P)` of every global batch of size B, so P
 processes together see exactly the batches one process would, in the same
 order, and a restored iterator continues the same stream.
 
+Sources (`data.source`): "folders" decodes the files under `data.root`;
+"tfds" reads the records of the TFDS dataset built by `python -m
+ssr_jax.data.build` (`data/tfds_source.py`) through the very same
+pipeline: the same split indices, shuffle, augmentation draws and
+process sharding (each process reads only its rows' records, random
+access), and the whole-image superpixels stored at build time instead of
+SLIC in the loop. With `sgc.slic_cache=True` (the default; the tfds source
+requires it) both sources yield equal batches.
+
 Evaluation: `eval_examples` (native size, one example at a time) and
 `seed_batches` (fixed-size batches with masks for CAM-seed and pseudo-label
 scoring). Per-example decode failures follow `data.strict`: an error naming
@@ -82,7 +91,10 @@ class _Reader:
         self.compactness = float(s.slic_compactness)
         self.max_segments = int(s.max_segments)
         self.cache = None
-        if s.slic_cache:
+        # data.source="tfds": whole-image ids stored at build time (the
+        # cache mode's ids), read with the example.
+        self.stored = split.store is not None
+        if s.slic_cache and not self.stored:
             self.cache = slic.SlicCache(
                 voc.cache_dir(config), self.slic_segments, self.compactness,
                 int(d.crop_size), self.max_segments)
@@ -103,18 +115,17 @@ class _Reader:
         if idx in self.bad:
             return None
         try:
-            return voc.read_image(self.split.image_paths[idx])
+            return self.split.read_image(idx)
         except DataError as e:
             self._skip(idx, e)
             return None
 
     def mask(self, idx: int) -> np.ndarray | None:
         """uint8 [H, W] GT, None when the id has no mask or it is bad."""
-        path = self.split.mask_paths[idx]
-        if path is None or idx in self.bad:
+        if self.split.mask_paths[idx] is None or idx in self.bad:
             return None
         try:
-            return voc.read_mask(path, self.num_classes)
+            return self.split.read_mask(idx, self.num_classes)
         except DataError as e:
             self._skip(idx, e)
             return None
@@ -124,9 +135,23 @@ class _Reader:
         return slic.slic_ids(image, self.slic_segments, self.compactness,
                              self.max_segments)
 
+    @property
+    def whole_image(self) -> bool:
+        """Superpixels of the whole image, transformed with it."""
+        return self.cache is not None or self.stored
+
     def cached_superpixels(self, idx: int, image: np.ndarray) -> np.ndarray:
-        """SLIC of the whole image at load resolution, from the cache."""
-        return self.cache.get(self.split.names[idx], image)
+        """SLIC of the whole image at load resolution: stored (tfds) or
+        from the SLIC cache."""
+        if not self.stored:
+            return self.cache.get(self.split.names[idx], image)
+        ids = self.split.store.superpixels(idx)
+        if ids.shape != image.shape[:2]:
+            raise DataError(
+                f"{self.split.store.describe(idx, 'superpixels')} is "
+                f"{ids.shape} but its image is {image.shape[:2]}: rebuild "
+                "the TFDS dataset")
+        return ids
 
 
 # --- training ----------------------------------------------------------------
@@ -166,7 +191,7 @@ class _TrainExample:
         p = transforms.sample_augment(rng, image.shape[:2], self.crop,
                                       self.rescale, self.hflip)
         crop = transforms.augment_image(image, p)
-        if self.reader.cache is not None:
+        if self.reader.whole_image:
             ids = transforms.augment_ids(
                 self.reader.cached_superpixels(idx, image), p)
         else:
@@ -386,7 +411,7 @@ class _SeedExample:
         s = self.size
         hw = transforms.long_side_hw(image.shape[:2], s)
         small = transforms.resize_bilinear(image, hw)
-        if self.reader.cache is not None:
+        if self.reader.whole_image:
             ids = transforms.resize_nearest(
                 self.reader.cached_superpixels(idx, image), hw)
         else:
@@ -468,10 +493,19 @@ def dataset_info(config) -> dict:
     train, val and seed splits.
     """
     d = config.data
-    voc.check_root(d.root)
-    names = voc.class_names(config)
-    splits = {s: voc.split_size(d.root, s)
-              for s in dict.fromkeys((d.train_split, d.val_split,
-                                      d.seed_split))}
-    return {"name": d.name, "root": d.root, "num_classes": len(names),
+    wanted = dict.fromkeys((d.train_split, d.val_split, d.seed_split))
+    if voc.source(config) == "tfds":
+        from ssr_jax.data import tfds_source
+
+        meta = tfds_source.metadata(config)
+        names = tfds_source.class_names(config)
+        splits = {s: (len(meta["splits"][s]["names"])
+                      if s in meta["splits"] else None) for s in wanted}
+        root = tfds_source.dataset_dir(config)
+    else:
+        voc.check_root(d.root)
+        names = voc.class_names(config)
+        splits = {s: voc.split_size(d.root, s) for s in wanted}
+        root = d.root
+    return {"name": d.name, "root": root, "num_classes": len(names),
             "class_names": list(names), "splits": splits}

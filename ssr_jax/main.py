@@ -59,7 +59,8 @@ EXIT_PREEMPTED = 75  # saved on SIGTERM/SIGINT; re-run to resume (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once
 
 # Config fields holding local paths, made absolute by `resolve_paths`.
-PATH_FIELDS = ("data.root", "data.cache_dir", "model.clip_path",
+PATH_FIELDS = ("data.root", "data.cache_dir", "data.tfds_dir",
+               "model.clip_path",
                "model.dino_path", "train.checkpoint_dir", "synthetic.root",
                "pretrain.cache_dir")
 
@@ -431,6 +432,7 @@ def main(argv: list[str]) -> None:
         if errors:
             _fail("the config does not fit the devices:\n  - "
                   + "\n  - ".join(errors))
+        _xla_self_check()
         _dispatch(config, workdir)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one path
         handle_error(e, workdir)
@@ -479,6 +481,19 @@ def lock_workdir(workdir: str):
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
+
+
+def _xla_self_check() -> None:
+    """Refuses to run on a backend that miscompiles GradCAM's vmapped vjp."""
+    from ssr_jax import xla_guard
+    rep = xla_guard.report()
+    logging.info("XLA self-check on %s (jax %s, jaxlib %s, guard %s): %s, "
+                 "rel err %.2g in %.2f s", rep["backend"], rep["jax"],
+                 rep["jaxlib"], rep["guard"],
+                 "ok" if rep["self_check"]["ok"] else "FAILED",
+                 rep["self_check"]["rel_err"], rep["self_check"]["seconds"])
+    if not rep["self_check"]["ok"]:
+        _fail(xla_guard.refusal(rep))
 
 
 def _dispatch(config, workdir: str) -> None:

@@ -390,19 +390,51 @@ def clip_affinity(attn: Array | Sequence[Array], last_n: int = 8) -> Array:
     return drop_cls(stack.mean(axis=0))
 
 
+def rfm_similarity(feat: Array) -> Array:
+    """RFM's similarity S = sigmoid(F·Fᵀ) of the decoder feature F.
+
+    Args:
+      feat: [B, N, E] decoder feature F (detach it first in training).
+
+    Returns:
+      [B, N, N] float32.
+    """
+    f = feat.astype(jnp.float32)
+    return jax.nn.sigmoid(jnp.einsum("bne,bme->bnm", f, f,
+                                     precision=jax.lax.Precision.HIGHEST))
+
+
 def rfm_affinity(attn: Array | Sequence[Array], feat: Array,
                  last_n: int = 6) -> Array:
     """WeCLIP's refinement module (RFM): decoder-gated CLIP affinity.
 
     Off by default in SSR (`loss.rfm`), kept for comparison. With
-    S = sigmoid(F·Fᵀ) from the (detached) decoder feature, each of the last
-    n blocks' attention A_l gets d_l = Σ_ij (S − A_l) (signed); the blocks
-    with d_l ≤ mean_l(d_l) are averaged and the result is multiplied by S
-    (reference/weclip_code.md §1.4).
+    S = sigmoid(F·Fᵀ) from the (detached) decoder feature (`rfm_similarity`),
+    the gating of `rfm_gate` (reference/weclip_code.md §1.4).
 
     Args:
       attn: [L, B, T, T] or L arrays [B, T, T], CLS first.
       feat: [B, N, E] decoder feature F.
+      last_n: blocks considered (WeCLIP: VOC 6, COCO 10).
+
+    Returns:
+      [B, N, N] float32.
+    """
+    return rfm_gate(attn, rfm_similarity(feat), last_n)
+
+
+def rfm_gate(attn: Array | Sequence[Array], sim: Array,
+             last_n: int = 6) -> Array:
+    """RFM's gating of the CLIP attention by a given similarity S.
+
+    Each of the last n blocks' attention A_l (CLS dropped) gets
+    d_l = Σ_ij (S − A_l) (signed); the blocks with d_l ≤ mean_l(d_l) are
+    averaged and the result is multiplied by S (reference/weclip_code.md
+    §1.4).
+
+    Args:
+      attn: [L, B, T, T] or L arrays [B, T, T], CLS first.
+      sim: [B, N, N] similarity S (e.g. `rfm_similarity`), N = T − 1.
       last_n: blocks considered (WeCLIP: VOC 6, COCO 10).
 
     Returns:
@@ -416,9 +448,10 @@ def rfm_affinity(attn: Array | Sequence[Array], feat: Array,
     else:
         stack = attn[-last_n:].astype(jnp.float32)
     a = drop_cls(stack)  # [L, B, N, N]
-    f = feat.astype(jnp.float32)
-    sim = jax.nn.sigmoid(jnp.einsum("bne,bme->bnm", f, f,
-                                    precision=jax.lax.Precision.HIGHEST))
+    sim = sim.astype(jnp.float32)
+    if sim.shape != a.shape[1:]:
+        raise ValueError(f"sim has shape {sim.shape}; the attention without "
+                         f"CLS needs {a.shape[1:]}")
     d = (sim[None] - a).sum(axis=(-2, -1))  # [L, B]
     keep = (d <= d.mean(axis=0, keepdims=True)).astype(jnp.float32)
     k = keep[:, :, None, None]

@@ -135,7 +135,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       dino: the Flax DINO ViT (frozen), or None when unused.
       heads: `cmpa.CMPAHeads` (used in eval mode for the CAM), or None.
       batch: the batch of docs/DESIGN.md ("image", "valid", "labels",
-        "superpixels").
+        "superpixels"); "superpixels" only when `sgc.mask` is
+        "superpixel" or with `all_steps` (the Table 3 "sgc" step).
       text_fg: [C, E] foreground text bank (L2-normalised).
       text_bg: [M, E] background text bank.
       config: the run config (Python constants only are read).
@@ -154,6 +155,14 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       `all_steps` a dict "steps" of refined CAMs per Table 3 step.
     """
     image = batch["image"]
+    superpixels = batch.get("superpixels")
+    if superpixels is None and (config.sgc.mask == "superpixel"
+                                or all_steps):
+        raise ValueError(
+            "the batch has no 'superpixels' (SLIC ids), which "
+            + ("sgc.mask='superpixel' needs" if config.sgc.mask ==
+               "superpixel" else "all_steps=True (the 'sgc' step) needs")
+            + ": add them to the batch, or use sgc.mask='box' / 'none'")
     pixels = normalise(image, config.data.normalization)
     x11, out, grid = clip_trunk(clip, pixels)
     cls_ids = cam_lib.present_classes(batch["labels"],
@@ -185,7 +194,7 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         return sgc_lib.refine_cams_from_config(
             cams, slot_valid, s, impl=s.segment_impl, clip_attn=clip_attn,
             dino_attn=dino_attn, clip_aff=clip_aff, image=image,
-            superpixels=batch["superpixels"], valid=batch["valid"],
+            superpixels=superpixels, valid=batch["valid"],
             use_clip_attn=use_clip, use_dino_attn=use_dino,
             mask_kind=mask_kind)
 

@@ -11,6 +11,7 @@ update step; CLIP and DINO are frozen inputs, never in the optimiser.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from ssr_jax import (
     logs,
     ssr,
     text,
+    xla_guard,
 )
 from ssr_jax.models import loading
 
@@ -373,6 +375,8 @@ def train_and_evaluate(config, workdir: str, devices=None,
             logging.info("metrics.jsonl: dropped %d records after step %d",
                          dropped, first)
     writer = logs.MetricWriter(workdir)
+    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py).
+    writer.write_text(0, {"xla": json.dumps(xla_guard.report())})
     if eval_hook is None and config.train.eval_every:
         from ssr_jax import evaluate  # noqa: PLC0415 - only when evaluating
         eval_hook = evaluate.make_eval_hook(

@@ -29,3 +29,9 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ssr_jax_test_xdg_")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Importing ssr_jax applies its XLA guard (ssr_jax/xla_guard.py) to
+# XLA_FLAGS; do it here, before any test module can start a backend.
+# SSR_JAX_XLA_GUARD=0 runs the suite without it (the regression tests in
+# test_xla_guard.py and test_cam.py then fail on jaxlib 0.10.2).
+import ssr_jax  # noqa: E402, F401

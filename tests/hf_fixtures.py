@@ -1,16 +1,19 @@
 """Tiny random Hugging Face models saved as snapshots, for tests.
 
-`make_tiny_clip(dir)` / `make_tiny_dino(dir)` build a small random
-`transformers.CLIPModel` / `ViTModel`, perturb every parameter (so LayerNorm
-scales, biases and q/k/v are all distinct and a swapped or untransposed
-tensor shows up), `save_pretrained` it to `dir` and return the path.
-`hf_clip(path)` / `hf_dino(path)` load them back as eager-attention torch
+`make_tiny_clip(dir)` / `make_tiny_dino(dir)` / `make_tiny_dinov2(dir)` build
+a small random `transformers.CLIPModel` / `ViTModel` / `Dinov2Model` (or
+`Dinov2WithRegistersModel` when `num_register_tokens=` is given), perturb
+every parameter (so LayerNorm scales, biases, LayerScales, registers and
+q/k/v are all distinct and a swapped or untransposed tensor shows up),
+`save_pretrained` it to `dir` and return the path. `hf_clip(path)` /
+`hf_dino(path)` / `hf_dinov2(path)` load them back as eager-attention torch
 models in eval mode, the PyTorch reference; `bilinear_positions(clip)` makes
 a HF CLIP resize its position grid as WeCLIP (and ssr_jax) do.
 
 Overrides: `vision_<field>=` / `text_<field>=` go to the CLIP sub-configs,
 other keywords to the top-level config (e.g. `projection_dim`, or any
-`ViTConfig` field for DINO); `seed` picks the weights.
+`ViTConfig` / `Dinov2Config` field for DINO / DINOv2); `seed` picks the
+weights.
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ FULL_DINO = dict(hidden_size=384, intermediate_size=1536,
                  num_hidden_layers=12, num_attention_heads=6, image_size=224,
                  patch_size=16, qkv_bias=True, hidden_act="gelu",
                  layer_norm_eps=1e-12)
+
+# DINOv2: a 4x4 pretrained grid of 14-pixel patches (image_size 56).
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   mlp_ratio=2, image_size=56, patch_size=14,
+                   layer_norm_eps=1e-6)
+# facebook/dinov2-small and -base (and their -with-registers, which add
+# num_register_tokens=4): ViT-S/14 and ViT-B/14 at image_size 518 (37x37).
+FULL_DINOV2_S = dict(hidden_size=384, num_hidden_layers=12,
+                     num_attention_heads=6, mlp_ratio=4, image_size=518,
+                     patch_size=14, layer_norm_eps=1e-6)
+FULL_DINOV2_B = dict(hidden_size=768, num_hidden_layers=12,
+                     num_attention_heads=12, mlp_ratio=4, image_size=518,
+                     patch_size=14, layer_norm_eps=1e-6)
 
 
 def _perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
@@ -93,6 +109,26 @@ def make_tiny_dino(directory: str | os.PathLike, *, seed: int = 0,
     return _save(model, directory)
 
 
+def make_tiny_dinov2(directory: str | os.PathLike, *, seed: int = 0,
+                     perturb: float = 0.05, base: dict | None = None,
+                     **overrides: Any) -> str:
+    """Saves a random Dinov2Model (or Dinov2WithRegistersModel if
+    `num_register_tokens` is among the overrides) to `directory` and
+    returns the path. `base` replaces TINY_DINOV2 (e.g. FULL_DINOV2_S)."""
+    fields = {**(TINY_DINOV2 if base is None else base), **overrides}
+    if "num_register_tokens" in fields:
+        config = transformers.Dinov2WithRegistersConfig(**fields)
+        cls = transformers.Dinov2WithRegistersModel
+    else:
+        config = transformers.Dinov2Config(**fields)
+        cls = transformers.Dinov2Model
+    torch.manual_seed(seed)
+    model = cls(config)
+    if perturb:
+        _perturb(model, seed, perturb)
+    return _save(model, directory)
+
+
 def hf_clip(path: str | os.PathLike) -> transformers.CLIPModel:
     """The PyTorch reference: eager attention (so attentions are returned),
     eval mode, float32."""
@@ -104,6 +140,14 @@ def hf_clip(path: str | os.PathLike) -> transformers.CLIPModel:
 def hf_dino(path: str | os.PathLike) -> transformers.ViTModel:
     """The PyTorch reference ViTModel; see `hf_clip`."""
     model = transformers.ViTModel.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32)
+    return model.eval()
+
+
+def hf_dinov2(path: str | os.PathLike) -> transformers.PreTrainedModel:
+    """The PyTorch reference Dinov2Model / Dinov2WithRegistersModel (by the
+    snapshot's model_type); see `hf_clip`."""
+    model = transformers.AutoModel.from_pretrained(
         path, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +76,55 @@ def test_table_lists_every_row():
     assert "4.00x" in text and "ratio >= 3 (CPU): met" in text
     assert "MISSED" in text  # the 1.2x train step
     assert "evaluate not available" in text
+
+
+def test_ratio_needs_equal_cores():
+    """A ratio is reported only when both sides ran on the same CPU set
+    and kept (within 10%) the same number of cores busy."""
+    mine = {"median_s": 1.0, "cores_used": 1.0, "affinity": [1]}
+    peer = {"median_s": 2.0, "cores_used": 0.95, "affinity": [1]}
+    assert run._ratio(peer, mine) == 2.0
+    cell = run._mark_cores({"ssr_jax": mine, "peer": peer, "ratio": 2.0})
+    assert "invalid" not in cell
+    busy = dict(mine, cores_used=1.9)  # XLA's threads on a second core
+    assert run._ratio(peer, busy) is None
+    cell = run._mark_cores({"ssr_jax": busy, "peer": peer,
+                            "ratio": run._ratio(peer, busy)})
+    assert "unequal cores used: ssr_jax 1.90, peer 0.95" in cell["invalid"]
+    other = dict(mine, affinity=[0])
+    assert run._ratio(peer, other) is None
+    text = run.table([{"name": "pseudo_labels",
+                       "settings": {"batch": 2, "crop": 160},
+                       "cells": [dict(cell, dtype="float32")]}])
+    assert "INVALID (unequal cores used" in text
+    assert "1.90 cores" in text
+
+
+def test_timed_records_cores_used():
+    """`cores_used` is CPU time per wall time: ~0 for a sleeping call,
+    ~1 for one busy thread."""
+    def busy():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:
+            pass
+    assert run._timed(busy, 2)["cores_used"] > 0.7
+    assert run._timed(lambda: time.sleep(0.05), 2)["cores_used"] < 0.3
+
+
+def test_worker_pins_itself(tmp_path):
+    """The worker sets its CPU affinity before loading jax or torch and
+    reports it (the 'data' side of a missing row errors harmlessly)."""
+    cpu = max(os.sched_getaffinity(0))
+    spec = json.dumps({"row": "nothing", "side": "jax", "cpus": [cpu]})
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"),
+         "--worker", spec], capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    line = [x for x in r.stdout.splitlines()
+            if x.startswith(run.RESULT_TAG)][-1]
+    result = json.loads(line[len(run.RESULT_TAG):])
+    assert result["affinity"] == [cpu]
+    assert "error" in result  # no such row: reported, not raised
 
 
 def test_partial_results_of_a_killed_worker():

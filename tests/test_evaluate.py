@@ -312,6 +312,7 @@ def test_eval_mode_writes_reports(world, capsys):
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
     assert saved["checkpoint"]["step"] == 7
+    assert saved["xla"]["self_check"]["ok"], saved["xla"]
     assert saved["scores"]["miou"] == report["scores"]["miou"]
     assert 0.0 <= saved["scores"]["miou"] <= 1.0
     assert saved["protocol"] == {"long_side": 64, "scales": [1.0, 0.75],

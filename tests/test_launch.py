@@ -278,3 +278,41 @@ def test_tpu_all_resumes_after_exit_75_on_a_healthy_vm(tmp_path):
     calls = (tmp_path / "calls").read_text()
     assert calls.count("--config.mode=train") == 2
     assert "tpu-vm create" not in calls and "--config.mode=eval" in calls
+
+
+def test_gpu_tfds_build_and_train():
+    out = _ok("gpu.sh", "--dry-run", "--data-root", "/data/VOC2012",
+              "--tfds-dir", "/data/tfds", "build")
+    assert _lines(out) == [
+        "+ python -m ssr_jax.data.build --config configs/voc.py:paper "
+        "--config.data.root=/data/VOC2012 --config.data.tfds_dir=/data/tfds"]
+    out = _ok("gpu.sh", "--dry-run", "--tfds-dir", "gs://b/tfds", "train")
+    assert ("--config.mode=train --config.data.source=tfds "
+            "--config.data.tfds_dir=gs://b/tfds") in out
+    assert "data.root" not in out
+    out = _ok("gpu.sh", "--dry-run", "--tfds-dir", "/t", "install")
+    assert out.rstrip().endswith("-r requirements-tfds.txt")
+    for args, message in (((), "--data-root"), (("--data-root", "/d"),
+                                                "--tfds-dir"),
+                          (("--data-root", "/d", "--tfds-dir", "gs://b"),
+                           "local --tfds-dir")):
+        r = _sh("gpu.sh", "--dry-run", *args, "build")
+        assert r.returncode == 2 and message in r.stderr
+
+
+def test_tpu_tfds_source():
+    base = ("tpu_vm.sh", "--dry-run", "--bucket", "gs://bk/p",
+            "--tfds-src", "gs://bk/p/tfds")
+    out = _ok(*base, "data")
+    assert "gcloud storage rsync -r gs://bk/p/tfds $HOME/tfds" in out
+    assert "data/voc" not in out
+    out = _ok(*base, "train")
+    assert ("--config.data.source=tfds --config.data.tfds_dir=$HOME/tfds"
+            in out)
+    assert "data.root" not in out
+    out = _ok(*base, "--data-mode", "gcsfuse", "train")
+    assert "--config.data.tfds_dir=$HOME/gcs/p/tfds" in out
+    out = _ok(*base, "setup")
+    assert "-r requirements-tfds.txt" in out
+    r = _sh("tpu_vm.sh", "--dry-run", "--tfds-src", "/local", "setup")
+    assert r.returncode == 2 and "gs:// path" in r.stderr

@@ -300,6 +300,13 @@ def test_readme_embedded_commands(tmp_path):
     logged = [rec["step"] for rec in records if "scalars" in rec]
     assert logged == sorted(set(logged)), logged  # no step twice
     assert "loss" in records[-1].get("scalars", {})
+    # backend, versions and the XLA self-check (ssr_jax/xla_guard.py)
+    assert res["xla"]["self_check"]["ok"] and res["xla"]["jaxlib"]
+    assert res["xla"]["backend"] == "cpu"
+    xla = [json.loads(rec["text"]["xla"]) for rec in records
+           if "xla" in rec.get("text", {})]
+    assert xla and xla[0]["self_check"]["ok"]
+    assert "XLA self-check on cpu" in r.stderr
 
     # Eval and pseudo labels on the saved checkpoint, as written.
     _run(cases[("eval", "runs/synth")], cwd, env)

@@ -613,6 +613,36 @@ def test_rfm_affinity_matches_weclip_loop():
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
 
 
+def test_rfm_similarity_and_gate_split():
+    """S = sigmoid(F Fᵀ) alone, and the gating fed a given S (not from a
+    feature): each against NumPy loops; rfm_affinity is their composition."""
+    rng = np.random.default_rng(9)
+    layers, b, n, e = 5, 2, 6, 4
+    attn = rng.random((layers, b, n + 1, n + 1)).astype(np.float32)
+    feat = rng.normal(size=(b, n, e)).astype(np.float32)
+    sim = np.asarray(sgc.rfm_similarity(jnp.asarray(feat)))
+    for i in range(b):
+        np.testing.assert_allclose(
+            sim[i], 1 / (1 + np.exp(-(feat[i] @ feat[i].T))), rtol=1e-6)
+    given = rng.random((b, n, n)).astype(np.float32)  # any S in (0, 1)
+    got = np.asarray(sgc.rfm_gate(list(jnp.asarray(attn)),
+                                  jnp.asarray(given), last_n=3))
+    for i in range(b):
+        maps = [attn[j, i, 1:, 1:] for j in range(layers - 3, layers)]
+        d = [float((given[i] - a).sum()) for a in maps]
+        keep = [a for a, dl in zip(maps, d, strict=True) if dl <= np.mean(d)]
+        want = sum(keep) / (len(keep) + 1e-5) * given[i]
+        # float32 sums of 36 terms in [0, 1]: ~36·eps relative at worst
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(sgc.rfm_affinity(jnp.asarray(attn), jnp.asarray(feat),
+                                    last_n=4)),
+        np.asarray(sgc.rfm_gate(jnp.asarray(attn), jnp.asarray(sim),
+                                last_n=4)))
+    with pytest.raises(ValueError, match="sim has shape"):
+        sgc.rfm_gate(jnp.asarray(attn), jnp.asarray(given[:, :4, :4]), 4)
+
+
 def test_refine_cams_uses_a_given_clip_affinity():
     rng = np.random.default_rng(8)
     cams = jnp.asarray(rng.random((1, 2, 2, 3)).astype(np.float32))

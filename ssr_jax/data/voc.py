@@ -167,8 +167,18 @@ def class_names(config) -> tuple[str, ...]:
 
     `<root>/classes.json` (`{"classes": ["background", ...], ...}`) wins
     when present; otherwise the built-in VOC or COCO names. The synthetic
-    world must provide the file.
+    world must provide the file. `data.source="tfds"`: the names stored
+    with the TFDS dataset.
     """
+    if source(config) == "tfds":
+        from ssr_jax.data import tfds_source
+
+        return tfds_source.class_names(config)
+    return folder_class_names(config)
+
+
+def folder_class_names(config) -> tuple[str, ...]:
+    """`class_names` from `data.root` (or the built-in lists)."""
     d = config.data
     path = os.path.join(d.root, CLASSES_FILE) if d.root else ""
     if path and os.path.isfile(path):
@@ -366,9 +376,28 @@ class Split:
     labels: np.ndarray  # float32 [N, C-1]; class c <-> label id c + 1
     usable: np.ndarray  # int64 [U]
     summary: SplitSummary
+    # Where the bytes come from: None = the files above; else a record
+    # store (`tfds_source.RecordStore`, data.source="tfds") whose
+    # `image(i)`, `mask(i)`, `superpixels(i)` decode list line i, and the
+    # paths above are descriptions for messages (mask None = no mask).
+    store: object | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def read_image(self, idx: int) -> np.ndarray:
+        """uint8 [H, W, 3] RGB of list line `idx`; `DataError` if corrupt."""
+        if self.store is not None:
+            return self.store.image(idx)
+        return read_image(self.image_paths[idx])
+
+    def read_mask(self, idx: int, num_classes: int) -> np.ndarray | None:
+        """uint8 [H, W] class mask of line `idx`, None when it has none."""
+        if self.mask_paths[idx] is None:
+            return None
+        if self.store is not None:
+            return self.store.mask(idx)
+        return read_mask(self.mask_paths[idx], num_classes)
 
 
 def cache_dir(config) -> str:
@@ -554,11 +583,29 @@ def _summarise(config, split: str, records: list[dict], usable: np.ndarray,
         from_cache=from_cache)
 
 
+def source(config) -> str:
+    """`data.source`: "folders" (this module's files) or "tfds"."""
+    return str(config.data.get("source", "folders"))
+
+
 def load_split(config, split: str) -> Split:
-    """Validates `split` (see `validate_split`) and returns its `Split`."""
+    """Validates `split` (see `validate_split`) and returns its `Split`.
+
+    With `data.source="tfds"` the split comes from the built TFDS dataset
+    (`tfds_source.load_split`): the same fields, read from its metadata.
+    """
+    if source(config) == "tfds":
+        from ssr_jax.data import tfds_source
+
+        return tfds_source.load_split(config, split)
+    return load_folder_split(config, split)
+
+
+def load_folder_split(config, split: str) -> Split:
+    """`load_split` on the files under `data.root`."""
     d = config.data
     check_root(d.root)
-    classes = class_names(config)
+    classes = folder_class_names(config)
     names = read_list(d.root, split)
     records, from_cache = _records(config, split, names, classes)
     bad = [r["problem"] for r in records if r["problem"]]

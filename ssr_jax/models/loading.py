@@ -1,21 +1,26 @@
-"""Load and save CLIP and DINO ViT as Hugging Face safetensors snapshots.
+"""Load and save CLIP, DINO ViT and DINOv2 as Hugging Face safetensors
+snapshots.
 
 A snapshot is a directory with `config.json` and `model.safetensors` (or a
 sharded `model.safetensors.index.json` + shards), as `save_pretrained`
-writes and the Hub serves for openai/clip-vit-base-patch16 and
-facebook/dino-vits16. Tensors are read with `safetensors` into NumPy; PyTorch
-pickles are refused, never opened.
+writes and the Hub serves for openai/clip-vit-base-patch16,
+facebook/dino-vits16 and facebook/dinov2-{small,base}[-with-registers].
+Tensors are read with `safetensors` into NumPy; PyTorch pickles are refused,
+never opened.
 
-One table per model (`clip_entries`, `vit_entries`) maps each HF tensor name
+One table per model (`clip_entries`, `vit_entries`, `dinov2_entries`) maps
+each HF tensor name
 to a Flax parameter path and a layout, and serves both directions:
 
 - "linear": torch `Linear.weight` [out, in] ↔ Flax `kernel` [in, out];
 - "conv": torch `Conv2d.weight` OIHW ↔ Flax `kernel` HWIO;
 - "copy": same array (LayerNorm weight → `scale`, biases, embeddings).
 
-transformers ≥ 5 renames ViT modules in memory (`layers.N.attention.q_proj`)
-but reads and writes the legacy names used here
-(`encoder.layer.N.attention.attention.query`).
+transformers ≥ 5 renames ViT and DINOv2 modules in memory
+(`layers.N.attention.q_proj`, DINOv2's SwiGLU `gate_proj`/`up_proj`) but
+reads and writes the legacy names used here
+(`encoder.layer.N.attention.attention.query`, the fused
+`mlp.weights_in`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import safetensors.numpy
 from flax import nnx
 
 from ssr_jax.models.clip import CLIP, CLIPConfig
+from ssr_jax.models.dinov2 import MODEL_TYPES as DINOV2_TYPES
+from ssr_jax.models.dinov2 import Dinov2, Dinov2Config
 from ssr_jax.models.vit import ViT, ViTConfig
 
 CONFIG = "config.json"
@@ -47,6 +54,9 @@ DTYPES = ("float32", "bfloat16")
 
 # Buffers and heads that HF snapshots carry and our models do not use.
 IGNORABLE = re.compile(r"(^|\.)position_ids$|^pooler\.")
+# DINOv2 also carries the pre-training mask token.
+DINOV2_IGNORABLE = re.compile(
+    r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$")
 
 LAYOUTS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     # name: (hf → flax, flax → hf)
@@ -148,21 +158,76 @@ def vit_entries(config: ViTConfig) -> list[Entry]:
     return out
 
 
+def dinov2_entries(config: Dinov2Config) -> list[Entry]:
+    """Every tensor of a HF `Dinov2Model` / `Dinov2WithRegistersModel`
+    (legacy names; mask token excluded) and where it goes in `Dinov2`."""
+    e = "embeddings"
+    out = [
+        Entry(f"{e}.cls_token", "cls_token", "copy"),
+        Entry(f"{e}.position_embeddings", "position_embeddings", "copy"),
+        Entry(f"{e}.patch_embeddings.projection.weight",
+              "patch_embedding.kernel", "conv"),
+        Entry(f"{e}.patch_embeddings.projection.bias",
+              "patch_embedding.bias", "copy"),
+        *_layer_norm("layernorm", "layernorm"),
+    ]
+    if config.num_register_tokens:
+        out.append(Entry(f"{e}.register_tokens", "register_tokens", "copy"))
+    for i in range(config.num_hidden_layers):
+        hf, fx = f"encoder.layer.{i}", f"blocks.{i}"
+        out += _layer_norm(f"{hf}.norm1", f"{fx}.norm1")
+        for src, dst in (("query", "q_proj"), ("key", "k_proj"),
+                         ("value", "v_proj")):
+            out += _dense(f"{hf}.attention.attention.{src}",
+                          f"{fx}.self_attn.{dst}", bias=config.qkv_bias)
+        out += _dense(f"{hf}.attention.output.dense",
+                      f"{fx}.self_attn.out_proj")
+        out.append(Entry(f"{hf}.layer_scale1.lambda1", f"{fx}.layer_scale1",
+                         "copy"))
+        out += _layer_norm(f"{hf}.norm2", f"{fx}.norm2")
+        names = (("weights_in", "weights_out") if config.use_swiglu_ffn
+                 else ("fc1", "fc2"))
+        for name in names:
+            out += _dense(f"{hf}.mlp.{name}", f"{fx}.mlp.{name}")
+        out.append(Entry(f"{hf}.layer_scale2.lambda1", f"{fx}.layer_scale2",
+                         "copy"))
+    return out
+
+
+def _dinov2_extra(config: Dinov2Config, dtype: np.dtype,
+                  ) -> dict[str, np.ndarray]:
+    """The mask token HF expects (pre-training only; written as zeros, its
+    HF initial value, so `from_pretrained` loads without warnings)."""
+    return {"embeddings.mask_token": np.zeros((1, config.hidden_size),
+                                              dtype)}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     what: str  # for messages
     repo: str  # the Hub snapshot we expect
     hf_class: str
-    model_type: str
+    model_type: str | tuple[str, ...]  # config.json model_type(s) accepted
     config_cls: Any
     model_cls: Any
     entries: Callable[[Any], list[Entry]]
+    ignorable: re.Pattern = IGNORABLE
+    # Tensors HF expects that the Flax model does not hold, written on save.
+    extra: Callable[[Any, np.dtype], dict[str, np.ndarray]] | None = None
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return ((self.model_type,) if isinstance(self.model_type, str)
+                else self.model_type)
 
 
 CLIP_SPEC = _Spec("CLIP", "openai/clip-vit-base-patch16", "CLIPModel",
                   "clip", CLIPConfig, CLIP, clip_entries)
 DINO_SPEC = _Spec("DINO ViT", "facebook/dino-vits16", "ViTModel", "vit",
                   ViTConfig, ViT, vit_entries)
+DINOV2_SPEC = _Spec("DINOv2", "facebook/dinov2-small", "AutoModel",
+                    tuple(DINOV2_TYPES), Dinov2Config, Dinov2,
+                    dinov2_entries, DINOV2_IGNORABLE, _dinov2_extra)
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
@@ -207,10 +272,11 @@ def _snapshot(path: str, spec: _Spec) -> tuple[dict[str, Any], list[str]]:
     except json.JSONDecodeError as e:
         raise WeightsError(f"{cfg_file}: not valid JSON ({e})") from e
     found = config.get("model_type")
-    if found is not None and found != spec.model_type:
+    if found is not None and found not in spec.model_types:
+        expected = " or ".join(repr(t) for t in spec.model_types)
         raise WeightsError(
             f"{cfg_file} says model_type={found!r}, but a {spec.what} "
-            f"({spec.model_type!r}) is expected: pass {hint}")
+            f"({expected}) is expected: pass {hint}")
     single = os.path.join(path, WEIGHTS)
     index = os.path.join(path, INDEX)
     if os.path.isfile(single):
@@ -292,7 +358,7 @@ def _load(path: str, spec: _Spec, dtype: Any) -> Any:
         raise WeightsError("\n".join(lines))
     known = {e.hf for e in entries}
     unexpected = sorted(n for n in headers
-                        if n not in known and not IGNORABLE.search(n))
+                        if n not in known and not spec.ignorable.search(n))
     if unexpected:
         warnings.warn(
             f"{path!r}: {len(unexpected)} unexpected tensors ignored: "
@@ -342,8 +408,11 @@ def _save(model: Any, path: str | os.PathLike, spec: _Spec) -> None:
         array = np.asarray(_variable(model, e.flax)[...])
         # np.array, not ascontiguousarray, which makes 0-d arrays 1-d.
         tensors[e.hf] = np.array(LAYOUTS[e.layout][1](array), order="C")
+    dtype = next(iter(tensors.values())).dtype
+    if spec.extra is not None:
+        tensors.update(spec.extra(model.config, dtype))
     config = model.config.to_hf()
-    config["dtype"] = next(iter(tensors.values())).dtype.name
+    config["dtype"] = dtype.name
     with open(os.path.join(path, CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     safetensors.numpy.save_file(tensors, os.path.join(path, WEIGHTS),
@@ -360,3 +429,18 @@ def save_dino(model: ViT, path: str | os.PathLike) -> None:
     """Writes a HF `ViTModel` snapshot (no pooler) that
     `transformers.ViTModel.from_pretrained(path)` and `load_dino` read."""
     _save(model, path, DINO_SPEC)
+
+
+def load_dinov2(path: str | os.PathLike, dtype: Any = jnp.float32) -> Dinov2:
+    """DINOv2 from a HF `Dinov2Model` or `Dinov2WithRegistersModel` snapshot
+    (e.g. facebook/dinov2-small, facebook/dinov2-with-registers-base); see
+    `load_clip`. The config's `model_type` picks registers and the position
+    interpolation."""
+    return _load(path, DINOV2_SPEC, dtype)
+
+
+def save_dinov2(model: Dinov2, path: str | os.PathLike) -> None:
+    """Writes a HF snapshot (model_type from the config; zero mask token, no
+    pooler) that `transformers.AutoModel.from_pretrained(path)` and
+    `load_dinov2` read."""
+    _save(model, path, DINOV2_SPEC)

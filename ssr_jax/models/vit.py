@@ -34,6 +34,7 @@ from ssr_jax.models.clip import (
     run_blocks,
     square_size,
 )
+from ssr_jax.models.layout import TokenLayout
 
 Array = jax.Array
 
@@ -98,6 +99,11 @@ class ViT(nnx.Module):
         self.blocks = make_blocks(config, dtype, rngs,
                                   qkv_bias=config.qkv_bias)
         self.layernorm = LayerNorm(d, config.layer_norm_eps, dtype=dtype)
+
+    @property
+    def layout(self) -> TokenLayout:
+        """[CLS, patches] (see `layout.py`)."""
+        return TokenLayout(1, self.config.patch_size)
 
     def embed(self, pixels: Array) -> Array:
         """pixels [B, H, W, C] float, normalised → x [B, 1 + h·w, D] with
