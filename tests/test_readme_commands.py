@@ -79,8 +79,10 @@ class Case:
     reason: str = ""
     argv: list[str] = dataclasses.field(default_factory=list)
     dataset: str = ""  # synthetic | voc | coco
-    mode: str = "train"
+    mode: str = "train"  # train | eval | pseudo_labels | build (TFDS)
     workdir: str = ""  # as given (relative), "" = default
+    source: str = "folders"  # data.source
+    module: str = "ssr_jax.main"
 
     @property
     def effective_workdir(self) -> str:
@@ -123,11 +125,20 @@ def plan(cmd: str) -> Case:
         words.pop(0)
     if words[:2] == ["/usr/bin/time", "-v"]:
         words = words[2:]
-    if words[:3] not in (["python", "-m", "ssr_jax.main"],
-                         ["python3", "-m", "ssr_jax.main"]):
+    if words and words[0] == "python3":
+        words[0] = "python"
+    if words == ["python", "-m", "ssr_jax.main"]:
+        return Case(cmd, "skip", "the entry point named in prose (no "
+                    "arguments), not a command")
+    module = words[2] if len(words) > 2 and words[:2] == ["python",
+                                                          "-m"] else ""
+    if module not in ("ssr_jax.main", "ssr_jax.data.build"):
         raise KeyError(cmd)
     args = words[3:]
     case = Case(cmd, "run")
+    case.module = module
+    if module == "ssr_jax.data.build":
+        case.mode = "build"
     out = []
     i = 0
     while i < len(args):
@@ -145,6 +156,10 @@ def plan(cmd: str) -> Case:
             case.workdir = value
         elif key == "--config.mode":
             case.mode = value
+        elif key == "--config.data.source":
+            case.source = value
+        elif key == "--config.data.tfds_dir":
+            a = f"{key}={{tfds_dir}}"
         elif key in ("--config.data.root", "--config.model.clip_path",
                      "--config.model.dino_path"):
             a = f"{key}={{{key.rsplit('.', 1)[1]}}}"
@@ -155,9 +170,11 @@ def plan(cmd: str) -> Case:
         if a is not None:
             out.append(a)
         i += 1
-    if case.dataset != "synthetic":
+    if case.dataset != "synthetic" and case.mode != "build":
         have = {x.split("=", 1)[0] for x in out}
         for key in ("root", "clip_path", "dino_path"):
+            if key == "root" and case.source == "tfds":
+                continue  # the TFDS dataset replaces data.root
             full = ("--config.data." if key == "root"
                     else "--config.model.") + key
             if full not in have:
@@ -176,19 +193,23 @@ def test_every_readme_command_is_covered():
     cases = [plan(c) for c in readme_commands()]
     runs = [c for c in cases if c.kind == "run"]
     # The commands this file runs (see the slow tests below).
-    keys = {(c.dataset, c.mode, c.effective_workdir) for c in runs}
+    keys = {(c.dataset, c.mode, c.effective_workdir, c.source)
+            for c in runs}
+    f, t = "folders", "tfds"
     assert keys <= {
-        ("synthetic", "train", "runs/synth"),
-        ("synthetic", "train", "runs/smoke"),
-        ("synthetic", "eval", "runs/synth"),
-        ("synthetic", "pseudo_labels", "runs/synth"),
-        ("voc", "train", "runs/voc"),
-        ("voc", "eval", "runs/voc"),
-        ("voc", "pseudo_labels", "runs/voc"),
-        ("coco", "train", "runs/coco"),
+        ("synthetic", "train", "runs/synth", f),
+        ("synthetic", "train", "runs/smoke", f),
+        ("synthetic", "eval", "runs/synth", f),
+        ("synthetic", "pseudo_labels", "runs/synth", f),
+        ("voc", "train", "runs/voc", f),
+        ("voc", "eval", "runs/voc", f),
+        ("voc", "pseudo_labels", "runs/voc", f),
+        ("coco", "train", "runs/coco", f),
+        ("voc", "build", "runs/voc", f),
+        ("voc", "train", "runs/voc", t),
     }, keys
-    assert ("synthetic", "train", "runs/synth") in keys
-    assert ("voc", "eval", "runs/voc") in keys
+    assert ("synthetic", "train", "runs/synth", f) in keys
+    assert ("voc", "eval", "runs/voc", f) in keys
     for c in cases:
         if c.kind == "skip":
             assert c.reason, c
@@ -234,7 +255,7 @@ def _user_dir(tmp_path) -> str:
 
 
 def _argv(case: Case, **values) -> list[str]:
-    return [sys.executable, "-m", "ssr_jax.main",
+    return [sys.executable, "-m", case.module,
             *(a.format(**values) for a in case.argv)]
 
 
@@ -246,10 +267,11 @@ def _run(case, cwd, env, timeout=600, **values):
     return r
 
 
-def _cases(dataset: str) -> dict[tuple[str, str], Case]:
+def _cases(dataset: str, source: str = "folders"
+           ) -> dict[tuple[str, str], Case]:
     out = {}
     for c in map(plan, readme_commands()):
-        if c.kind == "run" and c.dataset == dataset:
+        if c.kind == "run" and c.dataset == dataset and c.source == source:
             out.setdefault((c.mode, c.effective_workdir), c)
     return out
 
@@ -443,3 +465,31 @@ def test_readme_real_data_commands(tmp_path):
         _run(coco, cwd, env, root=tree.root, clip_path=clip,
              dino_path=dino)
         assert _steps(os.path.join(cwd, "runs", "coco"))
+
+
+@pytest.mark.slow
+def test_readme_tfds_commands(tmp_path):
+    """The TFDS section: build the VOC fixture into a TFDS data dir, then
+    train from it (`--config.data.source=tfds`), from a scratch clone."""
+    pytest.importorskip("tensorflow_datasets",
+                        reason="pip install -r requirements-tfds.txt")
+    sys.path.insert(0, os.path.dirname(__file__))
+    import data_fixtures  # noqa: PLC0415
+    import ssr_fixtures  # noqa: PLC0415
+
+    from ssr_jax import text  # noqa: PLC0415
+
+    cases = {**_cases("voc"), **{(m, w + ":tfds"): c for (m, w), c in
+                                 _cases("voc", "tfds").items()}}
+    build = cases[("build", "runs/voc")]
+    train = cases[("train", "runs/voc:tfds")]
+    cwd, env = _user_dir(tmp_path), _env(tmp_path / "cache")
+    tree = data_fixtures.write_voc_tree(str(tmp_path / "VOC2012"))
+    clip, dino = ssr_fixtures.make_tiny_encoders(
+        str(tmp_path / "weights"), text.VOC_FG_PROMPTS + text.VOC_BG_PROMPTS)
+    values = {"root": tree.root, "clip_path": clip, "dino_path": dino,
+              "tfds_dir": "tfds"}  # relative, as a user may write it
+    _run(build, cwd, env, **values)
+    assert os.path.isdir(os.path.join(cwd, "tfds"))
+    _run(train, cwd, env, **values)
+    assert _steps(os.path.join(cwd, "runs", "voc"))
