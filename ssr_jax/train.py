@@ -375,8 +375,9 @@ def train_and_evaluate(config, workdir: str, devices=None,
             logging.info("metrics.jsonl: dropped %d records after step %d",
                          dropped, first)
     writer = logs.MetricWriter(workdir)
-    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py).
-    writer.write_text(0, {"xla": json.dumps(xla_guard.report())})
+    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py), at
+    # the step this run starts from (the file stays in step order).
+    writer.write_text(first, {"xla": json.dumps(xla_guard.report())})
     if eval_hook is None and config.train.eval_every:
         from ssr_jax import evaluate  # noqa: PLC0415 - only when evaluating
         eval_hook = evaluate.make_eval_hook(

@@ -321,7 +321,10 @@ def test_readme_embedded_commands(tmp_path):
         os.path.join(workdir, "metrics.jsonl")) if ln.strip()]
     logged = [rec["step"] for rec in records if "scalars" in rec]
     assert logged == sorted(set(logged)), logged  # no step twice
-    assert "loss" in records[-1].get("scalars", {})
+    scalars = [rec["scalars"] for rec in records if "scalars" in rec]
+    assert scalars and "loss" in scalars[-1]
+    steps_logged = [rec["step"] for rec in records]
+    assert steps_logged == sorted(steps_logged), steps_logged
     # backend, versions and the XLA self-check (ssr_jax/xla_guard.py)
     assert res["xla"]["self_check"]["ok"] and res["xla"]["jaxlib"]
     assert res["xla"]["backend"] == "cpu"
