@@ -7,9 +7,10 @@ tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain.py`),
 trains SSR on the image-level labels and scores it on the held-out masks.
 Nothing is downloaded.
 
-Arguments: "" (the full default), "smoke" (a shrunk world and encoders that
-take about 3 minutes end to end on 2 CPU cores), "tiny" (seconds, for
-tests).
+Arguments: "" (the full default, 12.5 min on 2 CPU cores from empty
+caches), "smoke" (a shrunk world and encoders: 116 s end to end on 2 CPU
+cores from empty caches, as measured for the README), "tiny" (about a
+minute from empty caches, seconds once cached; for tests).
 
 Caches (both keyed by content, both safe to delete):
 - the world: `synthetic.root`, default

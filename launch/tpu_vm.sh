@@ -340,13 +340,19 @@ cmd_all() {
     cmd_train || rc=$?
     [[ "$DRY_RUN" == 1 ]] || sleep "${PREEMPT_SETTLE_S:-30}"
     state="$(vm_state)"
-    if [[ "$state" == READY ]]; then
+    # Exit 75: the trainer got SIGTERM, saved and stopped (docs/errors.md).
+    if [[ "$state" == READY && "$rc" != 75 ]]; then
       ((rc == 0)) || die "training failed (exit $rc) on a healthy VM; see $RUN_GCS/workdir/logs"
       break
     fi
     restarts=$((restarts + 1))
     ((restarts <= MAX_RESTARTS)) ||
       die "VM $NAME is $state after $MAX_RESTARTS restarts; giving up"
+    if [[ "$state" == READY ]]; then
+      echo "training was stopped by a signal (exit 75) on a healthy VM:" \
+        "resuming (restart $restarts of $MAX_RESTARTS)" >&2
+      continue
+    fi
     echo "VM $NAME is $state (preempted?): re-creating and resuming" \
       "(restart $restarts of $MAX_RESTARTS)" >&2
     cmd_delete || true

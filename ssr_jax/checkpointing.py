@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -93,6 +94,18 @@ class Restored(NamedTuple):
     state: PyTree
     data_state: dict[str, Any]
     meta: dict[str, Any]
+
+
+def warn(message: str) -> None:
+    """A warning for the log file and the terminal (`logs.warn`)."""
+    from ssr_jax import logs
+
+    logs.warn(message)
+
+
+class PreemptedError(Exception):
+    """Raised after a preemption save: the run stops here (no evaluation);
+    re-running the same command resumes and finishes it."""
 
 
 def config_hash(config: Any) -> str:
@@ -181,6 +194,11 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 0, got {save_every}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        directory = str(directory)
+        if "://" not in directory:
+            # Orbax refuses relative paths ("Checkpoint path should be
+            # absolute") only at the first save, after all the training.
+            directory = os.path.abspath(os.path.expanduser(directory))
         self.directory = epath.Path(directory)
         if read_only and not self.directory.exists():
             raise CheckpointError(
@@ -199,6 +217,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             read_only=read_only,
             create=not read_only,
+            # A save interrupted by a crash or a kill leaves a
+            # `<step>.orbax-checkpoint-tmp-*` directory: removed at the
+            # next start.
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, options=options)
@@ -297,6 +319,33 @@ class Checkpointer:
             return [step]
         return steps[::-1]
 
+    def _move_aside(self, step: int, why: str) -> str | None:
+        """Renames a broken step to `<step>.corrupt-<time>` (never deletes
+        it) so that the run can write that step again; returns the new
+        path (None when read-only or the rename failed)."""
+        if self.read_only:
+            return None
+        src = self.directory / str(step)
+        dst = self.directory / (
+            f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        moved = None
+        if jax.process_index() == 0:
+            try:
+                src.rename(dst)
+                moved = str(dst)
+            except OSError as e:
+                logging.warning("could not move %s aside: %s", src, e)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ssr_jax_aside_{step}")
+            moved = str(dst) if dst.exists() else None
+        if moved:
+            warn(f"checkpoint step {step} is broken ({why}); moved aside to "
+                 f"{moved} (not deleted); this run will write step {step} "
+                 "again")
+        return moved
+
     def _restore_loop(self, step: int | None, restore_one,
                       required: bool) -> Any:
         candidates = (self._candidates(step) if self.directory.exists()
@@ -309,25 +358,47 @@ class Checkpointer:
                     "folders")
             return None
         failures = []
+        moved = False
         for s in candidates:
             if not self._is_complete(s):
                 why = f"step {s}: no {COMMIT_MARKER} (incomplete or copied " \
                       "half-way)"
             else:
                 try:
-                    return restore_one(s)
+                    result = restore_one(s)
+                    if failures:
+                        warn(f"resuming from checkpoint step {s}, the "
+                             "latest readable one (newer steps: "
+                             + "; ".join(failures) + ")")
+                    if moved:
+                        self._manager.reload()
+                    return result
                 except CheckpointMismatchError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any read failure
-                    why = f"step {s}: {type(e).__name__}: {e}"[:500]
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    first = first.split(" See full TensorStore")[0]
+                    why = f"step {s}: {type(e).__name__}: {first}"[:300]
+                    logging.info("reading step %d failed:\n%s", s, e)
             failures.append(why)
             if step is not None:
                 break
             logging.warning("skipping checkpoint %s", why)
+            if self._move_aside(s, why):
+                moved = True
+        if moved:
+            self._manager.reload()
+        if self.read_only:
+            advice = ("Re-run training with the same command (it moves "
+                      "broken steps aside to <step>.corrupt-<time> and "
+                      "writes them again), or point eval.checkpoint at "
+                      "another checkpoint.")
+        else:
+            advice = ("The broken steps were moved aside (not deleted); "
+                      "re-run to start over, or restore them by hand.")
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}:\n  - "
-            + "\n  - ".join(failures)
-            + "\nDelete the broken step directories or use a new --workdir.")
+            + "\n  - ".join(failures) + "\n" + advice)
 
     def restore(self, target_state: PyTree, step: int | None = None,
                 required: bool = False) -> Restored | None:
@@ -447,8 +518,10 @@ class PreemptionGuard:
             raise KeyboardInterrupt
         if self.reason is None:
             self.reason = signal.Signals(signum).name
-            logging.warning("%s received: saving at the next step boundary "
-                            "and exiting", self.reason)
+            again = (" (Ctrl-C again to stop at once)"
+                     if signum == signal.SIGINT else "")
+            warn(f"{self.reason} received: saving at the next step "
+                 f"boundary and stopping{again}")
 
     @property
     def requested(self) -> bool:

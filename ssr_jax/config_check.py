@@ -163,21 +163,76 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     return e
 
 
+def _snapshot_path(e: list[str], name: str, path: str) -> None:
+    if not path:
+        e.append(f"model.{name} is empty: point it at a Hugging Face "
+                 "snapshot directory (config.json + model.safetensors)")
+    elif os.path.isfile(path):
+        e.append(f"model.{name}={path!r} is a file; a Hugging Face snapshot "
+                 "DIRECTORY is expected (the folder holding config.json and "
+                 f"model.safetensors): --config.model.{name}="
+                 f"{os.path.dirname(path) or '.'}")
+    elif not os.path.isdir(path):
+        e.append(f"model.{name}={path!r} does not exist")
+
+
+def splits_needed(config) -> list[str]:
+    """The split lists this run reads (checked at start-up)."""
+    d, t = config.data, config.train
+    if config.mode == "eval":
+        return [config.eval.split]
+    if config.mode == "pseudo_labels":
+        return [d.seed_split]
+    out = [d.train_split]
+    if t.eval_every:
+        out.append(d.val_split)
+        if config.eval.hook_seeds:
+            out.append(d.seed_split)
+    return list(dict.fromkeys(out))
+
+
 def _paths(e: list[str], config) -> None:
+    root = config.data.root
     if config.data.get("source", "folders") == "tfds":
         pass  # the TFDS dataset replaces data.root (checked above)
-    elif not config.data.root:
+    elif not root:
         e.append("data.root is empty: point it at the dataset root "
-                 "(see README 'Data preparation')")
-    elif not os.path.isdir(config.data.root):
-        e.append(f"data.root={config.data.root!r} does not exist")
-    for name in ("clip_path", "dino_path"):
-        path = config.model[name]
-        if not path:
-            e.append(f"model.{name} is empty: point it at a Hugging Face "
-                     "snapshot directory (config.json + model.safetensors)")
-        elif not os.path.isdir(path):
-            e.append(f"model.{name}={path!r} does not exist")
+                 "(layout and preparation: docs/data.md)")
+    elif not os.path.isdir(root):
+        e.append(f"data.root={root!r} does not exist (layout and "
+                 "preparation: docs/data.md)")
+    else:
+        lists = os.path.join(root, "ImageSets", "Segmentation")
+        have = (sorted(f[:-4] for f in os.listdir(lists)
+                       if f.endswith(".txt")) if os.path.isdir(lists) else [])
+        for split in splits_needed(config):
+            if split not in have:
+                fix = ""
+                if split == "train_aug":
+                    fix = (" (VOC train + SBD, see docs/data.md; or train on "
+                           "VOC train: --config.data.train_split=train)")
+                e.append(f"split list {os.path.join(lists, split + '.txt')} "
+                         f"does not exist{fix}; lists present: "
+                         f"{', '.join(have) or 'none'}")
+    _snapshot_path(e, "clip_path", config.model.clip_path)
+    # Eval reads only CLIP and the decoder: DINO is not needed there.
+    if config.mode != "eval" and config.sgc.use_dino_attn:
+        _snapshot_path(e, "dino_path", config.model.dino_path)
+    elif config.model.dino_path and config.mode != "eval":
+        _snapshot_path(e, "dino_path", config.model.dino_path)
+
+
+def command_line_errors(config) -> list[str]:
+    """Problems that only a user's override can cause (checked by main
+    before `validate`)."""
+    e = []
+    if config.data.name == "synthetic" and config.data.root:
+        e.append(f"data.root={config.data.root!r}: configs/synthetic.py "
+                 "generates and reads its own world and ignores data.root. "
+                 "To run on a dataset use configs/voc.py or configs/coco.py "
+                 "with --config.data.root; to move the world's cache use "
+                 "--config.synthetic.root")
+    return e
 
 
 def device_errors(config) -> list[str]:

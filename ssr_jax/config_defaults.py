@@ -22,7 +22,7 @@ def base_config() -> config_dict.ConfigDict:
     # --- data ---------------------------------------------------------------
     c.data = d = config_dict.ConfigDict()
     d.name = "voc"  # voc | coco | synthetic
-    d.root = ""  # dataset root (see README "Data preparation")
+    d.root = ""  # dataset root (layout and preparation: docs/data.md)
     d.train_split = "train_aug"  # list file under ImageSets/Segmentation
     d.val_split = "val"
     d.seed_split = "train"  # split where CAM seeds and pseudo labels are scored
@@ -37,7 +37,7 @@ def base_config() -> config_dict.ConfigDict:
     d.label_source = "auto"  # auto | mask | xml: where image labels come from
     d.num_workers = 4  # input-pipeline threads (SLIC runs there)
     d.prefetch = 8  # batches prefetched per process
-    d.cache_dir = ""  # label/SLIC caches; "" = <root>/.ssr_jax_cache
+    d.cache_dir = ""  # label/SLIC caches; "" = ~/.cache/ssr_jax/data/...
     d.shuffle_seed = 0
     # Where examples are read from: "folders" (the files under data.root)
     # or "tfds" (the array_record TFDS dataset that `python -m
@@ -203,6 +203,9 @@ def base_config() -> config_dict.ConfigDict:
     ev.crf_bi_w = 4.0
     ev.crf_workers = 0  # 0 = half the CPU cores (DenseCRF is memory hungry)
     ev.save_predictions = True  # PNGs with the VOC palette
+    # eval / pseudo_labels refuse to replace the reports of an earlier run
+    # (eval/<split>/metrics.json, pseudo_labels/<split>/seeds.json).
+    ev.overwrite = False
     ev.max_images = 0  # first images of each split evaluated; 0 = all
     # Synthetic world only (embedded default): also run the plain-CLIP
     # diagnostics of pretrain_report.seed_report (attention purity, oracle-

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from ssr_jax import (
+    checkpointing,
     config_check,
     evaluate,
     logs,
@@ -50,6 +52,27 @@ def _stage(timings: dict[str, float], name: str):
     yield
     timings[name] = round(time.time() - t0, 1)
     print(f"== {name}: {timings[name]:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """After training: SIGTERM / Ctrl-C stop at once (the checkpoint is
+    complete; nothing else needs saving) with the preemption exit path,
+    instead of spending the grace period on evaluation."""
+    def handle(signum, frame):
+        del frame
+        raise checkpointing.PreemptedError(
+            f"stopped by {signal.Signals(signum).name} after training "
+            "(the checkpoint is complete). Re-run the same command to "
+            "evaluate it. Exit code 75.")
+
+    previous = {sig: signal.signal(sig, handle)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _miou(scores: dict[str, Any]) -> float | None:
@@ -99,6 +122,18 @@ def _table(results: dict[str, Any]) -> str:
                       results["diagnostics"])]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in results["time_s"].items())
     lines.append(f"wall time: {times}")
+    counts = []
+    for label, images in (("val", results["val"].get("images")),
+                          ("seeds", results["seed_split"].get("images"))):
+        if images:
+            counts.append(f"{label} {images['scored']} of {images['listed']}")
+    if counts:
+        lines.append("images scored: " + ", ".join(counts)
+                     + "; mIoU over the classes present in the ground truth"
+                     " (val over all classes: "
+                     + (f"{100 * results['val']['miou_all_classes']:.1f})"
+                        if results["val"].get("miou_all_classes") is not None
+                        else "—)"))
     return "\n".join(lines)
 
 
@@ -123,7 +158,7 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
         return path["steps"], path["labels"], path["cls_ids"]
 
     steps, labels, cls_ids = jax.device_get(run(arrays))
-    rows = []
+    rows, label_maps = [], []
     for i in range(len(batch["image"])):
         if not batch["example_valid"][i] or cls_ids[i, 0] < 0:
             continue
@@ -136,15 +171,21 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
         row.append(visualize.label_overlay(img, labels[i]))
         row.append(visualize.label_overlay(img, batch["mask"][i]))
         rows.append(row)
+        label_maps += [labels[i], batch["mask"][i]]
     if rows:
-        visualize.save_png(os.path.join(workdir, "cam_overlays.png"),
-                           visualize.grid(rows))
+        headers = ("image", "initial CAM", "+ CLIP attn", "+ DINO attn",
+                   "+ superpixels", "pseudo label", "ground truth")
+        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        visualize.save_png(
+            os.path.join(workdir, "cam_overlays.png"),
+            visualize.annotate(visualize.grid(rows), headers,
+                               rows[0][0].shape[1], legend=legend))
 
 
 def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
     """Val images | prediction | ground truth, from the evaluator's PNGs."""
     split = voc.load_split(config, config.data.val_split)
-    rows = []
+    rows, label_maps = [], []
     for i, name in enumerate(split.names):
         pred_path = os.path.join(pred_dir, "predictions", f"{name}.png")
         if not os.path.exists(pred_path):
@@ -154,11 +195,16 @@ def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
         gt = split.read_mask(i, config.data.num_classes)
         rows.append([img, visualize.label_overlay(img, pred),
                      visualize.label_overlay(img, gt)])
+        label_maps += [pred, gt]
         if len(rows) == NUM_PICTURES:
             break
     if rows:
-        visualize.save_png(os.path.join(workdir, "predictions.png"),
-                           visualize.grid(rows))
+        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        visualize.save_png(
+            os.path.join(workdir, "predictions.png"),
+            visualize.annotate(visualize.grid(rows),
+                               ("val image", "prediction", "ground truth"),
+                               rows[0][0].shape[1], legend=legend))
 
 
 def _read_indices(path: str) -> np.ndarray:
@@ -207,6 +253,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     root, clip_path, dino_path = prepare(config, timings)
     with _stage(timings, "train"):
         setup = train.train_and_evaluate(config, workdir)
+    with _stop_on_signal():
+        return _evaluate_all(config, workdir, setup, timings, t_start,
+                             root, clip_path, dino_path)
+
+
+def _evaluate_all(config, workdir, setup, timings, t_start, root,
+                  clip_path, dino_path) -> dict[str, Any]:
     model = setup.trained_model()
     val_dir = os.path.join(workdir, "eval", config.data.val_split)
     with _stage(timings, "eval"):
@@ -217,7 +270,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     with _stage(timings, "seeds"):
         seeds = evaluate.score_seeds(config, setup.clip, setup.dino, model,
                                      config.data.seed_split, bank=setup.bank,
-                                     max_images=0)
+                                     max_images=0, progress=True)
     with _stage(timings, "pictures"):
         _cam_pictures(setup, model, config, workdir)
         _prediction_pictures(config, workdir, val_dir)
@@ -237,6 +290,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     e = seeds["entries"]
     results = {
         "val": {"miou": _miou(seg),
+                "miou_all_classes": seg.get("miou_all_classes"),
+                "images": seg.get("images"),
                 "precision": seg.get("mean_precision"),
                 "recall": seg.get("mean_recall"),
                 "confusion": seg.get("mean_confusion"),
@@ -251,7 +306,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                  "initial_cam_with": _miou(e["cam_cmpa"])},
         "per_class_iou": _per_class(seg),
         "seed_split": {"name": config.data.seed_split,
-                       "num_images": seeds["num_images"]},
+                       "num_images": seeds["num_images"],
+                       "images": seeds.get("images")},
         "time_s": timings,
         "world": root,
         "encoders": {"clip": clip_path, "dino": dino_path},

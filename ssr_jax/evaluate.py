@@ -60,6 +60,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -355,6 +356,7 @@ class _Loader:
         self.strict = bool(config.data.strict)
         self.num_classes = int(config.data.num_classes)
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+        self.skipped: list[str] = []  # reasons, data.strict=False
 
     def _one(self, idx: int, hw1: tuple[int, int]) -> dict | None:
         if idx < 0:
@@ -365,7 +367,8 @@ class _Loader:
         except DataError as e:
             if self.strict:
                 raise
-            logging.warning("skipping (data.strict=False): %s", e)
+            logs.warn(f"skipping (data.strict=False): {e}")
+            self.skipped.append(str(e))
             return None
         return {"image": image, "mask": mask, "resized":
                 resize_image(image, hw1), "name": self.split.names[idx]}
@@ -473,10 +476,15 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
             yield from pool.submit(crf.predict, lg, mh, mw, image,
                                    crf_params, meta=meta)
 
+    bar = tqdm.tqdm(total=len(plan), desc=f"eval ({split})",
+                    dynamic_ncols=True, mininterval=1.0,
+                    disable=not (out_dir is not None and config.train.progress
+                                 and jax.process_index() == 0))
     try:
         futures = loader.submit(plan[0], rows) if plan else []
         previous = None
         for k, batch in enumerate(plan):
+            bar.update(1)
             items = [f.result() for f in futures]
             if k + 1 < len(plan):
                 futures = loader.submit(plan[k + 1], rows)
@@ -500,6 +508,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
         for meta, pred in pool.drain():
             finish(meta, pred)
     finally:
+        bar.close()
         loader.close()
         pool.close()
 
@@ -511,9 +520,45 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     result.update(num_images=int(len(examples)),
                   num_scored=int(_sum_over_processes(counts["scored"])),
                   num_shapes=num_shapes)
+    unreadable = _sum_over_processes(len(loader.skipped))
+    without_mask = sum(data.mask_paths[i] is None for i in examples)
+    result["images"] = image_accounting(
+        data, result["num_scored"], max_images=max_images,
+        beyond_max=len(data.usable) - len(examples),
+        without_mask=without_mask,
+        unreadable=unreadable, unreadable_reasons=loader.skipped,
+        warn=out_dir is not None)
     if not has_masks:
         result["miou"] = None
     return result
+
+
+def image_accounting(data: voc.Split, scored: int, *, max_images: int,
+                     beyond_max: int, without_mask: int, unreadable: int,
+                     unreadable_reasons: Sequence[str] = (),
+                     warn: bool = True) -> dict[str, Any]:
+    """How many images of a split were scored, and why the others were not
+    (recorded in metrics.json / seeds.json; with `warn`, a shortfall is
+    also printed as a warning)."""
+    listed = len(data.names)
+    out = {
+        "listed": listed,
+        "scored": int(scored),
+        "not_scored": {
+            "unusable (data.strict=False)": int(data.summary.num_skipped),
+            f"beyond eval.max_images={max_images}": int(beyond_max),
+            "no mask": int(without_mask),
+            "unreadable when read (data.strict=False)": int(unreadable),
+        },
+        "unusable_examples": list(data.summary.problems[:10]),
+        "unreadable_examples": list(unreadable_reasons)[:10],
+    }
+    missing = {k: v for k, v in out["not_scored"].items() if v}
+    if missing and warn:
+        logs.warn(f"split {data.name!r}: scored {scored} of {listed} listed "
+                  "images; not scored: " + ", ".join(
+                      f"{v} {k}" for k, v in missing.items()))
+    return out
 
 
 def _sum_over_processes(x: int) -> int:
@@ -631,7 +676,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                 size: int | None = None,
                 label_entries: Sequence[str] = (),
                 on_batch: Callable[[dict, dict], None] | None = None,
-                require_masks: bool = True,
+                require_masks: bool = True, progress: bool = False,
                 ) -> dict[str, Any]:
     """CAM-seed and pseudo-label quality on `split` (SPEC §2; Tables 3–4).
 
@@ -654,6 +699,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
         {entry: uint8 [b, S, S] this process's rows}.
       require_masks: False also runs the images without a mask (they are
         passed to `on_batch` and not scored).
+      progress: a tqdm bar (with `train.progress`, process 0).
 
     Returns:
       {"split", "size", "num_images", "entries": {entry: metrics.scores}}.
@@ -679,9 +725,14 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     data_sh = NamedSharding(mesh, P("data"))
     accs: dict[str, metrics.ConfusionAccumulator] = {}
     num = 0
-    for local in input_pipeline.seed_batches(config, split, batch_size, size,
-                                             max_images=max_images,
-                                             require_masks=require_masks):
+    batches = input_pipeline.seed_batches(config, split, batch_size, size,
+                                          max_images=max_images,
+                                          require_masks=require_masks)
+    show = progress and bool(config.train.progress) and (
+        jax.process_index() == 0)
+    for local in tqdm.tqdm(batches, desc=f"seeds ({split})",
+                           dynamic_ncols=True, mininterval=1.0,
+                           disable=not show):
         batch = {k: jax.make_array_from_process_local_data(data_sh, v)
                  for k, v in local.items() if k != "index"}
         counts, valid, maps = step(clip_state, dino_state, params, rest, fg,
@@ -697,8 +748,18 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     names = voc.class_names(config)
     entries = {k: metrics.scores(accs[k].result(), names)
                for k in SEED_ENTRIES if k in accs}
+    data = voc.load_split(config, split)
+    with_mask = [i for i in data.usable if data.mask_paths[i] is not None]
+    pool = with_mask if require_masks else list(data.usable)
+    taken = pool[:max_images] if max_images > 0 else pool
+    masked_taken = sum(data.mask_paths[i] is not None for i in taken)
+    images = image_accounting(
+        data, num if require_masks else masked_taken, max_images=max_images,
+        beyond_max=len(pool) - len(taken),
+        without_mask=len(data.usable) - len(with_mask),
+        unreadable=max(0, len(taken) - num), warn=on_batch is None)
     return {"split": split, "size": size, "num_images": num,
-            "entries": entries}
+            "images": images, "entries": entries}
 
 
 def seed_table(result: dict[str, Any]) -> str:
@@ -778,6 +839,17 @@ def _check_crf(config) -> None:
             raise config_check.ConfigError(str(e)) from None
 
 
+def refuse_overwrite(config, out_dir: str, report: str) -> None:
+    """ConfigError (before any model loads) when `out_dir/report` is left
+    from an earlier run and `eval.overwrite` is off."""
+    path = os.path.join(out_dir, report)
+    if os.path.exists(path) and not config.eval.overwrite:
+        raise config_check.ConfigError(
+            f"{path} exists from an earlier run. Pass "
+            "--config.eval.overwrite=True to replace it (and its PNGs), or "
+            "move it away first.")
+
+
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -801,9 +873,12 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     """
     logs.setup_logging(workdir)
     _check_crf(config)
+    out_dir = os.path.join(workdir, "eval", config.eval.split
+                           + ("_crf" if config.eval.crf else ""))
+    refuse_overwrite(config, out_dir, "metrics.json")
     # The decoder reads CLIP only: DINO is not loaded for eval.
     clip, dino, model = train.build_models(config, with_dino=False)
-    train.check_models(config, clip, dino)
+    train.check_models(config, clip, dino, pseudo_labels=False)
     model, step, directory = restore_model(config, workdir, model)
     ev = config.eval
     split = ev.split
@@ -826,9 +901,12 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             table = (f"{scores['num_images']} images of {split!r} have no "
                      "masks: predictions only.\n")
+        images = scores.get("images", {})
         header = (f"# {split}, step {step}{' + CRF' if ev.crf else ''}\n\n"
                   f"Scales {list(ev.scales)}, flip {bool(ev.flip)}, long "
-                  f"side {ev.long_side}.\n\n")
+                  f"side {ev.long_side}. Images scored: "
+                  f"{images.get('scored')} of {images.get('listed')} "
+                  "listed (not scored: see metrics.json \"images\").\n\n")
         _write_text(os.path.join(out_dir, "metrics.md"), header + table)
         print(header + table, flush=True)
     return report
@@ -848,6 +926,9 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     scores).
     """
     logs.setup_logging(workdir)
+    refuse_overwrite(config, os.path.join(workdir, "pseudo_labels",
+                                          config.data.seed_split),
+                     "seeds.json")
     clip, dino, model = train.build_models(config)
     if dino is None and config.model.dino_path:
         from ssr_jax.models import loading
@@ -874,7 +955,7 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
 
     result = score_seeds(config, clip, dino, model, split, bank=bank,
                          label_entries=("pseudo_labels",), on_batch=write,
-                         require_masks=False)
+                         require_masks=False, progress=True)
     done = data.usable[:config.eval.max_images or None]
     result["num_masked"] = sum(data.mask_paths[i] is not None for i in done)
     result["checkpoint"] = {"directory": directory, "step": step}

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from ssr_jax import logs
 from ssr_jax.data import DataError, slic, transforms, voc
 from ssr_jax.data.voc import validate_split
 
@@ -107,7 +108,7 @@ class _Reader:
             new = idx not in self.bad
             self.bad.add(idx)
         if new:
-            logging.warning("skipping (data.strict=False): %s", error)
+            logs.warn(f"skipping (data.strict=False): {error}")
 
     def image(self, idx: int) -> np.ndarray | None:
         """uint8 [H, W, 3], or None for a skipped (non-strict) failure."""
@@ -318,7 +319,7 @@ def train_iterator(config, *, split: str | None = None,
     process_index, process_count = _process_layout(process_index,
                                                     process_count)
     data = voc.load_split(config, split or config.data.train_split)
-    logging.info("%s", data.summary)
+    logs.note(str(data.summary))
     return TrainIterator(config, data, process_index, process_count)
 
 
@@ -329,9 +330,8 @@ def _report_skips(items, reader: _Reader) -> Iterator:
     """Yields `items`, then logs how many examples were skipped."""
     yield from items
     if reader.bad:
-        logging.warning("split %r: %d examples skipped (undecodable, "
-                        "data.strict=False)", reader.split.name,
-                        len(reader.bad))
+        logs.warn(f"split {reader.split.name!r}: {len(reader.bad)} examples "
+                  "skipped (undecodable, data.strict=False)")
 
 
 def _threads(config, ds: grain.MapDataset, buffer: int) -> grain.IterDataset:
@@ -466,9 +466,9 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
                         "seed/pseudo-label scoring needs "
                         f"{voc.MASK_DIRS[0]}/ or {voc.MASK_DIRS[1]}/")
     if examples.size < data.usable.size:
-        logging.warning("seed split %r: %d of %d examples have no mask and "
-                        "are left out", split,
-                        data.usable.size - examples.size, data.usable.size)
+        logs.warn(f"seed split {split!r}: "
+                  f"{data.usable.size - examples.size} of {data.usable.size} "
+                  "examples have no mask and are not scored")
     if max_images > 0:
         examples = examples[:max_images]
     local = _local_batch(batch_size, process_count, "batch_size")

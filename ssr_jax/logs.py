@@ -1,6 +1,10 @@
 """Metric logging: JSON lines, TensorBoard event files (no TensorFlow), PNGs.
 
 API:
+  warn(message), note(message)
+      A warning / a start-up note for the user: logged, and printed on
+      stderr by process 0 (`ssr_jax: warning: ...`), since absl sends
+      log records only to the log file once it has one.
   setup_logging(workdir, process_index=None) -> str
       absl/Python logging also goes to `<workdir>/logs/ssr_jax.<p>.log`
       (console output unchanged); idempotent; returns the file path.
@@ -50,12 +54,36 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+
+def _terminal_process() -> bool:
+    jax = sys.modules.get("jax")  # never import JAX just for this
+    try:
+        return jax is None or jax.process_index() == 0
+    except Exception:  # noqa: BLE001 - before the backend is up
+        return True
+
+
+def warn(message: str) -> None:
+    """Logs a warning and prints it on stderr (process 0)."""
+    logging.warning("%s", message)
+    if _terminal_process():
+        print(f"ssr_jax: warning: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """Logs an info record and prints it on stderr (process 0)."""
+    logging.info("%s", message)
+    if _terminal_process():
+        print(message, file=sys.stderr, flush=True)
+
 
 # --- CRC-32C (Castagnoli), table driven -------------------------------------
 
@@ -327,6 +355,34 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drops the records of `<workdir>/metrics.jsonl` after `step` (the
+    step a run resumes from; 0 for a fresh start), so a resumed or
+    repeated run does not log steps twice. Unparsable lines (a write cut
+    by a crash) go too. Rewrites the file atomically; returns how many
+    lines were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if int(rec.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 _FILE_HANDLERS: dict[str, py_logging.Handler] = {}

@@ -27,8 +27,8 @@ API:
 
 `scores` layout (fractions in [0, 1]; `None` where undefined, so the dict is
 strict JSON):
-  {"miou", "pixel_accuracy", "mean_precision", "mean_recall",
-   "mean_confusion": float | None,
+  {"miou", "miou_all_classes", "pixel_accuracy", "mean_precision",
+   "mean_recall", "mean_confusion": float | None,
    "num_classes": int, "num_pixels": int, "classes_in_gt": int,
    "per_class": [{"id", "name", "iou", "precision", "recall", "confusion",
                   "tp", "gt_pixels", "pred_pixels"}, ...]}   # one per class
@@ -45,6 +45,10 @@ nanmean(iu[valid])` with `valid = hist.sum(axis=1) > 0`: a class predicted
 but absent from the ground truth does not lower the mIoU. `mean_recall` is
 WeCLIP's `mAcc`. A GT class with TP = 0 has precision and confusion undefined
 and is skipped in those two means (its IoU 0 still counts in the mIoU).
+`miou_all_classes` divides by all C classes instead (a class absent from the
+ground truth counts 0): the "21-class mIoU" papers report on full VOC val,
+where every class is present and the two agree; on a subset of images they
+differ, and both are reported, labelled.
 """
 
 from __future__ import annotations
@@ -273,6 +277,8 @@ def scores(conf: ArrayLike,
     ]
     return {
         "miou": _json_float(_nanmean(iou[valid])),
+        "miou_all_classes": _json_float(
+            float(np.sum(np.where(valid, np.nan_to_num(iou), 0.0))) / c),
         "pixel_accuracy": _json_float(
             float(tp.sum()) / total if total else math.nan),
         "mean_precision": _json_float(_nanmean(precision[valid])),
@@ -325,6 +331,10 @@ def markdown_table(result: dict[str, Any],
         f"{_pct(result['mean_recall'])} | {_num(result['mean_confusion'])} "
         f"| {result['num_pixels']} |")
     lines.append("")
-    lines.append(f"mIoU {_pct(result['miou'])}, pixel accuracy "
-                 f"{_pct(result['pixel_accuracy'])}.")
+    all_c = result.get("miou_all_classes")
+    lines.append(
+        f"mIoU {_pct(result['miou'])} (mean over the "
+        f"{result['classes_in_gt']} classes in the ground truth, WeCLIP's "
+        f"convention); over all {result['num_classes']} classes "
+        f"{_pct(all_c)}; pixel accuracy {_pct(result['pixel_accuracy'])}.")
     return "\n".join(lines) + "\n"

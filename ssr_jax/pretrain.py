@@ -115,7 +115,8 @@ def ensure_world(config: config_dict.ConfigDict) -> str:
     w = config.synthetic
     root = world_root(config)
     info = synthetic.generate(root, seed=w.seed, num_train=w.num_train,
-                              num_val=w.num_val, image_size=w.image_size)
+                              num_val=w.num_val, image_size=w.image_size,
+                              progress=bool(config.pretrain.progress))
     if info["generated"]:
         logging.info("synthetic world written to %s in %.1f s", root,
                      info["seconds"])

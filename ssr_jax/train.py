@@ -133,14 +133,19 @@ def build_models(config, *, with_dino: bool = True):
     return clip, dino, model
 
 
-def check_models(config, clip, dino) -> None:
-    """Config fields that depend on the loaded encoders (clear errors)."""
+def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
+    """Config fields that depend on the loaded encoders (clear errors).
+
+    `pseudo_labels=False` (eval: decoder only) skips the fields that only
+    the pseudo-label path reads (crop size, sgc.clip_layers, RFM).
+    """
     v = clip.vision.config
     problems = []
-    if config.data.crop_size % v.patch_size:
+    if pseudo_labels and config.data.crop_size % v.patch_size:
         problems.append(f"data.crop_size={config.data.crop_size} is not a "
                         f"multiple of the CLIP patch size {v.patch_size}")
-    if not 1 <= config.sgc.clip_layers <= v.num_hidden_layers:
+    if pseudo_labels and not 1 <= config.sgc.clip_layers <= \
+            v.num_hidden_layers:
         problems.append(f"sgc.clip_layers={config.sgc.clip_layers}: CLIP "
                         f"has {v.num_hidden_layers} blocks")
     if not 1 <= config.model.decoder.num_layers_in < v.num_hidden_layers:
@@ -148,7 +153,8 @@ def check_models(config, clip, dino) -> None:
             f"model.decoder.num_layers_in={config.model.decoder.num_layers_in}"
             f": must be in [1, {v.num_hidden_layers - 1}] (blocks before the "
             "last, which GradCAM uses)")
-    if config.loss.rfm and not 1 <= config.loss.rfm_layers <= \
+    if pseudo_labels and config.loss.rfm and not 1 <= \
+            config.loss.rfm_layers <= \
             v.num_hidden_layers:
         problems.append(f"loss.rfm_layers={config.loss.rfm_layers}: CLIP "
                         f"has {v.num_hidden_layers} blocks")
@@ -340,11 +346,8 @@ def train_and_evaluate(config, workdir: str, devices=None,
     """
     # --- logging ---
     logs.setup_logging(workdir)
-    writer = logs.MetricWriter(workdir)
     logging.info("devices: %s (%d processes)", jax.devices(),
                  jax.process_count())
-    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py).
-    writer.write_text(0, {"xla": json.dumps(xla_guard.report())})
 
     # --- input ---
     train_iter = input_pipeline.train_iterator(config)
@@ -361,60 +364,95 @@ def train_and_evaluate(config, workdir: str, devices=None,
     if restored is not None:
         s.state = restored.state
         train_iter.set_state(restored.data_state)
-        logging.info("resumed from step %d", restored.step)
+        checkpointing.warn(f"resumed from step {restored.step} "
+                           f"({ckpt.directory}/{restored.step})")
+    # Records past the restored step (a preempted or crashed run, or an
+    # earlier run in this workdir) would be drawn twice.
+    first = int(jax.device_get(s.state["step"]))
+    if jax.process_index() == 0:
+        dropped = logs.truncate_metrics(workdir, first)
+        if dropped:
+            logging.info("metrics.jsonl: dropped %d records after step %d",
+                         dropped, first)
+    writer = logs.MetricWriter(workdir)
+    # Backend, versions and the XLA self-check (ssr_jax/xla_guard.py), at
+    # the step this run starts from (the file stays in step order).
+    writer.write_text(first, {"xla": json.dumps(xla_guard.report())})
     if eval_hook is None and config.train.eval_every:
         from ssr_jax import evaluate  # noqa: PLC0415 - only when evaluating
         eval_hook = evaluate.make_eval_hook(
             config, workdir, clip=s.clip, dino=s.dino,
             model_graphdef=s.model_graphdef, bank=s.bank, writer=writer)
-    guard = checkpointing.PreemptionGuard().install()
+    # SIGTERM (preemption, SLURM --signal) and Ctrl-C: save at the next step
+    # boundary, then stop (PreemptedError); a second Ctrl-C stops at once.
+    guard = checkpointing.PreemptionGuard(sigint=True).install()
     meta = {"config_hash": checkpointing.config_hash(config)}
 
     # --- loop ---
-    first = int(jax.device_get(s.state["step"]))
     total = config.train.num_steps
     progress = tqdm.tqdm(range(first, total), desc="train", initial=first,
                          total=total, disable=not config.train.progress)
     last_checked, saved = first, first
+    stopped_at = None
     t0 = time.time()
     rng = jax.random.key(config.seed)
-    for step in progress:
-        if step > 0 and step % config.cmpa.recluster_every == 0:
-            s.state["protos"] = s.recluster(s.state["bank"],
-                                            jax.random.fold_in(rng, step))
-        s.state, meas = s.update(s.state, s.frozen,
-                                 s.batch(next(train_iter)), s.bank)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-            scalars = {k: float(v) for k, v in jax.device_get(meas).items()}
-            bad = sorted(k for k, v in scalars.items()
-                         if not math.isfinite(v))
-            if bad:
-                raise FloatingPointError(
-                    f"non-finite {bad} between steps {last_checked} and "
-                    f"{done}; checkpoints keep the last finite state. Lower "
-                    "optim.lr or check the data.")
-            last_checked = done
-            scalars["steps_per_sec"] = (done - first) / (time.time() - t0)
-            writer.write_scalars(done, scalars)
-            progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            if not config.train.progress:
-                print(f"step {done} loss {scalars['loss']:.5f}", flush=True)
-        stop = guard.should_stop(done)
-        if ckpt.save(done, s.state, train_iter.get_state(), meta,
-                     force=stop or done == total):
-            saved = done
-        if eval_hook is not None and config.train.eval_every and (
-                done % config.train.eval_every == 0 or done == total):
-            eval_hook(done, s.state)
-        if stop:
-            logging.warning("preempted: saved step %d, exiting", saved)
-            print(f"preempted at step {done}; resume with the same command",
-                  flush=True)
-            break
-    ckpt.wait_until_finished()
-    ckpt.close()
-    guard.uninstall()
-    train_iter.close()
-    writer.close()
+    try:
+        for step in progress:
+            if step > 0 and step % config.cmpa.recluster_every == 0:
+                s.state["protos"] = s.recluster(
+                    s.state["bank"], jax.random.fold_in(rng, step))
+            s.state, meas = s.update(s.state, s.frozen,
+                                     s.batch(next(train_iter)), s.bank)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == total:
+                scalars = {k: float(v)
+                           for k, v in jax.device_get(meas).items()}
+                bad = sorted(k for k, v in scalars.items()
+                             if not math.isfinite(v))
+                if bad:
+                    raise FloatingPointError(
+                        f"non-finite {bad} between steps {last_checked} and "
+                        f"{done}; checkpoints keep the last finite state. "
+                        "Lower optim.lr or check the data.")
+                last_checked = done
+                scalars["steps_per_sec"] = (done - first) / (time.time()
+                                                             - t0)
+                writer.write_scalars(done, scalars)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+                if not config.train.progress:
+                    print(f"step {done} loss {scalars['loss']:.5f}",
+                          flush=True)
+            stop = guard.should_stop(done)
+            if ckpt.save(done, s.state, train_iter.get_state(), meta,
+                         force=stop or done == total):
+                saved = done
+            if eval_hook is not None and config.train.eval_every and (
+                    done % config.train.eval_every == 0 or done == total):
+                eval_hook(done, s.state)
+            if stop:
+                stopped_at = done
+                break
+        ckpt.wait_until_finished()
+    finally:
+        # Errors included: an in-flight save is waited for (a failed one
+        # leaves a tmp directory that the next start removes).
+        progress.close()
+        try:
+            ckpt.close()
+        except Exception as e:  # noqa: BLE001 - the first error wins
+            logging.warning("closing the checkpointer: %s", e)
+        # A signal that came after the last step boundary still stops the
+        # run before evaluation (the last step is saved: `force` above).
+        reason = guard.reason
+        guard.uninstall()
+        train_iter.close()
+        writer.close()
+    if reason is not None:
+        step_now = stopped_at if stopped_at is not None else total
+        print(f"preempted at step {step_now}; resume with the same command",
+              flush=True)
+        raise checkpointing.PreemptedError(
+            f"stopped by {reason} at step {step_now} (checkpoint "
+            f"{ckpt.directory}/{saved} saved). Re-run the same command to "
+            "resume; evaluation runs when training completes. Exit code 75.")
     return s

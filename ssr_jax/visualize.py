@@ -64,6 +64,62 @@ def grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
     return out
 
 
+def _text_width(text: str) -> int:
+    return len(text) * 6  # PIL's default bitmap font: 6 px per character
+
+
+def annotate(picture: np.ndarray, headers: Sequence[str] = (),
+             column_width: int = 0, pad: int = 2,
+             legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
+             ) -> np.ndarray:
+    """Adds a header row (one title per column of a `grid` with columns
+    `column_width` wide) above `picture` and a colour legend below it.
+
+    Args:
+      picture: uint8 [H, W, 3] (a `grid`).
+      headers: column titles, drawn centred over each column (cut to fit).
+      column_width: the tiles' width in pixels (grid's `w`).
+      legend: (name, RGB) swatches, wrapped to the picture's width.
+    """
+    h, w = picture.shape[:2]
+    line = 12
+    head = line + 4 if headers else 0
+    items = []
+    x = y = 0
+    for name, colour in legend:
+        cell = 14 + _text_width(name) + 10
+        if x and x + cell > w:
+            x, y = 0, y + line + 2
+        items.append((x, y, name, colour))
+        x += cell
+    foot = (y + line + 6) if legend else 0
+    img = Image.new("RGB", (max(w, 1), head + h + foot), "white")
+    img.paste(Image.fromarray(picture), (0, head))
+    d = ImageDraw.Draw(img)
+    for j, title in enumerate(headers):
+        step = column_width + pad
+        room = max(1, column_width // 6)
+        text = title if len(title) <= room else title[:room - 1] + "."
+        x0 = pad + j * step + max(0, (column_width - _text_width(text)) // 2)
+        d.text((x0, 2), text, fill="black")
+    for x, y, name, colour in items:
+        top = head + h + 3 + y
+        d.rectangle([x + 2, top + 1, x + 12, top + 11], fill=tuple(colour),
+                    outline="black")
+        d.text((x + 16, top), name, fill="black")
+    return np.asarray(img)
+
+
+def class_legend(labels: Sequence[np.ndarray], names: Sequence[str]
+                 ) -> list[tuple[str, tuple[int, int, int]]]:
+    """(class name, VOC palette colour) of every class id that occurs in
+    `labels` (255 = ignore, drawn white, is left out)."""
+    pal = np.asarray(voc.palette(), np.uint8).reshape(-1, 3)
+    ids = sorted({int(i) for lab in labels for i in np.unique(lab)
+                  if int(i) != 255 and int(i) < len(names)})
+    return [(names[i], tuple(int(v) for v in pal[i])) for i in ids]
+
+
 def curves(series: Mapping[str, Sequence[tuple[float, float]]],
            size: tuple[int, int] = (640, 360), title: str = "",
            ) -> np.ndarray:

@@ -156,6 +156,65 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
     gc.collect()  # report the ignored callbacks here, not in a later test
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_is_moved_aside_and_rewritten(tmp_path, capsys):
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2,
+                                    async_save=False) as ckpt:
+        _save_steps(ckpt, [2, 4])
+    for d, _, fs in os.walk(tmp_path / "4" / "state"):
+        for f in fs:
+            if os.path.basename(d) == "d":
+                with open(os.path.join(d, f), "r+b") as fh:
+                    fh.truncate(3)
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2,
+                                    async_save=False) as ckpt:
+        r = ckpt.restore(_target(_state()))
+        assert r.step == 2
+        err = capsys.readouterr().err
+        assert "ssr_jax: warning: checkpoint step 4 is broken" in err
+        assert "moved aside to" in err and "resuming from checkpoint " \
+            "step 2" in err
+        aside = [p for p in os.listdir(tmp_path)
+                 if p.startswith("4.corrupt-")]
+        assert len(aside) == 1  # kept, not deleted
+        assert os.path.isdir(tmp_path / aside[0] / "state")
+        # The resumed run writes step 4 again (before: a forced save of a
+        # listed step returned False and the retrained step was lost).
+        assert ckpt.all_steps() == [2]
+        assert ckpt.save(4, _state(40.0), {"next": 5}, force=True)
+        ckpt.wait_until_finished()
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2) as ckpt:
+        r = ckpt.restore(_target(_state()))
+    assert r.step == 4
+    _assert_tree_equal(r.state, _state(40.0))
+    gc.collect()
+
+
+def test_relative_directory_saves(tmp_path, monkeypatch):
+    # Orbax refuses relative paths at the first save (the README's
+    # `--workdir runs/...`): the Checkpointer makes them absolute.
+    monkeypatch.chdir(tmp_path)
+    with checkpointing.Checkpointer("runs/x/checkpoints", save_every=1,
+                                    async_save=False) as ckpt:
+        assert ckpt.save(1, _state(), {"next": 2})
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "1" /
+            checkpointing.COMMIT_MARKER).exists()
+
+
+def test_read_only_restore_does_not_move_or_advise_deleting(tmp_path):
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2,
+                                    async_save=False) as ckpt:
+        _save_steps(ckpt, [2])
+    os.remove(tmp_path / "2" / checkpointing.COMMIT_MARKER)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), save_every=0,
+                                      read_only=True)
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        ckpt.restore(_target(_state()), required=True)
+    assert "Delete" not in str(e.value)
+    assert "Re-run training with the same command" in str(e.value)
+    assert os.listdir(tmp_path) == ["2"]
+
+
 def test_missing_file_and_all_broken(tmp_path):
     with checkpointing.Checkpointer(str(tmp_path), save_every=2,
                                     async_save=False) as ckpt:
@@ -350,3 +409,20 @@ def test_two_process_preemption_and_save(tmp_path, service):
     for pid, o in enumerate(outs):
         assert o["restored"] == k and o["data"] == {"next": k + 1}
         assert o["local"] == [pid + 1.0 + k]
+
+
+def test_tmp_directory_of_an_interrupted_save_is_removed(tmp_path):
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2,
+                                    async_save=False) as ckpt:
+        _save_steps(ckpt, [2])
+    # What a save killed half-way (Ctrl-C twice, a crash) leaves behind.
+    leftover = tmp_path / "4.orbax-checkpoint-tmp-1733380000000000"
+    (leftover / "state").mkdir(parents=True)
+    with checkpointing.Checkpointer(str(tmp_path), save_every=2) as ckpt:
+        # Removed in the background from the start (Orbax's
+        # cleanup_tmp_directories, awaited before the first save).
+        assert ckpt.all_steps() == [2]
+        assert ckpt.save(4, _state(4.0), {"next": 5}, force=True)
+        ckpt.wait_until_finished()
+        assert ckpt.complete_steps() == [2, 4]
+    assert not leftover.exists()

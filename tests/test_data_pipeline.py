@@ -59,7 +59,8 @@ def test_train_batch_contract(tree, cache):
                                       split.labels[batch["index"]])
     it.close()
     if cache:
-        folder = os.path.join(tree.root, ".ssr_jax_cache")
+        folder = voc.cache_dir(config)
+        assert not folder.startswith(tree.root)  # never in the dataset
         assert any(f.startswith("slic_") for f in os.listdir(folder))
 
 

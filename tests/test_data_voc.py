@@ -75,7 +75,8 @@ def test_label_cache_hit_and_invalidation(tmp_path):
     config = fixture_config(tree)
     first = voc.load_split(config, "train_aug")
     assert not first.summary.from_cache
-    cache = os.path.join(tree.root, ".ssr_jax_cache")
+    cache = voc.cache_dir(config)
+    assert not cache.startswith(tree.root)  # never in the dataset
     files = [f for f in os.listdir(cache) if f.startswith("labels_train_aug")]
     assert len(files) == 1
     with open(os.path.join(cache, files[0])) as f:
@@ -100,7 +101,7 @@ def test_label_cache_hit_and_invalidation(tmp_path):
     assert fourth.summary.label_sources == {"mask": 1, "xml": 1}
 
 
-def test_read_only_root_uses_user_cache(tmp_path, monkeypatch):
+def test_cache_is_outside_a_read_only_root(tmp_path, monkeypatch):
     tree = write_voc_tree(tmp_path / "voc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "usercache"))
     real_makedirs = os.makedirs

@@ -333,8 +333,19 @@ def test_eval_mode_does_not_load_dino(world, monkeypatch):
         raise AssertionError("eval loaded DINO")
 
     monkeypatch.setattr(loading, "load_dino", refuse)
-    c = world["config"]
+    c = world["config"].copy_and_resolve_references()
     assert c.sgc.use_dino_attn
+    c.model.dino_path = ""  # not needed, not checked
+    c.sgc.clip_layers = 99  # read by the pseudo-label path only
+    out = os.path.join(world["workdir"], "eval", "val")
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        evaluate._write_json(os.path.join(out, "metrics.json"), {})
+    # A later eval does not replace an earlier run's report silently.
+    with pytest.raises(config_check.ConfigError,
+                       match=r"metrics.json exists from an earlier run"
+                             r".*--config.eval.overwrite=True"):
+        evaluate.evaluate(c, world["workdir"])
+    c.eval.overwrite = True
     report = evaluate.evaluate(c, world["workdir"])
     assert 0.0 <= report["scores"]["miou"] <= 1.0
 

@@ -260,6 +260,26 @@ def test_tpu_all_gives_up_on_a_real_failure(tmp_path):
     assert "tpu-vm create" not in calls and "tpu-vm delete" not in calls
 
 
+def test_tpu_all_resumes_after_exit_75_on_a_healthy_vm(tmp_path):
+    """The trainer stopped by SIGTERM (a maintenance event) exits 75
+    (docs/errors.md) while the VM stays READY: train again, no re-create."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gcloud = fake_bin / "gcloud"
+    gcloud.write_text(_FAKE_GCLOUD.replace(
+        'echo PREEMPTED > "$FAKE/state"; exit 255', "exit 75"))
+    gcloud.chmod(0o755)
+    (tmp_path / "state").write_text("READY\n")
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE": str(tmp_path),
+           "TMPDIR": str(tmp_path), "PREEMPT_SETTLE_S": "0"}
+    r = _sh("tpu_vm.sh", "--bucket", "gs://bk/p", "all", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "stopped by a signal (exit 75) on a healthy VM" in r.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert calls.count("--config.mode=train") == 2
+    assert "tpu-vm create" not in calls and "--config.mode=eval" in calls
+
+
 def test_gpu_tfds_build_and_train():
     out = _ok("gpu.sh", "--dry-run", "--data-root", "/data/VOC2012",
               "--tfds-dir", "/data/tfds", "build")

@@ -69,3 +69,88 @@ def test_missing_paths_are_named(tmp_path):
 
 def test_missing_config_file():
     _short_error(_main("--config", "configs/nope.py"), "nope.py")
+
+
+def test_unknown_field_suggests_the_field_of_another_section():
+    syn = os.path.join(ROOT, "configs", "synthetic.py")
+    _short_error(_main("--config", syn, "--config.data.slic_cache=False"),
+                 "unknown config field 'data.slic_cache' (did you mean "
+                 "sgc.slic_cache")
+
+
+def test_help_shows_examples():
+    r = _main("--helpshort")
+    assert r.returncode in (0, 1)  # absl exits 1 after printing the help
+    for example in ("--config configs/synthetic.py --workdir runs/synth",
+                    "--config.mode=eval", "configs/voc.py:paper",
+                    "docs/errors.md"):
+        assert example in r.stdout, example
+
+
+def test_synthetic_config_refuses_data_root(tmp_path):
+    syn = os.path.join(ROOT, "configs", "synthetic.py")
+    _short_error(_main("--config", syn, f"--config.data.root={tmp_path}"),
+                 "configs/synthetic.py generates and reads its own world",
+                 "configs/voc.py")
+
+
+def test_weights_file_instead_of_directory(tmp_path):
+    weights = tmp_path / "clip" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    r = _main("--config", VOC, f"--config.data.root={tmp_path}",
+              f"--config.model.clip_path={weights}")
+    _short_error(r, "is a file; a Hugging Face snapshot DIRECTORY is "
+                 "expected", f"--config.model.clip_path={weights.parent}")
+
+
+def test_eval_needs_no_dino_path(tmp_path):
+    (tmp_path / "clip").mkdir()
+    r = _main("--config", VOC, "--config.mode=eval",
+              f"--config.data.root={tmp_path}",
+              f"--config.model.clip_path={tmp_path / 'clip'}",
+              "--config.model.dino_path=")
+    # It fails on the missing val list, not on DINO.
+    _short_error(r, "val.txt does not exist")
+    assert "model.dino_path" not in r.stderr
+
+
+def test_relative_paths_are_resolved_against_the_cwd(tmp_path):
+    from ml_collections import config_dict
+
+    from ssr_jax import main
+
+    c = config_dict.ConfigDict({
+        "data": {"name": "voc", "root": "data/VOC", "cache_dir": ""},
+        "model": {"clip_path": "~/w/clip", "dino_path": "gs://b/dino"},
+        "train": {"checkpoint_dir": ""},
+        "eval": {"checkpoint": "runs/x/checkpoints/5"}})
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        workdir = main.resolve_paths(c, None)
+    finally:
+        os.chdir(cwd)
+    assert workdir == str(tmp_path / "runs" / "voc")
+    assert c.data.root == str(tmp_path / "data" / "VOC")
+    assert c.model.clip_path == os.path.expanduser("~/w/clip")
+    assert c.model.dino_path == "gs://b/dino"  # URLs stay as given
+    assert c.data.cache_dir == "" and c.train.checkpoint_dir == ""
+    assert c.eval.checkpoint == str(tmp_path / "runs/x/checkpoints/5")
+    c.eval.checkpoint = "30000"
+    main.resolve_paths(c, "w")
+    assert c.eval.checkpoint == "30000"  # a step stays a step
+
+
+def test_second_training_run_on_a_workdir_is_refused(tmp_path):
+    from ssr_jax import main
+
+    syn = os.path.join(ROOT, "configs", "synthetic.py")
+    held = main.lock_workdir(str(tmp_path))
+    try:
+        r = _main("--config", syn + ":tiny", f"--workdir={tmp_path}",
+                  "--config.train.batch_size=8")  # conftest: 8 devices
+    finally:
+        held.close()
+    _short_error(r, f"workdir {tmp_path} is in use by another training run",
+                 f"pid {os.getpid()}", "another --workdir")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 
 import data_fixtures
@@ -234,10 +235,13 @@ def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
     resumed = str(tmp_path / "resumed")
+    # Ctrl-C behaves as SIGTERM (tests/test_readme_commands.py sends
+    # SIGTERM): saved at the next step boundary, stopped with exit 75.
     first = preemption_utils.preempt(_main_argv(world, resumed, steps),
                                      marker=re.compile(r"^step 2\b"),
+                                     sig=signal.SIGINT,
                                      extra_env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 75, first.stderr[-3000:]
     assert "preempted at step" in first.stdout
     stopped = int(re.search(r"preempted at step (\d+)",
                             first.stdout).group(1))
@@ -247,6 +251,7 @@ def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"step {stopped + 1} " in r.stdout  # it resumed, not restarted
+    assert f"resumed from step {stopped}" in r.stderr
     a = _final_params(straight, steps)
     b = _final_params(resumed, steps)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),

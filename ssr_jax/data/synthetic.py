@@ -1329,8 +1329,9 @@ def _remove_stale_temps(root: Path) -> None:
 def generate(root: str | os.PathLike, *, seed: int = 0,
              num_train: int = 1500, num_val: int = 300,
              image_size: int = 160, config: WorldConfig | None = None,
-             ) -> dict[str, Any]:
+             progress: bool = False) -> dict[str, Any]:
     """Writes the world under `root` in the VOC layout; idempotent.
+    `progress`: a tqdm bar per split on stderr.
 
     A complete world with the same parameters (world.json) is left as is.
     Otherwise the world is written into a temporary sibling directory and
@@ -1368,7 +1369,8 @@ def generate(root: str | os.PathLike, *, seed: int = 0,
                          f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         counts, digest, stats = _write_world(tmp, seed, num_train, num_val,
-                                             image_size, cfg, params)
+                                             image_size, cfg, params,
+                                             progress)
         _swap_into_place(tmp, root, params)
     finally:
         if tmp.exists():
@@ -1402,7 +1404,11 @@ def _swap_into_place(tmp: Path, root: Path, params: dict[str, Any]) -> None:
 
 def _write_world(tmp: Path, seed: int, num_train: int, num_val: int,
                  image_size: int, cfg: WorldConfig, params: dict[str, Any],
+                 progress: bool = False,
                  ) -> tuple[dict[str, int], str, dict[str, Any]]:
+    from tqdm import tqdm  # noqa: PLC0415
+
+
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True)
     # VOC + SBD readers take train_aug masks from SegmentationClassAug.
@@ -1419,7 +1425,8 @@ def _write_world(tmp: Path, seed: int, num_train: int, num_val: int,
     ids: dict[str, list[str]] = {}
     for split, n in (("train", num_train), ("val", num_val)):
         ids[split] = []
-        for i in range(n):
+        for i in tqdm(range(n), desc=f"world ({split})", disable=not progress,
+                      dynamic_ncols=True, mininterval=1.0):
             sid = image_id(split, i)
             scene = render_scene(seed, split, i, image_size, cfg)
             put(f"JPEGImages/{sid}.jpg",

@@ -403,9 +403,10 @@ class Split:
 def cache_dir(config) -> str:
     """The label/SLIC cache directory, created if needed.
 
-    `data.cache_dir` when set; else `<root>/.ssr_jax_cache`, or, when the
-    root is read-only, `$XDG_CACHE_HOME/ssr_jax/<hash of root>` (default
-    `~/.cache`).
+    `data.cache_dir` when set; else the user cache directory,
+    `$XDG_CACHE_HOME/ssr_jax/data/<root name>-<hash of the root path>`
+    (default `~/.cache`): never inside the dataset, which may be read-only
+    or shared, and stays clean.
     """
     d = config.data
     if d.cache_dir:
@@ -415,18 +416,18 @@ def cache_dir(config) -> str:
             raise DataError(f"data.cache_dir={d.cache_dir!r} cannot be "
                             f"created: {e}") from e
         return d.cache_dir
-    path = os.path.join(d.root, ".ssr_jax_cache")
-    try:
-        os.makedirs(path, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache")
-    tag = hashlib.sha1(os.path.abspath(d.root).encode()).hexdigest()[:16]
-    path = os.path.join(base, "ssr_jax", tag)
-    os.makedirs(path, exist_ok=True)
+    root = os.path.abspath(d.root)
+    tag = hashlib.sha1(root.encode()).hexdigest()[:16]
+    name = os.path.basename(root.rstrip(os.sep)) or "root"
+    path = os.path.join(base, "ssr_jax", "data", f"{name}-{tag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"the data cache {path} cannot be created ({e}); "
+                        "set --config.data.cache_dir to a writable "
+                        "directory") from e
     return path
 
 
@@ -621,10 +622,14 @@ def load_folder_split(config, split: str) -> Split:
                       np.int64)
     summary = _summarise(config, split, records, usable, classes, from_cache)
     if bad:
+        from ssr_jax import logs  # noqa: PLC0415 - no JAX import
+
         for p in bad[:_MAX_LISTED_PROBLEMS]:
             logging.warning("skipping: %s", p)
-        logging.warning("skipped %d of %d examples of split %r "
-                        "(data.strict=False)", len(bad), len(names), split)
+        more = (f" (+{len(bad) - 1} more in the log)" if len(bad) > 1
+                else "")
+        logs.warn(f"skipped {len(bad)} of {len(names)} examples of split "
+                  f"{split!r} (data.strict=False): {bad[0]}{more}")
     if not usable.size:
         raise DataError(f"split {split!r} has no usable example; first "
                         f"problem: {bad[0]}")
