@@ -35,13 +35,22 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/voc.py.", lock_config=False)
-_WORKERS = flags.DEFINE_integer(
-    "workers", 0, "Encode/SLIC processes; 0 = every core, 1 = no pool.")
-_SPLITS = flags.DEFINE_list(
-    "splits", None, "Splits to build; default: the config's train, val and "
-    "seed splits that have a list file.")
+_CONFIG = _WORKERS = _SPLITS = None  # flag holders, see _define_flags
+
+
+def _define_flags() -> None:
+    """Defines this command's flags on absl's global FLAGS, only when it
+    runs as a program: ssr_jax.main defines `--config` too, and a process
+    that imports both (the test suite) must not see it defined twice."""
+    global _CONFIG, _WORKERS, _SPLITS
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/voc.py.",
+        lock_config=False)
+    _WORKERS = flags.DEFINE_integer(
+        "workers", 0, "Encode/SLIC processes; 0 = every core, 1 = no pool.")
+    _SPLITS = flags.DEFINE_list(
+        "splits", None, "Splits to build; default: the config's train, val "
+        "and seed splits that have a list file.")
 
 
 def _fail(msg: str) -> None:
@@ -194,4 +203,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
