@@ -111,7 +111,8 @@ class CMPAHeads(nnx.Module):
     def __init__(self, image_dim: int, text_dim: int, *,
                  hidden_dim: int = 512, dim: int = 256,
                  tau_init: float = 0.05, tau_min: float = 0.01,
-                 tied_init: bool = True, rngs: nnx.Rngs):
+                 tied_init: bool = True, identity_init: bool = False,
+                 rngs: nnx.Rngs):
         if not 0 < tau_min <= tau_init:
             raise ValueError(
                 f"cmpa.tau_init={tau_init} and cmpa.tau_min={tau_min}: need "
@@ -130,6 +131,14 @@ class CMPAHeads(nnx.Module):
                     f"{image_dim} and {text_dim}")
             nnx.update(self.tsa, jax.tree_util.tree_map(
                 jnp.copy, nnx.state(self.isa, nnx.Param)))
+        if identity_init:
+            # [choice] `cmpa.identity_init`: both heads start as x -> x/|x|
+            # (padded with zeros to dim), so the projected GradCAM at step 0
+            # is plain CLIP's up to per-token normalisation, and training's
+            # effect on the CAM is measured from a known start
+            # (docs/diagnostics.md).
+            for head, width in ((self.isa, image_dim), (self.tsa, text_dim)):
+                _identity_start(head, width)
         self.log_tau = nnx.Param(jnp.asarray(math.log(tau_init), jnp.float32))
         self.log_tau_min = math.log(tau_min)
 
@@ -141,11 +150,37 @@ class CMPAHeads(nnx.Module):
         return cls(image_dim, text_dim, hidden_dim=cmpa_config.hidden_dim,
                    dim=cmpa_config.dim, tau_init=cmpa_config.tau_init,
                    tau_min=cmpa_config.tau_min,
-                   tied_init=cmpa_config.get("tied_init", True), rngs=rngs)
+                   tied_init=cmpa_config.get("tied_init", True),
+                   identity_init=cmpa_config.get("identity_init", False),
+                   rngs=rngs)
 
     def tau(self) -> Array:
         """τ = exp(max(log τ, log τ_min)), a float32 scalar."""
         return jnp.exp(jnp.maximum(self.log_tau[...], self.log_tau_min))
+
+
+def _identity_start(head: ProjectionHead, width: int) -> None:
+    """fc1 = [I, −I, 0], fc2 = [I; −I; 0] (zero biases): with the BatchNorm
+    at its initial running statistics (mean 0, var 1, scale 1, bias 0),
+    ReLU(x) − ReLU(−x) = x, so the head is x/|x| up to the BN epsilon
+    (a factor 1/sqrt(1 + eps) that the L2 normalisation removes)."""
+    hidden = head.fc1.kernel.shape[1]
+    dim = head.fc2.kernel.shape[1]
+    if hidden < 2 * width or dim < width:
+        raise ValueError(
+            f"cmpa.identity_init needs cmpa.hidden_dim >= 2 x the CLIP "
+            f"embedding width ({2 * width}) and cmpa.dim >= it ({width}); "
+            f"got hidden_dim={hidden}, dim={dim}")
+    eye = jnp.eye(width, dtype=jnp.float32)
+    fc1 = jnp.zeros((width, hidden), jnp.float32)
+    fc1 = fc1.at[:, :width].set(eye).at[:, width:2 * width].set(-eye)
+    fc2 = jnp.zeros((hidden, dim), jnp.float32)
+    fc2 = fc2.at[:width, :width].set(eye).at[width:2 * width, :width].set(
+        -eye)
+    head.fc1.kernel.value = fc1
+    head.fc1.bias.value = jnp.zeros_like(head.fc1.bias.value)
+    head.fc2.kernel.value = fc2
+    head.fc2.bias.value = jnp.zeros_like(head.fc2.bias.value)
 
 
 def masked_average_pool(features: Array, cams: Array,
@@ -490,7 +525,8 @@ def _batch_class_means(f_img: Array, cls_ids: Array,
 
 def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
               cls_ids: Array, protos: dict[str, Array], tau: Array,
-              positive_mode: str = "kmeans"
+              positive_mode: str = "kmeans",
+              extra_negatives: Array | None = None
               ) -> tuple[Array, dict[str, Array]]:
     """The CMPA loss of one Table 4 variant (`cmpa.variant`).
 
@@ -505,6 +541,10 @@ def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
       protos: from `recluster` / `init_protos`.
       tau: scalar temperature (`CMPAHeads.tau()`).
       positive_mode: `cmpa.positive`, for "cross" and "intra".
+      extra_negatives: optional [M, d] prototypes appended to the softmax
+        as negatives only (never a positive), e.g. TSA of the background
+        prompts ([choice] `cmpa.background_negatives`); "cross" and
+        "feature" only.
 
     Returns:
       (loss scalar, {"acc": fraction of valid slots whose highest logit is
@@ -534,6 +574,16 @@ def cmpa_loss(variant: str, f_img: Array, f_text: Array, slot_valid: Array,
         onehot = cls_ids[..., None] == jnp.arange(num_classes)
         prototypes, proto_valid = f_text, onehot.any((0, 1))
         positives = jnp.where(cls_ids >= 0, cls_ids, -1)
+    if extra_negatives is not None:
+        if variant == "intra":
+            raise ValueError("extra_negatives (cmpa.background_negatives) "
+                             "needs cmpa.variant 'cross' or 'feature'")
+        m = extra_negatives.shape[0]
+        prototypes = jnp.concatenate(
+            [prototypes, extra_negatives.astype(prototypes.dtype)])
+        if proto_valid is None:
+            proto_valid = jnp.ones((num_classes,), bool)
+        proto_valid = jnp.concatenate([proto_valid, jnp.ones((m,), bool)])
     loss, acc, n = _proto_terms(f_img, slot_valid, prototypes, positives,
                                 tau, proto_valid)
     return loss, {"acc": acc, "tau": jnp.asarray(tau, jnp.float32),

@@ -90,6 +90,8 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     s = config.sgc
     _choice(e, "sgc.mask", s.mask, ("superpixel", "box", "none"))
     _choice(e, "sgc.colour_space", s.colour_space, ("lab", "rgb"))
+    _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
+            ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
     if s.use_dino_attn and not s.use_clip_attn and s.clip_weight > 0:
         e.append("sgc.use_dino_attn without sgc.use_clip_attn: set "
@@ -130,6 +132,10 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
                  f"multiple of the patch size {PATCH}")
     if not ev.scales or any(x <= 0 for x in ev.scales):
         e.append(f"eval.scales={tuple(ev.scales)}: need positive scales")
+    if ev.get("diagnostics", False) and config.data.name != "synthetic":
+        e.append("eval.diagnostics=True reads the synthetic world's meta "
+                 "(background kinds, class homes): it needs "
+                 "data.name='synthetic' (configs/synthetic.py)")
     _positive(e, "eval.batch_size", ev.batch_size)
     _positive(e, "eval.max_images", ev.max_images, allow_zero=True)
     _positive(e, "eval.crf_workers", ev.crf_workers, allow_zero=True)

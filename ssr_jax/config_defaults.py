@@ -85,6 +85,19 @@ def base_config() -> config_dict.ConfigDict:
     p.hidden_dim = 512  # [choice] ISA/TSA: Dense(512)-BN-ReLU-Dense(dim)
     p.dim = 256  # [choice] d2
     p.tied_init = True  # [choice] TSA initialised as a copy of ISA
+    # [choice] both heads start as x -> x/|x| (needs hidden_dim >= 2 x and
+    # dim >= the CLIP embedding width): the projected CAM starts at plain
+    # CLIP's. Off: the embedded table was measured without it.
+    p.identity_init = False
+    # [choice] leave crop-padding tokens out of ISA's BatchNorm statistics
+    # and the masked pooling. Off: the embedded table was measured with
+    # them in (docs/diagnostics.md).
+    p.valid_tokens_only = False
+    # [choice] TSA(background prompts) as extra negatives of the InfoNCE
+    # (never positives). Off: the paper's Eq. 3-6 has only the foreground
+    # text prototypes (docs/diagnostics.md measures it on a constructed
+    # problem).
+    p.background_negatives = False
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)
@@ -111,6 +124,13 @@ def base_config() -> config_dict.ConfigDict:
     s.colour_k = 8  # [choice] K of the colour K-means over superpixels
     s.colour_iters = 10  # [choice] Lloyd iterations of the colour K-means
     s.colour_space = "lab"  # [choice] lab | rgb
+    # [choice] start of the colour K-means: lightness_ranks (centres at
+    # evenly spaced L ranks of the superpixels; can merge distinct colours
+    # of similar lightness, docs/diagnostics.md) | kmeans++ (seeded greedy
+    # k-means++, separates them). Default kept: the embedded table was
+    # measured with it.
+    s.kmeans_init = "lightness_ranks"
+    s.kmeans_seed = 0  # PRNG seed of the kmeans++ start
     s.theta_h = 0.4  # [choice] high-confidence threshold (COCO 0.7)
     s.theta_r = 0.5  # [choice] ratio threshold for a target cluster
     s.patch_fraction = 0.5  # [choice] patch is target if >= this pixel share
@@ -187,6 +207,13 @@ def base_config() -> config_dict.ConfigDict:
     # (eval/<split>/metrics.json, pseudo_labels/<split>/seeds.json).
     ev.overwrite = False
     ev.max_images = 0  # first images of each split evaluated; 0 = all
+    # Synthetic world only (embedded default): also run the plain-CLIP
+    # diagnostics of pretrain_report.seed_report (attention purity, oracle-
+    # affinity Table 3 rows, initial-CAM P/R and false positives by
+    # background kind, superpixel boundary recall) on the first
+    # `diagnostics_images` seed images; results.json "diagnostics".
+    ev.diagnostics = False
+    ev.diagnostics_images = 500
 
     # --- multi-host ---------------------------------------------------------
     c.distributed = dist = config_dict.ConfigDict()

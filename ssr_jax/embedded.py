@@ -114,6 +114,12 @@ def _table(results: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"{'holds' if ok else 'FAILS'}: {k}"
               for k, ok in results["orderings"].items()]
+    if "diagnostics" in results:
+        from ssr_jax import pretrain_report  # noqa: PLC0415
+
+        lines += ["", "diagnostics (plain CLIP, pretrain_report):",
+                  pretrain_report.format_seed_diagnostics(
+                      results["diagnostics"])]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in results["time_s"].items())
     lines.append(f"wall time: {times}")
     counts = []
@@ -269,6 +275,16 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
         _cam_pictures(setup, model, config, workdir)
         _prediction_pictures(config, workdir, val_dir)
         _loss_pictures(workdir)
+    diag = None
+    if config.eval.get("diagnostics", False):
+        from ssr_jax import pretrain_report  # noqa: PLC0415
+
+        with _stage(timings, "diagnostics"):
+            diag = pretrain_report.seed_report(
+                config, clip_path, dino_path, root,
+                max_images=config.eval.diagnostics_images,
+                logit_scale="model" if not config.cam.logit_scale
+                else "config")
     timings["total"] = round(time.time() - t_start, 1)
 
     e = seeds["entries"]
@@ -299,6 +315,10 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
         "xla": xla_guard.report(),
     }
     results["orderings"] = orderings(results)
+    if diag is not None:
+        results["diagnostics"] = {k: diag[k] for k in (
+            "miou", "purity", "initial_cam_errors", "boundary_recall",
+            "logit_scale", "num_images", "seconds")}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -28,22 +28,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 from scipy import stats
 
 from ssr_jax import cam as cam_lib
-from ssr_jax import input_pipeline, metrics, pretrain
+from ssr_jax import diagnostics, input_pipeline, metrics, pretrain
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
-from ssr_jax.data import synthetic
+from ssr_jax.data import synthetic, voc
 from ssr_jax.models import loading
 from ssr_jax.models.clip import CLIP
 from ssr_jax.models.vit import ViT
 
 Array = jax.Array
 STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
+# Table 3 rows with the affinity replaced by the ground-truth oracle
+# (`diagnostics.oracle_affinity` of the patch labels): propagation with a
+# perfect affinity, box mask / superpixel mask (issue 10).
+ORACLE_STEPS = ("oracle_attn", "oracle_attn_sgc")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -166,32 +171,18 @@ def patch_labels(mask: Array, patch: int, num_classes: int,
 
 
 def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
-    """Share of each patch's affinity mass on patches of its own label.
-
-    Rows are normalised over the labelled patches first. Returns sums over
-    the batch (so batches can be accumulated): (Σ purity over labelled
-    patches, number of labelled patches), each [2] for (background,
-    foreground) query patches.
-
-    Args:
-      aff: [B, N, N] non-negative affinity (query rows, key columns).
-      labels: [B, N] int, −1 = unlabelled.
-    """
-    valid = labels >= 0
-    a = jnp.where(valid[:, None, :], aff.astype(jnp.float32), 0.0)
-    a = a / jnp.maximum(a.sum(-1, keepdims=True), 1e-12)
-    same = labels[:, :, None] == labels[:, None, :]
-    purity = jnp.sum(a * same, axis=-1)  # [B, N]
-    fg = labels > 0
-    sums = jnp.stack([jnp.sum(jnp.where(valid & ~fg, purity, 0.0)),
-                      jnp.sum(jnp.where(fg, purity, 0.0))])
-    counts = jnp.stack([jnp.sum(valid & ~fg), jnp.sum(fg)])
-    return sums, counts.astype(jnp.float32)
+    """Share of each patch's affinity mass on patches of its own label;
+    `diagnostics.attention_purity` (sums and counts for [background,
+    foreground] query patches)."""
+    return diagnostics.attention_purity(aff, labels)
 
 
 def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
-             text_fg: Array, text_bg: Array, logit_scale: float):
-    """Jitted batch → (confusion per step [S, C, C], purity sums/counts)."""
+             text_fg: Array, text_bg: Array, logit_scale: float,
+             home: np.ndarray):
+    """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
+    initial-CAM `diagnostics.cam_error_counts`)."""
+    home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
     s = config.sgc
@@ -236,12 +227,27 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
         gt = jnp.where(batch["example_valid"][:, None, None],
                        batch["mask"].astype(jnp.int32),
                        config.data.ignore_index)
+        plab = patch_labels(gt, patch, num_classes,
+                            config.data.ignore_index)
+        oracle = diagnostics.oracle_affinity(plab)
+        for name, mask_kind in zip(ORACLE_STEPS, ("box", "superpixel"),
+                                   strict=True):
+            steps[name] = sgc_lib.refine_cams_from_config(
+                cams, slot_valid, s, clip_aff=oracle, image=image,
+                superpixels=batch["superpixels"], valid=batch["valid"],
+                use_clip_attn=True, use_dino_attn=False, clip_weight=1.0,
+                mask_kind=mask_kind)
         confs = []
-        for name in STEPS:
+        errors = None
+        for name in STEPS + ORACLE_STEPS:
             _, labels = par_lib.cams_to_labels(steps[name], cls_ids,
                                                (hp, wp))
             confs.append(metrics.confusion_matrix_jnp(
                 labels, gt, num_classes, config.data.ignore_index))
+            if name == "initial":
+                errors = diagnostics.cam_error_counts(
+                    labels, gt, batch["bg_kind"], home, num_classes,
+                    config.data.ignore_index)
         pixels = pretrain.normalise(image.astype(jnp.float32), clip_norm)
         p = config.par
         plabels = par_lib.pseudo_labels(
@@ -252,8 +258,6 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
         confs.append(metrics.confusion_matrix_jnp(
             plabels, gt, num_classes, config.data.ignore_index))
 
-        plab = patch_labels(gt, patch, num_classes,
-                            config.data.ignore_index)
         clip_aff = sgc_lib.clip_affinity(attn, s.clip_layers)
         dino_aff = sgc_lib.drop_cls(dino_attn)
         fused = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
@@ -263,7 +267,7 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
                 "transition": sgc_lib.transition_matrix(fused,
                                                         s.sinkhorn_iters)}
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
-        return jnp.stack(confs), purity
+        return jnp.stack(confs), purity, errors
 
     return lambda batch: fn(cs, ds, batch)
 
@@ -304,43 +308,122 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         logit_scale = config.cam.logit_scale
     elif logit_scale == "model":
         logit_scale = float(jnp.exp(clip.logit_scale[...]))
-    fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale))
+    kinds = list(bg)
+    home = _home_from_classes(root, names, kinds)
+    fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
+                  home)
     num_classes = config.data.num_classes
-    conf = np.zeros((len(STEPS) + 1, num_classes, num_classes), np.int64)
+    keys = STEPS + ORACLE_STEPS + ("sgc_par",)
+    conf = np.zeros((len(keys), num_classes, num_classes), np.int64)
     pur: dict[str, np.ndarray] = {}
+    err: dict[str, np.ndarray] = {}
+    bnd = {1: [0, 0], 2: [0, 0]}
     n = 0
+    size = config.data.crop_size
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    split_names = voc.load_split(
+        config, config.data.seed_split).names
     batches = input_pipeline.seed_batches(
-        config, config.data.seed_split, batch_size, config.data.crop_size,
+        config, config.data.seed_split, batch_size, size,
         max_images=max_images, process_index=0, process_count=1)
     for batch in batches:
-        c, purity = fn({k: jnp.asarray(v) for k, v in batch.items()})
+        batch = dict(batch)
+        batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
+        c, purity, errors = fn({k: jnp.asarray(v) for k, v in batch.items()
+                                if k not in ("name",)})
         conf += np.asarray(c, np.int64)
         for k, (sums, counts) in purity.items():
             pur[k] = pur.get(k, 0) + np.stack([np.asarray(sums),
                                                np.asarray(counts)])
+        for k, v in errors.items():
+            err[k] = err.get(k, 0) + np.asarray(v, np.int64)
+        for i in np.nonzero(np.asarray(batch["example_valid"]))[0]:
+            valid = np.asarray(batch["valid"][i])
+            sp = np.where(valid, np.asarray(batch["superpixels"][i]), -1)
+            for tol in bnd:
+                hits, total = diagnostics.boundary_recall(
+                    sp, np.asarray(batch["mask"][i]), tol,
+                    config.data.ignore_index)
+                bnd[tol][0] += hits
+                bnd[tol][1] += total
         n += int(np.asarray(batch["example_valid"]).sum())
-    keys = STEPS + ("sgc_par",)
     sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
     return {"miou": {k: sc[k]["miou"] for k in keys}, "scores": sc,
             "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
                        for k, v in pur.items()},
+            "initial_cam_errors": diagnostics.cam_error_summary(err),
+            "boundary_recall": {f"tol{t}": h / max(tot, 1)
+                                for t, (h, tot) in bnd.items()},
             "logit_scale": float(logit_scale), "num_images": n,
             "seconds": time.perf_counter() - start}
 
 
+def _home_from_classes(root: str, names: Sequence[str],
+                       kinds: Sequence[str]) -> np.ndarray:
+    """[num_classes] home kind per label from the world's world.json
+    (−1: none or unknown)."""
+    home = np.full(len(names), -1, np.int32)
+    try:
+        world = json.load(open(os.path.join(root, "world.json")))
+        classes = world["params"]["config"]["classes"]
+    except (OSError, KeyError, ValueError) as e:
+        logging.warning("no class homes in %s/world.json (%r): the "
+                        "co-occurring-background share reads 0", root, e)
+        return home
+    for c in classes:
+        if c.get("name") in names and c.get("home") in kinds:
+            home[list(names).index(c["name"])] = list(kinds).index(c["home"])
+    return home
+
+
+def _bg_kinds(batch: dict, meta: dict, split_names: Sequence[str],
+              kinds: Sequence[str], size: int) -> np.ndarray:
+    """[b, size, size] background kind per pixel (−1 unknown: dummy
+    examples, padding, or an image whose size is not size × size, i.e.
+    one the seed pipeline resized)."""
+    idx = np.asarray(batch["index"])
+    out = np.full((len(idx), size, size), -1, np.int32)
+    for i, j in enumerate(idx):
+        if j < 0:
+            continue
+        m = meta.get(split_names[j])
+        valid = np.asarray(batch["valid"][i])
+        if m is None or not valid.all():
+            continue
+        out[i] = diagnostics.background_kind_map(m, kinds, size, size)
+    return out
+
+
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
     """A short text summary of both reports."""
-    lines = [
+    return "\n".join([
         f"CLIP zero-shot AUC on val ({zs['num_images']} images): "
         f"classes {zs['fg_auc_cls']:.3f} (CLS) / {zs['fg_auc_patch']:.3f} "
         f"(patch mean), backgrounds {zs['bg_auc_cls']:.3f} / "
-        f"{zs['bg_auc_patch']:.3f}",
+        f"{zs['bg_auc_patch']:.3f}", format_seed_diagnostics(seeds)])
+
+
+def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
+    """The seed report's lines (mIoU per step, purity, CAM errors,
+    boundary recall)."""
+    lines = [
         f"CAM seeds on train ({seeds['num_images']} images), mIoU %: "
         + ", ".join(f"{k} {100 * v:.1f}" for k, v in seeds["miou"].items()),
         "same-label attention share [bg, fg query patches]: "
         + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]"
                     for k, v in seeds["purity"].items()),
     ]
+    e = seeds.get("initial_cam_errors")
+    if e and e["precision"] is not None:
+        fp = e["fp_share"]
+        lines.append(
+            f"initial CAM precision {e['precision']:.3f} / recall "
+            f"{e['recall']:.3f}; false positives on the class's home "
+            f"background {fp['home_bg'] or 0:.3f}, other background "
+            f"{fp['other_bg'] or 0:.3f}, other objects {fp['object'] or 0:.3f}")
+    if "boundary_recall" in seeds:
+        lines.append("superpixel boundary recall: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
     return "\n".join(lines)
 
 

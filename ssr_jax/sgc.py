@@ -23,6 +23,7 @@ valid bool `[B, H, W]` (False on crop padding).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -36,6 +37,7 @@ Array = jax.Array
 _HP = jax.lax.Precision.HIGHEST
 COLOUR_SPACES = ("lab", "rgb")
 MASK_KINDS = ("superpixel", "box", "none")
+KMEANS_INITS = ("lightness_ranks", "kmeans++")
 
 # skimage.color.rgb2lab constants: sRGB primaries to XYZ and the D65 white
 # point for the 2-degree observer.
@@ -116,15 +118,87 @@ def _kmeans_init(colours: Array, seg_valid: Array, k: int) -> Array:
     return jnp.take_along_axis(colours, idx[..., None], axis=1)
 
 
+def _kmeanspp_init(colours: Array, seg_valid: Array, k: int,
+                   seed: int = 0, trials: int = 0) -> Array:
+    """Greedy k-means++ centres over the valid points, seeded.
+
+    The first centre is drawn uniformly over the valid points; each next
+    centre is the best of `trials` candidates drawn with probability ∝ D²
+    (squared distance to the nearest chosen centre), "best" meaning the
+    lowest total D² after adding it (sklearn's greedy k-means++;
+    trials 0 = 2 + floor(ln k), sklearn's default). Every image uses the
+    same PRNG stream (`seed`), so an image's centres depend on its own
+    points only, not on its position in the batch or on the batch size.
+    When every valid point is already a centre (n <= chosen), D² is 0 and
+    the draw falls back to uniform (centres then coincide).
+
+    Args:
+      colours: [B, S, C] float32 points.
+      seg_valid: [B, S] bool.
+      k: static number of centres.
+      seed: PRNG seed (`sgc.kmeans_seed`).
+      trials: static candidates per centre, 0 = 2 + floor(ln k).
+
+    Returns:
+      [B, k, C] float32 centres (points of `colours`).
+    """
+    trials = trials or 2 + int(math.log(k))
+    key = jax.random.PRNGKey(seed)
+    uniform = seg_valid.astype(jnp.float32)  # [B, S]
+    any_valid = seg_valid.any(axis=1)
+
+    def sq(c):  # [B, C] -> [B, S]
+        return jnp.sum((colours - c[:, None, :]) ** 2, -1)
+
+    def draw(i, weights, n):  # [B, S] -> [B, n] indices
+        w = jnp.where(weights.sum(1, keepdims=True) > 0, weights, uniform)
+        w = jnp.where(any_valid[:, None], w, 1.0)  # no valid point: any
+        logits = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)),
+                           -jnp.inf)
+        keys = jax.random.split(jax.random.fold_in(key, i), n)
+        # Same keys for every image: vmap over the batch, not the keys.
+        return jax.vmap(lambda lg: jax.vmap(
+            lambda kk: jax.random.categorical(kk, lg))(keys))(logits)
+
+    first = draw(0, uniform, 1)[:, 0]
+    c0 = jnp.take_along_axis(colours, first[:, None, None], axis=1)[:, 0]
+    centres = jnp.zeros((colours.shape[0], k, colours.shape[2]),
+                        jnp.float32).at[:, 0].set(c0)
+    d2 = sq(c0) * uniform
+
+    def body(i, carry):
+        centres, d2 = carry
+        cand = draw(i, d2, trials)  # [B, T]
+        pts = jnp.take_along_axis(colours, cand[..., None], axis=1)  # [B,T,C]
+        dc = jnp.sum((colours[:, None] - pts[:, :, None]) ** 2, -1)
+        new_d2 = jnp.minimum(d2[:, None], dc * uniform[:, None])  # [B,T,S]
+        best = jnp.argmin(new_d2.sum(-1), axis=1)  # first minimum
+        pick = jnp.take_along_axis(pts, best[:, None, None], axis=1)[:, 0]
+        d2 = jnp.take_along_axis(new_d2, best[:, None, None], axis=1)[:, 0]
+        return centres.at[:, i].set(pick), d2
+
+    centres, _ = jax.lax.fori_loop(1, k, body, (centres, d2))
+    return centres
+
+
 def colour_kmeans(colours: Array, seg_valid: Array, k: int, iters: int,
-                  impl: str = "segment") -> Array:
+                  impl: str = "segment", init: str = "lightness_ranks",
+                  seed: int = 0) -> Array:
     """Lloyd K-means over superpixel mean colours, C = K-means(SLIC(I)) (Eq. 8).
 
     Each non-empty superpixel is one unweighted point. Initial centres: sort
     the valid points by their first channel (L in Lab; stable, so ties keep
     the lower superpixel index first) and take the points at ranks
     floor((i + 0.5)·n / k), i = 0..k-1, n = number of valid points (when
-    n < k some centres coincide). Then `iters` rounds of (assign, update);
+    n < k some centres coincide) — `init="lightness_ranks"`, the default;
+    or `init="kmeans++"`, seeded greedy k-means++ (`_kmeanspp_init`).
+    [choice] `sgc.kmeans_init`: lightness ranks give a colour that covers
+    many superpixels several centres and a small colour none, so two
+    distinct colours of similar lightness (a red object and a brown
+    region, green and yellow) can share one cluster; k-means++ spreads the
+    centres over the colours present (docs/diagnostics.md). The default
+    stays "lightness_ranks" (the embedded table was measured with it).
+    Then `iters` rounds of (assign, update);
     the returned labels are the assignment to the final centres. Ties in
     assignment go to the lowest cluster index; an empty cluster keeps its
     centre.
@@ -135,14 +209,22 @@ def colour_kmeans(colours: Array, seg_valid: Array, k: int, iters: int,
       k: static number of clusters.
       iters: static number of Lloyd updates.
       impl: segment_ops implementation for the centroid update.
+      init: "lightness_ranks" | "kmeans++" (`sgc.kmeans_init`).
+      seed: PRNG seed of the kmeans++ start (`sgc.kmeans_seed`).
 
     Returns:
       [B, S] int32 cluster ids in [0, k), -1 where `seg_valid` is False.
     """
     if k < 1:
         raise ValueError(f"k={k}: the colour K-means needs k >= 1")
+    if init not in KMEANS_INITS:
+        raise ValueError(f"sgc.kmeans_init={init!r}: choose one of "
+                         f"{KMEANS_INITS}")
     colours = colours.astype(jnp.float32)
-    centres = _kmeans_init(colours, seg_valid, k)
+    if init == "kmeans++":
+        centres = _kmeanspp_init(colours, seg_valid, k, seed)
+    else:
+        centres = _kmeans_init(colours, seg_valid, k)
 
     def assign(c):
         d = jnp.sum((colours[:, :, None, :] - c[:, None, :, :]) ** 2, -1)
@@ -204,7 +286,9 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
                            colour_space: str = "lab", theta_h: float = 0.4,
                            theta_r: float = 0.5, patch_fraction: float = 0.5,
                            num_segments: int = 256,
-                           impl: str = "segment") -> Array:
+                           impl: str = "segment",
+                           kmeans_init: str = "lightness_ranks",
+                           kmeans_seed: int = 0) -> Array:
     """SGC column mask on the patch grid (Eq. 7-8).
 
     Superpixel mean colours are clustered (Eq. 8); for each class, clusters
@@ -226,6 +310,7 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
       patch_fraction: target-pixel share that makes a patch target.
       num_segments: static S (padding of superpixel ids).
       impl: segment_ops implementation.
+      kmeans_init, kmeans_seed: the colour K-means start (`colour_kmeans`).
 
     Returns:
       [B, K, h, w] float32 in {0, 1}.
@@ -236,7 +321,8 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
     ids = jnp.where(valid, superpixels, -1)
     mean, count = superpixel_colours(image, ids, num_segments, colour_space,
                                      impl)
-    seg_cluster = colour_kmeans(mean, count > 0, colour_k, colour_iters, impl)
+    seg_cluster = colour_kmeans(mean, count > 0, colour_k, colour_iters, impl,
+                                kmeans_init, kmeans_seed)
     # +1/-1 so padded pixels and empty superpixels both map to cluster -1.
     pixel_cluster = segment_ops.gather_segments(
         seg_cluster + 1, ids.reshape(b, big_h * big_w)) - 1  # [B, P]
@@ -547,7 +633,9 @@ def refine_cams(cams: Array, slot_valid: Array, *,
                 colour_k: int = 8, colour_iters: int = 10,
                 colour_space: str = "lab", theta_h: float = 0.4,
                 theta_r: float = 0.5, patch_fraction: float = 0.5,
-                num_segments: int = 256, impl: str = "segment") -> Array:
+                num_segments: int = 256, impl: str = "segment",
+                kmeans_init: str = "lightness_ranks",
+                kmeans_seed: int = 0) -> Array:
     """CAM refinement for each step of SSR's Table 3 (Eq. 7-11).
 
     - no attention: the input CAMs (Table 3, row 1);
@@ -573,7 +661,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
       clip_layers, clip_weight, dino_weight, sinkhorn_iters: the affinity.
       box_threshold: `box_mask` threshold.
       colour_k, colour_iters, colour_space, theta_h, theta_r,
-        patch_fraction, num_segments: `superpixel_target_mask`.
+        patch_fraction, num_segments, kmeans_init, kmeans_seed:
+        `superpixel_target_mask`.
       impl: segment_ops implementation.
 
     Returns:
@@ -614,7 +703,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
             cams, image, superpixels, valid, slot_valid, colour_k=colour_k,
             colour_iters=colour_iters, colour_space=colour_space,
             theta_h=theta_h, theta_r=theta_r, patch_fraction=patch_fraction,
-            num_segments=num_segments, impl=impl).reshape(b, nk, h * w)
+            num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
+            kmeans_seed=kmeans_seed).reshape(b, nk, h * w)
     elif mask_kind == "box":
         mask = box_mask(cams, box_threshold, impl).reshape(b, nk, h * w)
     else:
@@ -647,6 +737,8 @@ def refine_cams_from_config(cams: Array, slot_valid: Array, sgc, *,
         colour_k=sgc.colour_k, colour_iters=sgc.colour_iters,
         colour_space=sgc.colour_space, theta_h=sgc.theta_h,
         theta_r=sgc.theta_r, patch_fraction=sgc.patch_fraction,
-        num_segments=sgc.max_segments)
+        num_segments=sgc.max_segments,
+        kmeans_init=sgc.get("kmeans_init", "lightness_ranks"),
+        kmeans_seed=sgc.get("kmeans_seed", 0))
     knobs.update(kwargs)
     return refine_cams(cams, slot_valid, impl=impl, **knobs)

@@ -151,7 +151,9 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
       dict with "labels" [B, H, W] int32 pseudo labels (255 on padding),
       "cams" [B, K, h, w] initial CAMs, "refined" [B, K, h, w],
       "cls_ids" [B, K], "slot_valid" [B, K], "hidden" [L, B, N, D] (decoder
-      input), "tokens" [B, N, E] projected patch tokens, "grid", and with
+      input), "tokens" [B, N, E] projected patch tokens, "token_valid"
+      [B, N] (patches with a valid pixel, `token_valid`), "text_bg" (the
+      background bank, for `cmpa.background_negatives`), "grid", and with
       `all_steps` a dict "steps" of refined CAMs per Table 3 step.
     """
     image = batch["image"]
@@ -212,6 +214,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         "cls_ids": cls_ids, "slot_valid": slot_valid,
         "hidden": hidden,
         "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
+        "token_valid": token_valid(batch["valid"], grid),
+        "text_bg": text_bg,
         "clip_x12": aux["y12"],
         "grid": grid,
     }
@@ -225,6 +229,38 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
             "sgc": refine(True, dino is not None, "superpixel"),
         }
     return result
+
+
+def token_valid(valid: Array, grid: tuple[int, int]) -> Array:
+    """[B, H, W] valid pixels -> [B, h·w] patches with any valid pixel."""
+    b, hh, ww = valid.shape
+    h, w = grid
+    v = valid.reshape(b, h, hh // h, w, ww // w)
+    return v.any(axis=(2, 4)).reshape(b, h * w)
+
+
+def cmpa_image_features(heads, path: dict, config) -> Array:
+    """f_image of every (image, class slot) (Eq. 2): ISA of the projected
+    patch tokens (training-mode BatchNorm), pooled under the initial CAMs.
+
+    [choice] `cmpa.valid_tokens_only` (False): tokens of patches without a
+    valid pixel (crop padding) are left out of ISA's BatchNorm statistics
+    and of the pooling. Off by default: the embedded table was measured
+    with padding in both (docs/diagnostics.md, "bug candidates").
+
+    Returns:
+      [B, K, d] float32.
+    """
+    b, k = path["cls_ids"].shape
+    n = path["tokens"].shape[1]
+    cams = path["cams"].reshape(b, k, n)
+    if config.cmpa.get("valid_tokens_only", False):
+        mask = path["token_valid"]
+        v = heads.isa(path["tokens"], mask=mask)
+        cams = cams * mask[:, None, :].astype(cams.dtype)
+    else:
+        v = heads.isa(path["tokens"])
+    return cmpa_lib.masked_average_pool(v, cams, path["slot_valid"])
 
 
 def seg_logits(model: SSRModel, hidden: Array, grid, out_hw,
@@ -264,15 +300,18 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
     p = config.cmpa
     heads = model.heads
     b, k = path["cls_ids"].shape
-    n = path["tokens"].shape[1]
     if p.variant != "none":
-        v = heads.isa(path["tokens"])
-        f_img = cmpa_lib.masked_average_pool(
-            v, path["cams"].reshape(b, k, n), path["slot_valid"])
+        f_img = cmpa_image_features(heads, path, config)
         f_text = heads.tsa(text_fg)
+        extra = None
+        if p.get("background_negatives", False):
+            # [choice] TSA(background prompts) as extra InfoNCE negatives
+            # (docs/diagnostics.md); off: the paper writes only the
+            # foreground text prototypes.
+            extra = heads.tsa(path["text_bg"])
         l_proto, aux = cmpa_lib.cmpa_loss(
             p.variant, f_img, f_text, path["slot_valid"], path["cls_ids"],
-            protos, heads.tau(), p.positive)
+            protos, heads.tau(), p.positive, extra_negatives=extra)
         parts["proto"] = l_proto
     else:
         f_img = jnp.zeros((b, k, p.dim))

@@ -444,3 +444,110 @@ def test_heads_tau_and_config():
     assert cmpa.prototype_count(c, 20) == 32
     with pytest.raises(ValueError, match="tau_min"):
         cmpa.CMPAHeads(8, 8, tau_init=0.005, tau_min=0.01, rngs=nnx.Rngs(0))
+
+
+def test_identity_init_starts_at_plain_clip():
+    """`cmpa.identity_init`: both heads are x -> x/|x| (zero-padded to
+    dim) at step 0, so the projected GradCAM is plain CLIP's up to the
+    per-token normalisation (max difference 0.025 measured on unit tokens);
+    the default tied random start is a different CAM (max difference ~1)."""
+    from ssr_jax import diagnostics  # noqa: PLC0415
+
+    e = 16
+    heads = cmpa.CMPAHeads(e, e, hidden_dim=40, dim=24, identity_init=True,
+                           rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, e)) * 3
+    want = np.pad(np.asarray(x / jnp.linalg.norm(x, axis=-1, keepdims=True)),
+                  ((0, 0), (0, 24 - e)))
+    for head in (heads.isa, heads.tsa):
+        np.testing.assert_allclose(
+            np.asarray(head(x, use_running_average=True)), want, atol=1e-6)
+    p = diagnostics.cmpa_problem(num_images=16, confound=0.5,
+                                 text_overlap=0.7, seed=0)
+    plain = np.asarray(diagnostics.projected_cams(p, None))
+    ident = np.asarray(diagnostics.projected_cams(p, heads))
+    tied = np.asarray(diagnostics.projected_cams(
+        p, cmpa.CMPAHeads(e, e, hidden_dim=40, dim=24, rngs=nnx.Rngs(0))))
+    assert np.abs(ident - plain).max() < 0.05
+    assert np.abs(tied - plain).max() > 0.3
+    with pytest.raises(ValueError, match="identity_init"):
+        cmpa.CMPAHeads(e, e, hidden_dim=20, dim=24, identity_init=True,
+                       rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("valid_only", [True, False])
+def test_valid_tokens_only_ignores_padding(valid_only):
+    """`cmpa.valid_tokens_only`: with it, what crop-padding tokens hold
+    changes neither f_image nor ISA's BatchNorm running statistics; without
+    it (the default) both change."""
+    from ssr_jax import ssr  # noqa: PLC0415
+
+    c = base_config()
+    c.cmpa.valid_tokens_only = valid_only
+    rng = np.random.default_rng(0)
+    b, n, e, k = 2, 6, 8, 2
+    tokens = rng.normal(size=(b, n, e)).astype(np.float32)
+    valid = np.ones((b, n), bool)
+    valid[1, 4:] = False
+    path = {"cls_ids": jnp.asarray([[0, 1], [2, -1]], jnp.int32),
+            "slot_valid": jnp.asarray([[True, True], [True, False]]),
+            "cams": jnp.asarray(rng.random((b, k, 2, 3)), jnp.float32),
+            "token_valid": jnp.asarray(valid)}
+    outs = []
+    for fill in (0.0, 50.0):
+        t = tokens.copy()
+        t[~valid] = fill
+        heads = cmpa.CMPAHeads(e, e, hidden_dim=12, dim=6, rngs=nnx.Rngs(0))
+        f = ssr.cmpa_image_features(heads, {**path, "tokens": jnp.asarray(t)},
+                                    c)
+        outs.append((np.asarray(f), np.asarray(heads.isa.bn.mean[...])))
+    same = all(np.allclose(a, b_, atol=1e-6) for a, b_ in zip(*outs,
+                                                              strict=True))
+    assert same == valid_only
+    np.testing.assert_array_equal(
+        np.asarray(ssr.token_valid(jnp.asarray(
+            np.pad(np.ones((1, 2, 4), bool), ((0, 0), (0, 2), (0, 0)))),
+            (2, 2))), [[True, True, False, False]])
+
+
+def test_extra_negatives_vs_loop():
+    """`cmpa_loss(..., extra_negatives=)` (`cmpa.background_negatives`):
+    the extra rows join the softmax denominator only."""
+    rng = np.random.default_rng(3)
+    b, k, d, c, m = 3, 2, 5, 4, 3
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    f_img = unit(rng.normal(size=(b, k, d))).astype(np.float32)
+    f_text = unit(rng.normal(size=(c, d))).astype(np.float32)
+    f_bg = unit(rng.normal(size=(m, d))).astype(np.float32)
+    cls_ids = np.array([[0, 2], [1, -1], [3, 0]], np.int32)
+    tau = 0.2
+    protos = cmpa.init_protos(c, d, c)
+    for variant in ("cross", "feature"):
+        got, _ = cmpa.cmpa_loss(variant, jnp.asarray(f_img),
+                                jnp.asarray(f_text), jnp.asarray(cls_ids >= 0),
+                                jnp.asarray(cls_ids), protos, tau, "class",
+                                extra_negatives=jnp.asarray(f_bg))
+        present = set(cls_ids[cls_ids >= 0].tolist())
+        terms = []
+        for i in range(b):
+            for j in range(k):
+                if cls_ids[i, j] < 0:
+                    continue
+                rows = [f_text[q] for q in range(c)
+                        if variant == "cross" or q in present]
+                logits = [f_img[i, j] @ r / tau for r in rows + list(f_bg)]
+                pos = f_img[i, j] @ f_text[cls_ids[i, j]] / tau
+                terms.append(math.log(sum(math.exp(x) for x in logits)) - pos)
+        np.testing.assert_allclose(float(got), np.mean(terms), rtol=1e-5)
+        plain, _ = cmpa.cmpa_loss(variant, jnp.asarray(f_img),
+                                  jnp.asarray(f_text),
+                                  jnp.asarray(cls_ids >= 0),
+                                  jnp.asarray(cls_ids), protos, tau, "class")
+        assert float(got) > float(plain)
+    with pytest.raises(ValueError, match="background_negatives"):
+        cmpa.cmpa_loss("intra", jnp.asarray(f_img), jnp.asarray(f_text),
+                       jnp.asarray(cls_ids >= 0), jnp.asarray(cls_ids),
+                       protos, tau, "class", extra_negatives=jnp.asarray(f_bg))

@@ -653,3 +653,36 @@ def test_refine_cams_uses_a_given_clip_affinity():
     trans = sgc.transition_matrix(aff, 3)
     want = sgc.propagate(trans, cams.reshape(1, 2, 6)).reshape(1, 2, 2, 3)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_kmeanspp_init_is_per_image_and_picks_valid_points():
+    """`sgc.kmeans_init="kmeans++"`: centres are valid points of their own
+    image, identical whether the image is alone or in a batch (one PRNG
+    stream per image), deterministic per seed; n < k valid points and an
+    image with none stay finite."""
+    rng = np.random.default_rng(5)
+    colours = rng.normal(size=(3, 20, 3)).astype(np.float32) * 20
+    valid = rng.random((3, 20)) > 0.3
+    valid[1] = False
+    valid[1, [2, 4]] = True  # n = 2 < k
+    valid[2] = False  # no valid point at all
+    init = jax.jit(sgc._kmeanspp_init, static_argnums=(2, 3))
+    both = np.asarray(init(jnp.asarray(colours), jnp.asarray(valid), 4, 7))
+    alone = np.asarray(init(jnp.asarray(colours[:1]), jnp.asarray(valid[:1]),
+                            4, 7))
+    np.testing.assert_array_equal(both[:1], alone)
+    np.testing.assert_array_equal(
+        both, np.asarray(init(jnp.asarray(colours), jnp.asarray(valid), 4, 7)))
+    assert np.isfinite(both).all()
+    for b in range(2):
+        pts = colours[b][valid[b]]
+        for c in both[b]:
+            assert np.abs(pts - c).sum(-1).min() == 0  # a valid point
+    labels = np.asarray(jax.jit(
+        sgc.colour_kmeans, static_argnames=("k", "iters", "init"))(
+        jnp.asarray(colours), jnp.asarray(valid), k=4, iters=3,
+        init="kmeans++"))
+    assert (labels[~valid] == -1).all() and (labels[valid] >= 0).all()
+    with pytest.raises(ValueError, match="kmeans_init"):
+        sgc.colour_kmeans(jnp.asarray(colours), jnp.asarray(valid), 4, 3,
+                          init="random")

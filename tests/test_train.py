@@ -60,8 +60,12 @@ def _batch(config, labels_list):
     return local
 
 
-def test_loss_decreases_on_a_fixed_batch(world, tmp_path):
+@pytest.mark.parametrize("readings", [False, True])
+def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     c = _config(world)
+    # The issue-10 CMPA readings ([choice]s, off by default) train too.
+    c.cmpa.valid_tokens_only = readings
+    c.cmpa.background_negatives = readings
     c.train.batch_size = 2
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 0
