@@ -68,8 +68,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ssr_jax import cam as cam_lib
 from ssr_jax import (
+    build,
     checkpointing,
     config_check,
     crf,
@@ -77,9 +77,9 @@ from ssr_jax import (
     logs,
     metrics,
     ssr,
-    train,
     xla_guard,
 )
+from ssr_jax import cam as cam_lib
 from ssr_jax import par as par_lib
 from ssr_jax.data import DataError, voc
 from ssr_jax.data.transforms import long_side_hw, resize_nearest
@@ -194,11 +194,6 @@ def msc_logits(clip, model: ssr.SSRModel, images: Array, *,
 
 
 # --- meshes, placement, caches ------------------------------------------------
-def _mesh() -> jax.sharding.Mesh:
-    """The trainer's mesh: every device on the "data" axis."""
-    return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-
-
 def global_batch_size(requested: int) -> int:
     """`requested` rounded up to a multiple of the device count."""
     n = jax.device_count()
@@ -433,9 +428,9 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     logging.info("eval %s: %d images, %d shapes, %d batches of %d",
                  split, len(examples), num_shapes, len(plan), batch_size)
 
-    mesh = _mesh()
+    mesh = build.make_mesh()
     clip_def, clip_state = nnx.split(clip)
-    model_def, params, rest = train._split(model)
+    model_def, params, rest = build.split_model(model)
     clip_state, params, rest = _replicated((clip_state, params, rest), mesh)
     step = _seg_step(clip_def, model_def, mesh,
                      tuple(float(s) for s in ev.scales), bool(ev.flip),
@@ -708,11 +703,11 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     max_images = ev.max_images if max_images is None else max_images
     size = int(ev.seed_size if size is None else size)
     batch_size = global_batch_size(ev.batch_size)
-    mesh = _mesh()
+    mesh = build.make_mesh()
     clip_def, clip_state = nnx.split(clip)
     dino_def, dino_state = (nnx.split(dino) if dino is not None
                             else (None, None))
-    model_def, params, rest = train._split(model)
+    model_def, params, rest = build.split_model(model)
     clip_state, dino_state, params, rest, fg, bg = _replicated(
         (clip_state, dino_state, params, rest, jnp.asarray(bank["fg"]),
          jnp.asarray(bank["bg"])), mesh)
@@ -818,7 +813,7 @@ def restore_model(config, workdir: str, model: ssr.SSRModel
     # not need: restore only its BatchNorm statistics.
     graphdef, params, stats, other = nnx.split(model, nnx.Param,
                                                nnx.BatchStat, ...)
-    target = _replicated({"params": params, "rest": stats}, _mesh())
+    target = _replicated({"params": params, "rest": stats}, build.make_mesh())
     try:
         ckpt = checkpointing.Checkpointer(directory, save_every=0,
                                           read_only=True)
@@ -877,8 +872,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                            + ("_crf" if config.eval.crf else ""))
     refuse_overwrite(config, out_dir, "metrics.json")
     # The decoder reads CLIP only: DINO is not loaded for eval.
-    clip, dino, model = train.build_models(config, with_dino=False)
-    train.check_models(config, clip, dino, pseudo_labels=False)
+    clip, dino, model = build.build_models(config, with_dino=False)
+    build.check_models(config, clip, dino, pseudo_labels=False)
     model, step, directory = restore_model(config, workdir, model)
     ev = config.eval
     split = ev.split
@@ -929,14 +924,13 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     refuse_overwrite(config, os.path.join(workdir, "pseudo_labels",
                                           config.data.seed_split),
                      "seeds.json")
-    clip, dino, model = train.build_models(config)
+    clip, dino, model = build.build_models(config)
     if dino is None and config.model.dino_path:
-        from ssr_jax.models import loading
-        dino = loading.load_dino(config.model.dino_path,
-                                 dtype=clip.vision.class_embedding.dtype)
-    train.check_models(config, clip, dino)
+        dino = build.load_affinity_encoder(
+            config, dtype=clip.vision.class_embedding.dtype)
+    build.check_models(config, clip, dino)
     model, step, directory = restore_model(config, workdir, model)
-    bank = train.build_text_bank(config, clip, workdir)
+    bank = build.build_text_bank(config, clip, workdir)
     split = config.data.seed_split
     out_dir = os.path.join(workdir, "pseudo_labels", split)
     data = voc.load_split(config, split)

@@ -27,6 +27,7 @@ from flax import nnx
 from PIL import Image
 
 from ssr_jax import (
+    build,
     checkpointing,
     cmpa,
     config_check,
@@ -75,10 +76,10 @@ def world(tmp_path_factory):
         str(d / "enc"), text.VOC_FG_PROMPTS + text.VOC_BG_PROMPTS)
     c = _small(data_fixtures.fixture_config(tree))
     c.model.clip_path, c.model.dino_path = clip_path, dino_path
-    clip, dino, model = train.build_models(c)
+    clip, dino, model = build.build_models(c)
     # A "trained" model: random decoder weights moved off their init so a
     # restore that silently kept the init would be seen.
-    graphdef, params, rest = train._split(model)
+    graphdef, params, rest = build.split_model(model)
     params = jax.tree.map(lambda x: x + 0.01 * jnp.cos(
         jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
     model = nnx.merge(graphdef, params, rest)
@@ -91,7 +92,7 @@ def world(tmp_path_factory):
     with checkpointing.Checkpointer(f"{workdir}/checkpoints",
                                     save_every=1) as ckpt:
         ckpt.save(7, state, {"batches": 7}, {"step": 7}, force=True)
-    bank = train.build_text_bank(c, clip, workdir)
+    bank = build.build_text_bank(c, clip, workdir)
     return {"tree": tree, "config": c, "clip": clip, "dino": dino,
             "model": model, "params": params, "workdir": workdir,
             "bank": bank}
@@ -288,11 +289,11 @@ def test_score_seeds_matches_per_image_numpy(world):
 # --- modes, checkpoints, errors -----------------------------------------------
 def test_restore_model_reads_params_without_optimizer(world):
     c = world["config"]
-    _, _, fresh = train.build_models(c)
+    _, _, fresh = build.build_models(c)
     model, step, directory = evaluate.restore_model(c, world["workdir"],
                                                     fresh)
     assert step == 7 and directory.endswith("checkpoints")
-    _, params, _ = train._split(model)
+    _, params, _ = build.split_model(model)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(world["params"]),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -417,7 +418,7 @@ def test_pseudo_label_export_labels_images_without_masks(world, tmp_path):
 
 def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
     c = world["config"]
-    _, _, fresh = train.build_models(c)
+    _, _, fresh = build.build_models(c)
     with pytest.raises(config_check.ConfigError, match="does not exist"):
         evaluate.restore_model(c, str(tmp_path), fresh)
     c2 = c.copy_and_resolve_references()
@@ -427,7 +428,7 @@ def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
         evaluate.restore_model(c2, world["workdir"], fresh)
     c3 = c.copy_and_resolve_references()
     c3.data.num_classes = 5
-    _, _, other = train.build_models(c3)
+    _, _, other = build.build_models(c3)
     with pytest.raises(config_check.ConfigError,
                        match=r"decoder/pred/kernel.*\(32, 21\).*\(32, 5\)"):
         evaluate.restore_model(c3, world["workdir"], other)
@@ -499,12 +500,12 @@ def test_train_then_main_eval_and_pseudo_labels(world, tmp_path):
 _MULTI_CODE = """
 import json
 from ml_collections import config_dict
-from ssr_jax import evaluate, train
+from ssr_jax import build, evaluate
 c = config_dict.ConfigDict(json.loads({config!r}))
-clip, dino, model = train.build_models(c)
+clip, dino, model = build.build_models(c)
 model, step, _ = evaluate.restore_model(c, {workdir!r}, model)
 seg = evaluate.evaluate_segmentation(c, clip, model, "train_aug", None)
-bank = train.build_text_bank(c, clip, {workdir!r})
+bank = build.build_text_bank(c, clip, {workdir!r})
 seeds = evaluate.score_seeds(c, clip, dino, model, "train", bank=bank)
 emit({{"step": step, "seg": [r["tp"] for r in seg["per_class"]],
       "scored": seg["num_scored"], "pixels": seg["num_pixels"],
@@ -547,7 +548,7 @@ def test_eval_hook_logs_and_reuses_compiles(world, tmp_path):
     c = world["config"].copy_and_resolve_references()
     c.eval.max_images = 2
     clip, dino, model = world["clip"], world["dino"], world["model"]
-    graphdef, params, rest = train._split(model)
+    graphdef, params, rest = build.split_model(model)
     writer = logs.MetricWriter(str(tmp_path), tensorboard=False)
     hook = evaluate.make_eval_hook(c, str(tmp_path), clip=clip, dino=dino,
                                    model_graphdef=graphdef,

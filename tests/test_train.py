@@ -26,7 +26,7 @@ import pytest
 import ssr_fixtures
 from flax import nnx
 
-from ssr_jax import checkpointing, input_pipeline, ssr, text, train
+from ssr_jax import build, checkpointing, input_pipeline, ssr, text, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,8 +98,8 @@ def _path_eqns(world, tmp_path, kmax, mask="superpixel",
     c = _config(world)
     c.data.max_classes_per_image = kmax
     c.sgc.mask = mask
-    clip, dino, model = train.build_models(c)
-    bank = train.build_text_bank(c, clip, str(tmp_path))
+    clip, dino, model = build.build_models(c)
+    bank = build.build_text_bank(c, clip, str(tmp_path))
     b, hw = 2, c.data.crop_size
     batch = {
         "image": jnp.zeros((b, hw, hw, 3), jnp.uint8),
