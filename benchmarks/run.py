@@ -412,12 +412,12 @@ def _jax_models(spec: dict, dtype: str, config):
     import jax
     from flax import nnx
 
-    from ssr_jax import ssr
+    from ssr_jax import build, ssr
     from ssr_jax.models import loading
 
     dt = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
     clip = loading.load_clip(spec["clip_path"], dtype=dt)
-    dino = loading.load_dino(spec["dino_path"], dtype=dt)
+    dino = build.load_affinity_encoder(config, dt)  # model.dino_kind
     model = ssr.SSRModel(config, clip_width=clip.vision.config.hidden_size,
                          embed_dim=clip.config.projection_dim,
                          rngs=nnx.Rngs(0))
@@ -642,8 +642,10 @@ def jax_stages(spec: dict) -> dict[str, Any]:
         pixels = ssr.normalise(batch["image"])
         n = len(vision.blocks)
         x11, out = vision.run_blocks(vision.embed(pixels), 0, n - 1)
-        _, dout = nnx.merge(dg, ds)(pixels)
-        return x11, out["attn"], dout["attn"][-1], out["hidden"]
+        dino_aff = ssr.affinity_encoder_affinity(
+            nnx.merge(dg, ds), batch["image"], grid, 16,
+            config.model.dino_kind)
+        return x11, out["attn"], dino_aff, out["hidden"]
 
     def gradcam(cs, ms, x11, batch):
         vision = nnx.merge(cg, cs).vision
@@ -657,9 +659,9 @@ def jax_stages(spec: dict) -> dict[str, Any]:
             cls_ids, grid, heads=head_fns)
         return cams, aux["attn12"], aux["tokens"], cls_ids
 
-    def sgc(cams, cls_ids, attn, dino_attn, batch):
+    def sgc(cams, cls_ids, attn, dino_aff, batch):
         return sgc_lib.refine_cams(
-            cams, cls_ids >= 0, clip_attn=attn, dino_attn=dino_attn,
+            cams, cls_ids >= 0, clip_attn=attn, dino_aff=dino_aff,
             image=batch["image"], superpixels=batch["superpixels"],
             valid=batch["valid"], clip_layers=sg.clip_layers,
             num_segments=sg.max_segments)
@@ -694,11 +696,11 @@ def jax_stages(spec: dict) -> dict[str, Any]:
                      spec["repeats"])}
         return result
 
-    x11, attn, dino_attn, hidden = run("encoders", encoders, cs, ds, batch)
+    x11, attn, dino_aff, hidden = run("encoders", encoders, cs, ds, batch)
     cams, attn12, tokens, cls_ids = run("gradcam", gradcam, cs, ms, x11,
                                         batch)
     refined = run("sgc", sgc, cams, cls_ids, tuple(attn) + (attn12,),
-                  dino_attn, batch)
+                  dino_aff, batch)
     labels = run("par", par, refined, cls_ids, batch)
     run("decoder+losses", losses, ms,
         tuple(hidden[:config.model.decoder.num_layers_in]), cams, tokens,

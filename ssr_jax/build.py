@@ -88,8 +88,11 @@ def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
     """Config fields that depend on the loaded encoders (clear errors).
 
     `pseudo_labels=False` (eval: decoder only) skips the fields that only
-    the pseudo-label path reads (crop size, sgc.clip_layers, RFM).
+    the pseudo-label path reads (crop size, sgc.clip_layers, RFM). The
+    affinity encoder's patch grid may differ from CLIP's
+    (`encoders.patch_affinity` resamples it), so `dino` is not checked.
     """
+    del dino  # any grid: encoders.patch_affinity resamples
     v = clip.vision.config
     problems = []
     if pseudo_labels and config.data.crop_size % v.patch_size:
@@ -109,9 +112,6 @@ def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
             v.num_hidden_layers:
         problems.append(f"loss.rfm_layers={config.loss.rfm_layers}: CLIP "
                         f"has {v.num_hidden_layers} blocks")
-    if dino is not None and dino.config.patch_size != v.patch_size:
-        problems.append(f"DINO patch {dino.config.patch_size} != CLIP patch "
-                        f"{v.patch_size}: their token grids must match")
     if problems:
         raise config_check.ConfigError(
             "the config does not fit the encoders:\n  - "

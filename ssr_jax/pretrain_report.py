@@ -39,9 +39,8 @@ from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
 from ssr_jax.data import synthetic, voc
-from ssr_jax.models import loading
+from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
-from ssr_jax.models.vit import ViT
 
 Array = jax.Array
 STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
@@ -177,7 +176,7 @@ def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
     return diagnostics.attention_purity(aff, labels)
 
 
-def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
+def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
@@ -190,6 +189,7 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
     kmax = config.data.max_classes_per_image
     patch = clip.config.vision.patch_size
     clip_norm = config.pretrain.clip.normalization
+    dino_norm = encoders.NORMALIZATION[config.model.get("dino_kind", "dino")]
 
     @jax.jit
     def fn(cs, ds, batch):
@@ -211,12 +211,14 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
             logit_scale=logit_scale)
         attn = tuple(out["attn"]) + (aux["attn12"],)
         _, dout = dino(pretrain.normalise(image.astype(jnp.float32),
-                                          "imagenet"))
-        dino_attn = dout["attn"][-1]
+                                          dino_norm))
+        dino_aff = encoders.patch_affinity(dout["attn"][-1], dino.layout,
+                                           dout["grid"], grid,
+                                           target_patch=patch)
 
         def refine(use_dino, mask_kind):
             return sgc_lib.refine_cams_from_config(
-                cams, slot_valid, s, clip_attn=attn, dino_attn=dino_attn,
+                cams, slot_valid, s, clip_attn=attn, dino_aff=dino_aff,
                 image=image, superpixels=batch["superpixels"],
                 valid=batch["valid"], use_clip_attn=True,
                 use_dino_attn=use_dino, mask_kind=mask_kind)
@@ -259,7 +261,6 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
             plabels, gt, num_classes, config.data.ignore_index))
 
         clip_aff = sgc_lib.clip_affinity(attn, s.clip_layers)
-        dino_aff = sgc_lib.drop_cls(dino_attn)
         fused = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
                                       s.dino_weight)
         affs = {"uniform": jnp.ones_like(clip_aff), "clip": clip_aff,
@@ -298,7 +299,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
-    dino = loading.load_dino(dino_path)
+    dino, _ = encoders.load_affinity_encoder(
+        config.model.get("dino_kind", "dino"), dino_path)
     tok = text_lib.load_tokenizer(clip_path)
     fg, bg, names = text_lib.dataset_prompts("synthetic", root)
     template = config.text.template

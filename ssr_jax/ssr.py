@@ -27,6 +27,7 @@ from ssr_jax import losses
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import decoder as decoder_lib
+from ssr_jax.models import encoders
 from ssr_jax.models.resize import resize
 
 Array = jax.Array
@@ -123,6 +124,28 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
     return jax.lax.stop_gradient(cams), aux
 
 
+def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
+                              clip_patch: int, kind: str = "dino") -> Array:
+    """A_DINO on CLIP's patch grid (SPEC 1.6; `models/encoders.py`).
+
+    Args:
+      dino: the frozen affinity encoder (declares its `layout`).
+      image: [B, H, W, 3] uint8.
+      grid: CLIP's patch grid (h, w).
+      clip_patch: CLIP's patch size in pixels.
+      kind: `model.dino_kind` (picks the input normalisation).
+
+    Returns:
+      [B, h·w, h·w] float32 patch-to-patch affinity of the last block's
+      head-averaged attention, prefix tokens dropped, resampled onto
+      CLIP's grid when the encoder's differs (`encoders.patch_affinity`).
+    """
+    _, dout = dino(normalise(image, encoders.NORMALIZATION[kind]))
+    return encoders.patch_affinity(dout["attn"][-1], dino.layout,
+                                   dout["grid"], grid,
+                                   target_patch=clip_patch)
+
+
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
                       text_bg: Array, config, *, all_steps: bool = False,
                       step: Array | None = None,
@@ -132,7 +155,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
 
     Args:
       clip: the Flax CLIP (frozen).
-      dino: the Flax DINO ViT (frozen), or None when unused.
+      dino: the frozen affinity encoder (`model.dino_kind`: DINO ViT or
+        DINOv2), or None when unused.
       heads: `cmpa.CMPAHeads` (used in eval mode for the CAM), or None.
       batch: the batch of docs/DESIGN.md ("image", "valid", "labels",
         "superpixels"); "superpixels" only when `sgc.mask` is
@@ -186,16 +210,17 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         plain = sgc_lib.clip_affinity(clip_attn, config.sgc.clip_layers)
         on = (True if step is None else step >= config.loss.rfm_start)
         clip_aff = jnp.where(on, gated, plain)
-    dino_attn = None
+    dino_aff = None
     s = config.sgc
     if dino is not None and (s.use_dino_attn or all_steps):
-        _, dout = dino(normalise(image, "imagenet"))
-        dino_attn = dout["attn"][-1]
+        dino_aff = affinity_encoder_affinity(
+            dino, image, grid, clip.vision.config.patch_size,
+            config.model.get("dino_kind", "dino"))
 
     def refine(use_clip, use_dino, mask_kind):
         return sgc_lib.refine_cams_from_config(
             cams, slot_valid, s, impl=s.segment_impl, clip_attn=clip_attn,
-            dino_attn=dino_attn, clip_aff=clip_aff, image=image,
+            dino_aff=dino_aff, clip_aff=clip_aff, image=image,
             superpixels=superpixels, valid=batch["valid"],
             use_clip_attn=use_clip, use_dino_attn=use_dino,
             mask_kind=mask_kind)

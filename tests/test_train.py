@@ -82,6 +82,51 @@ def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     assert s.update._cache_size() == 1
 
 
+@pytest.mark.slow  # ~35 s then ~16 s on 2 cores (torch import, 2 setups)
+@pytest.mark.parametrize("registers", [0, 4])
+def test_loss_decreases_with_dinov2(world, tmp_path, registers):
+    """model.dino_kind="dinov2": a tiny random DINOv2/14 (with and without
+    registers) fills the affinity slot through the real update step; its
+    4x4 grid of 14-px patches (56 of the 64-px crop) is resampled onto
+    CLIP's 4x4 grid of 16-px patches (`encoders.patch_affinity`)."""
+    import hf_fixtures  # noqa: PLC0415 - needs torch + transformers
+
+    from ssr_jax.models import dinov2  # noqa: PLC0415
+
+    extra = {"num_register_tokens": registers} if registers else {}
+    path = hf_fixtures.make_tiny_dinov2(str(tmp_path / "dinov2"), seed=3,
+                                        **extra)
+    c = _config(world)
+    c.model.dino_kind = "dinov2"
+    c.model.dino_path = path
+    c.train.batch_size = 2
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.poly_power = 0.0
+    c.model.decoder.dropout = 0.0
+    s = train.setup(c, str(tmp_path / "work"), devices=jax.devices()[:1])
+    assert isinstance(s.dino, dinov2.Dinov2)
+    assert s.dino.layout.num_prefix_tokens == 1 + registers
+    batch = s.batch(_batch(c, [[0, 14], [6]]))
+    # The DINOv2 affinity reaches the labels: another encoder, other
+    # pseudo labels (same CLIP, same batch).
+    c_dino = _config(world)
+    c_dino.train.batch_size = 2
+    s_dino = train.setup(c_dino, str(tmp_path / "work_dino"),
+                         devices=jax.devices()[:1])
+    model = s.trained_model()
+    paths = [ssr.pseudo_label_path(x.clip, x.dino, model.heads, batch,
+                                   s.bank["fg"], s.bank["bg"], x.config)
+             for x in (s, s_dino)]
+    assert not np.allclose(paths[0]["refined"], paths[1]["refined"])
+    losses = []
+    for _ in range(12):
+        s.state, meas = s.update(s.state, s.frozen, batch, s.bank)
+        losses.append(float(meas["loss"]))
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
 def test_compiles_once_for_different_class_sets(world, tmp_path):
     c = _config(world)
     c.train.batch_size = 2
