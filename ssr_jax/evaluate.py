@@ -79,8 +79,6 @@ from ssr_jax import (
     ssr,
     xla_guard,
 )
-from ssr_jax import cam as cam_lib
-from ssr_jax import par as par_lib
 from ssr_jax.data import DataError, voc
 from ssr_jax.data.transforms import long_side_hw, resize_nearest
 from ssr_jax.models.resize import resize, resize_matrix
@@ -88,9 +86,9 @@ from ssr_jax.models.resize import resize, resize_matrix
 Array = jax.Array
 PyTree = Any
 
-# Seed-score entries: the paper's Table 4 pair, Table 3 rows, final labels.
-SEED_ENTRIES = ("cam_plain", "cam_cmpa", "initial_cam", "clip_attn",
-                "clip_dino", "sgc", "pseudo_labels")
+# Seed-score entries (`ssr.seed_labels`): the paper's Table 4 pair, Table 3
+# rows, final labels.
+SEED_ENTRIES = ssr.SEED_ENTRIES
 SEED_DESCRIPTIONS = {
     "cam_plain": "initial CAM, plain CLIP GradCAM (Table 4, no CMPA)",
     "cam_cmpa": "initial CAM through ISA/TSA (Table 4, CMPA)",
@@ -565,67 +563,6 @@ def _sum_over_processes(x: int) -> int:
 
 
 # --- CAM seeds and pseudo labels ----------------------------------------------
-def _initial_cam(clip, heads, batch: dict, text_fg: Array, text_bg: Array,
-                 config, *, projected: bool) -> Array:
-    """The initial GradCAM with (`projected`) or without the CMPA heads.
-
-    The paper's Table 4 compares the two; `ssr.pseudo_label_path` computes
-    only the configured one (`cam.projected`). The CLIP trunk it repeats is
-    the same computation on the same inputs, which XLA merges.
-
-    Returns:
-      [B, K, h, w] CAMs in [0, 1].
-    """
-    pixels = ssr.normalise(batch["image"], config.data.normalization)
-    x11, _, grid = ssr.clip_trunk(clip, pixels)
-    cls_ids = cam_lib.present_classes(batch["labels"],
-                                      config.data.max_classes_per_image)
-    cams, _ = ssr.initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
-                               config, heads if projected else None)
-    return cams
-
-
-def seed_labels(clip, dino, model: ssr.SSRModel, batch: dict,
-                text_fg: Array, text_bg: Array, config) -> dict[str, Array]:
-    """Label maps of every seed entry (`SEED_ENTRIES`) for one batch.
-
-    CAM entries become labels with `par.cams_to_labels` (background =
-    (1 − max CAM)^bg_power, argmax, no PAR) at the batch's padded size;
-    "pseudo_labels" is the full path (SGC + PAR, 255 on padding).
-    "cam_cmpa" is left out with `cmpa.variant="none"` (no trained heads).
-
-    Args:
-      clip, dino, model: the frozen encoders (dino may be None) and the
-        trained model.
-      batch: a seed batch (docs/DESIGN.md "The batch", with masks).
-      text_fg, text_bg: the text bank.
-      config: the run config.
-
-    Returns:
-      {entry: int32 [B, S, S]} (0 background, class c → c + 1).
-    """
-    path = ssr.pseudo_label_path(clip, dino, model.heads, batch, text_fg,
-                                 text_bg, config, all_steps=True)
-    cams = dict(path["steps"])
-    cmpa_on = config.cmpa.variant != "none"
-    if config.cam.projected and cmpa_on:
-        cams["cam_cmpa"] = cams["initial_cam"]
-        cams["cam_plain"] = _initial_cam(clip, model.heads, batch, text_fg,
-                                         text_bg, config, projected=False)
-    else:
-        cams["cam_plain"] = cams["initial_cam"]
-        if cmpa_on:
-            cams["cam_cmpa"] = _initial_cam(clip, model.heads, batch,
-                                            text_fg, text_bg, config,
-                                            projected=True)
-    out_hw = batch["image"].shape[1:3]
-    labels = {k: par_lib.cams_to_labels(v, path["cls_ids"], out_hw,
-                                        config.par.bg_power)[1]
-              for k, v in cams.items()}
-    labels["pseudo_labels"] = path["labels"]
-    return labels
-
-
 @functools.lru_cache(maxsize=8)
 def _seed_step(clip_def, dino_def, model_def, mesh, config: Any):
     """jit(states, bank, batch) → (confusion counts per entry, number of
@@ -640,7 +577,7 @@ def _seed_step(clip_def, dino_def, model_def, mesh, config: Any):
         dino = (nnx.merge(dino_def, dino_state) if dino_def is not None
                 else None)
         model = nnx.merge(model_def, params, rest)
-        labels = seed_labels(clip, dino, model, batch, fg, bg, config)
+        labels = ssr.seed_labels(clip, dino, model, batch, fg, bg, config)
         keep = batch["example_valid"][:, None, None]
         gt = jnp.where(keep, batch["mask"].astype(jnp.int32), ignore)
         counts = {k: metrics.confusion_matrix_jnp(v, gt, num_classes, ignore)
@@ -660,7 +597,7 @@ _METHOD_SECTIONS = ("data", "model", "text", "cam", "cmpa", "sgc", "par",
 
 
 def _method_config(config):
-    """A hashable copy of the sections `seed_labels` reads."""
+    """A hashable copy of the sections `ssr.seed_labels` reads."""
     from ml_collections import config_dict
     return config_dict.FrozenConfigDict(
         {k: config[k] for k in _METHOD_SECTIONS})
@@ -675,7 +612,7 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                 ) -> dict[str, Any]:
     """CAM-seed and pseudo-label quality on `split` (SPEC §2; Tables 3–4).
 
-    Runs `seed_labels` jitted and data-parallel over
+    Runs `ssr.seed_labels` jitted and data-parallel over
     `input_pipeline.seed_batches` (images with masks, long side `size`,
     zero-padded squares) and accumulates one confusion matrix per entry
     against the masks at the padded size (255 on padding; dummy rows
