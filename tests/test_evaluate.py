@@ -40,6 +40,7 @@ from ssr_jax import (
 )
 from ssr_jax.data import voc
 from ssr_jax.data.transforms import long_side_hw, resize_nearest
+from ssr_jax.evaluators import segmentation
 from ssr_jax.models.resize import resize_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,13 +102,13 @@ def world(tmp_path_factory):
 # --- shapes and resizing ------------------------------------------------------
 def test_eval_hw_rounds_to_patch_multiples():
     # VOC's common sizes agree with WeCLIP's truncation exactly.
-    assert evaluate.eval_hw((375, 500), 512, 16) == (384, 512)
-    assert evaluate.eval_hw((500, 375), 512, 16) == (512, 384)
-    assert evaluate.scale_hw((512, 384), 0.75, 16) == (384, 288)
+    assert segmentation.eval_hw((375, 500), 512, 16) == (384, 512)
+    assert segmentation.eval_hw((500, 375), 512, 16) == (512, 384)
+    assert segmentation.scale_hw((512, 384), 0.75, 16) == (384, 288)
     # 333 * 512 / 500 = 340.99 → 21.3 patches → 336; never below a patch.
-    assert evaluate.eval_hw((333, 500), 512, 16) == (336, 512)
-    assert evaluate.eval_hw((10, 500), 512, 16) == (16, 512)
-    assert evaluate.scale_hw((64, 48), 0.75, 16) == (48, 32)  # 36 → 32
+    assert segmentation.eval_hw((333, 500), 512, 16) == (336, 512)
+    assert segmentation.eval_hw((10, 500), 512, 16) == (16, 512)
+    assert segmentation.scale_hw((64, 48), 0.75, 16) == (48, 32)  # 36 → 32
 
 
 def test_resize_image_matches_torch():
@@ -118,13 +119,13 @@ def test_resize_image_matches_torch():
         ref = torch.nn.functional.interpolate(
             torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=hw,
             mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-        np.testing.assert_allclose(evaluate.resize_image(image, hw), ref,
+        np.testing.assert_allclose(segmentation.resize_image(image, hw), ref,
                                    atol=1e-3)
 
 
 def test_plan_batches_groups_shapes_and_pads():
     sizes = np.array([[40, 56], [64, 48], [40, 56], [64, 48], [40, 56]])
-    plan = evaluate.plan_batches(sizes, np.arange(5), 64, 16, 2)
+    plan = segmentation.plan_batches(sizes, np.arange(5), 64, 16, 2)
     assert [b.hw1 for b in plan] == [(48, 64), (48, 64), (64, 48)]
     assert [b.indices.tolist() for b in plan] == [[0, 2], [4, -1], [1, 3]]
 
@@ -132,7 +133,7 @@ def test_plan_batches_groups_shapes_and_pads():
 # --- multi-scale + flip -------------------------------------------------------
 def _fwd(world, **kw):
     c = world["config"]
-    return jax.jit(lambda x: evaluate.msc_logits(
+    return jax.jit(lambda x: segmentation.msc_logits(
         world["clip"], world["model"], x,
         num_layers_in=c.model.decoder.num_layers_in,
         normalization=c.data.normalization, **kw))
@@ -144,14 +145,14 @@ def test_msc_logits_matches_numpy_loop(world):
     image = rng.uniform(0, 255, (1, 64, 48, 3)).astype(np.float32)
     scales = (1.0, 0.75, 0.5)
     got = np.asarray(_fwd(world, scales=scales, flip=True)(image))
-    single = jax.jit(lambda x: evaluate.single_scale_logits(
+    single = jax.jit(lambda x: segmentation.single_scale_logits(
         world["clip"], world["model"], x,
         num_layers_in=c.model.decoder.num_layers_in,
         normalization=c.data.normalization))
     grid1 = (4, 3)
     total = np.zeros(grid1 + (c.data.num_classes,), np.float64)
     for s in scales:
-        hw = evaluate.scale_hw((64, 48), s, 16)
+        hw = segmentation.scale_hw((64, 48), s, 16)
         x = np.einsum("Hh,hwc->Hwc", resize_matrix(64, hw[0]), image[0])
         x = np.einsum("Ww,hwc->hWc", resize_matrix(48, hw[1]), x)
         for flip in (False, True):
@@ -193,8 +194,8 @@ def _numpy_eval(world, split):
     preds = {}
     for i in data.usable:
         image = voc.read_image(data.image_paths[i])
-        hw1 = evaluate.eval_hw(image.shape[:2], c.eval.long_side, 16)
-        lg = np.asarray(fwd(evaluate.resize_image(image, hw1)[None]))[0]
+        hw1 = segmentation.eval_hw(image.shape[:2], c.eval.long_side, 16)
+        lg = np.asarray(fwd(segmentation.resize_image(image, hw1)[None]))[0]
         h0, w0 = image.shape[:2]
         up = crf.upsample_logits(lg, resize_matrix(lg.shape[0], h0),
                                  resize_matrix(lg.shape[1], w0))
@@ -555,9 +556,9 @@ def test_eval_hook_logs_and_reuses_compiles(world, tmp_path):
                                    bank=world["bank"], writer=writer)
     state = {"params": params, "rest": rest}
     first = hook(5, state)
-    before = evaluate._seg_step.cache_info()
+    before = segmentation._seg_step.cache_info()
     second = hook(10, state)
-    after = evaluate._seg_step.cache_info()
+    after = segmentation._seg_step.cache_info()
     writer.close()
     assert after.misses == before.misses and after.hits > before.hits
     assert first == second
