@@ -297,6 +297,31 @@ class _Loader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _read_ahead(loader: _Loader, plan: Sequence[_Batch], rows: slice
+                ) -> Iterator[tuple[_Batch, list[dict | None]]]:
+    """Yields (batch, this process's items) in plan order; batch k+1's
+    reads are queued as soon as batch k's are in, so they overlap whatever
+    the consumer does with batch k."""
+    futures = loader.submit(plan[0], rows) if plan else []
+    for k, batch in enumerate(plan):
+        items = [f.result() for f in futures]
+        if k + 1 < len(plan):
+            futures = loader.submit(plan[k + 1], rows)
+        yield batch, items
+
+
+def _one_behind(iterable):
+    """Yields each element once the next one has been produced (the last
+    at the end): element k-1 is consumed after element k was made."""
+    previous, have = None, False
+    for x in iterable:
+        if have:
+            yield previous
+        previous, have = x, True
+    if have:
+        yield previous
+
+
 def _clip_patch(clip) -> int:
     return int(clip.vision.config.patch_size)
 
@@ -396,30 +421,28 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
                     dynamic_ncols=True, mininterval=1.0,
                     disable=not (out_dir is not None and config.train.progress
                                  and jax.process_index() == 0))
-    try:
-        futures = loader.submit(plan[0], rows) if plan else []
-        previous = None
-        for k, batch in enumerate(plan):
+    def dispatch(batches):
+        """(batch, items) → (items, logits): the device step, dispatched
+        asynchronously (it returns before the step has run)."""
+        for batch, items in batches:
             bar.update(1)
-            items = [f.result() for f in futures]
-            if k + 1 < len(plan):
-                futures = loader.submit(plan[k + 1], rows)
             images = np.zeros((local, *batch.hw1, 3), np.float32)
             for j, item in enumerate(items):
                 if item is not None:
                     images[j] = item["resized"]
                     del item["resized"]
-            logits = step(clip_state, params, rest,
-                          jax.make_array_from_process_local_data(
-                              data_sh, images))
-            # Host work on the previous batch overlaps this device step.
-            if previous is not None:
-                for meta, pred in post(previous[0],
-                                       common.local_rows(previous[1])):
-                    finish(meta, pred)
-            previous = (items, logits)
-        if previous is not None:
-            for meta, pred in post(previous[0], common.local_rows(previous[1])):
+            yield items, step(clip_state, params, rest,
+                              jax.make_array_from_process_local_data(
+                                  data_sh, images))
+
+    # The pipeline, in the order things happen for batch k: its images were
+    # read while batch k-1 ran (`_read_ahead`); its step is dispatched;
+    # then the host post-processes batch k-1 (`_one_behind`) while the
+    # device runs batch k; the pool's last jobs are drained at the end.
+    try:
+        for items, logits in _one_behind(
+                dispatch(_read_ahead(loader, plan, rows))):
+            for meta, pred in post(items, common.local_rows(logits)):
                 finish(meta, pred)
         for meta, pred in pool.drain():
             finish(meta, pred)
