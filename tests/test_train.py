@@ -176,6 +176,35 @@ def test_box_mask_does_not_need_superpixels(world, tmp_path):
         _path_eqns(world, tmp_path, 6, "superpixel", superpixels=False)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores (two short runs, two compiles)
+def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
+    """The trainer does not import the evaluator: main passes
+    `make_eval_hook` (docs/DESIGN.md "Layers"); it is called with the
+    loaded encoders and the hook runs every `train.eval_every` steps and at
+    the end. Without one, eval_every only warns."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.train.num_steps = 3
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 0
+    calls, steps = [], []
+
+    def factory(config, workdir, *, clip, dino, model_graphdef, bank,
+                writer):
+        calls.append((clip is not None, dino is not None, sorted(bank)))
+        return lambda step, state: steps.append(step)
+
+    train.train_and_evaluate(c, str(tmp_path / "a"),
+                             devices=jax.devices()[:1],
+                             make_eval_hook=factory)
+    assert calls == [(True, True, ["bg", "fg"])]
+    assert steps == [2, 3]
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(c, str(tmp_path / "b"),
+                                 devices=jax.devices()[:1])
+    assert "no eval hook was given" in caplog.text
+
+
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(world, tmp_path):
     """Two steps on the same global batch: the sharded run computes the
