@@ -412,12 +412,12 @@ def _jax_models(spec: dict, dtype: str, config):
     import jax
     from flax import nnx
 
-    from ssr_jax import ssr
+    from ssr_jax import build, ssr
     from ssr_jax.models import loading
 
     dt = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
     clip = loading.load_clip(spec["clip_path"], dtype=dt)
-    dino = loading.load_dino(spec["dino_path"], dtype=dt)
+    dino = build.load_affinity_encoder(config, dt)  # model.dino_kind
     model = ssr.SSRModel(config, clip_width=clip.vision.config.hidden_size,
                          embed_dim=clip.config.projection_dim,
                          rngs=nnx.Rngs(0))
@@ -621,8 +621,6 @@ def jax_stages(spec: dict) -> dict[str, Any]:
 
     from ssr_jax import cam as cam_lib
     from ssr_jax import cmpa, ssr
-    from ssr_jax import par as par_lib
-    from ssr_jax import sgc as sgc_lib
 
     s = _shapes(spec)
     config = _jax_config(spec, s.batch)
@@ -631,7 +629,7 @@ def jax_stages(spec: dict) -> dict[str, Any]:
         spec, clip.config.projection_dim))
     host = shapes_batch(s)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    sg, pr = config.sgc, config.par
+    sg = config.sgc
     grid = (s.crop // 16, s.crop // 16)
     (cg, cs), (dg, ds), (mg, ms) = (nnx.split(m) for m in (clip, dino,
                                                            model))
@@ -642,38 +640,33 @@ def jax_stages(spec: dict) -> dict[str, Any]:
         pixels = ssr.normalise(batch["image"])
         n = len(vision.blocks)
         x11, out = vision.run_blocks(vision.embed(pixels), 0, n - 1)
-        _, dout = nnx.merge(dg, ds)(pixels)
-        return x11, out["attn"], dout["attn"][-1], out["hidden"]
+        dino_aff = ssr.affinity_encoder_affinity(
+            nnx.merge(dg, ds), batch["image"], grid, 16,
+            config.model.dino_kind)
+        return x11, out["attn"], dino_aff, out["hidden"]
 
     def gradcam(cs, ms, x11, batch):
-        vision = nnx.merge(cg, cs).vision
+        clip = nnx.merge(cg, cs)
         heads = nnx.merge(mg, ms).heads
-        block = vision.blocks[len(vision.blocks) - 1]
         cls_ids = cam_lib.present_classes(batch["labels"], s.kmax)
-        head_fns = (lambda v: heads.isa(v, use_running_average=True),
-                    lambda t: heads.tsa(t, use_running_average=True))
-        cams, aux = cam_lib.initial_cams(
-            block.ln_1, block.from_ln1, vision.project, x11, fg, bg,
-            cls_ids, grid, heads=head_fns)
+        cams, aux = ssr.initial_cams(clip, x11, cls_ids, grid, fg, bg,
+                                     config, heads)
         return cams, aux["attn12"], aux["tokens"], cls_ids
 
-    def sgc(cams, cls_ids, attn, dino_attn, batch):
-        return sgc_lib.refine_cams(
-            cams, cls_ids >= 0, clip_attn=attn, dino_attn=dino_attn,
-            image=batch["image"], superpixels=batch["superpixels"],
-            valid=batch["valid"], clip_layers=sg.clip_layers,
-            num_segments=sg.max_segments)
+    def sgc(cams, cls_ids, attn, dino_aff, batch):
+        refine = ssr.refine_fn(
+            cams, cls_ids >= 0, sg, impl=sg.segment_impl, clip_attn=attn,
+            dino_aff=dino_aff, image=batch["image"],
+            superpixels=batch["superpixels"], valid=batch["valid"])
+        return refine(True, True, sg.mask)
 
     def par(refined, cls_ids, batch):
-        return par_lib.pseudo_labels(
-            refined, cls_ids, ssr.normalise(batch["image"]), batch["valid"],
-            iters=pr.iters, dilations=tuple(pr.dilations))
+        return ssr.par_labels(refined, cls_ids, ssr.normalise(batch["image"]),
+                              batch["valid"], config)
 
     def losses(ms, hidden, cams, tokens, cls_ids, labels):
-        path = {"hidden": jnp.stack([h[:, 1:] for h in hidden]),
-                "grid": grid, "labels": labels, "cams": cams,
-                "tokens": tokens[:, 1:], "cls_ids": cls_ids,
-                "slot_valid": cls_ids >= 0}
+        path = ssr.loss_inputs(jnp.stack([h[:, 1:] for h in hidden]), grid,
+                               labels, cams, tokens[:, 1:], cls_ids)
         return nnx.value_and_grad(
             lambda m: ssr.loss_fn(m, path, fg, protos, config,
                                   jax.random.key(0)),
@@ -694,11 +687,11 @@ def jax_stages(spec: dict) -> dict[str, Any]:
                      spec["repeats"])}
         return result
 
-    x11, attn, dino_attn, hidden = run("encoders", encoders, cs, ds, batch)
+    x11, attn, dino_aff, hidden = run("encoders", encoders, cs, ds, batch)
     cams, attn12, tokens, cls_ids = run("gradcam", gradcam, cs, ms, x11,
                                         batch)
     refined = run("sgc", sgc, cams, cls_ids, tuple(attn) + (attn12,),
-                  dino_attn, batch)
+                  dino_aff, batch)
     labels = run("par", par, refined, cls_ids, batch)
     run("decoder+losses", losses, ms,
         tuple(hidden[:config.model.decoder.num_layers_in]), cams, tokens,

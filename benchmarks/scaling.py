@@ -85,6 +85,7 @@ def jax_sweeps(spec: dict) -> dict[str, Any]:
     from flax import nnx
 
     from ssr_jax import sgc, ssr
+    from ssr_jax.models import encoders
 
     s = run.Shapes(**spec["shapes"])
     config = run._jax_config(spec, s.batch)
@@ -119,12 +120,14 @@ def jax_sweeps(spec: dict) -> dict[str, Any]:
     slot = jnp.asarray(np.arange(s.kmax)[None] < 2)
     slot = jnp.broadcast_to(slot, (s.batch, s.kmax))
     clip_attn, dino_attn = attn(s.clip_layers_attn, s.batch), attn(s.batch)
+    dino_aff = encoders.patch_affinity(dino_attn, dino.layout, (h, w),
+                                       (h, w), target_patch=16)
     for n in spec["sweeps"]["segments"]:
         m = 2 * n
         batch = {k: jnp.asarray(v) for k, v in run.make_batch(
             s.batch, s.crop, s.num_fg, n, m).items()}
         fn = jax.jit(lambda cams, batch, m=m: sgc.refine_cams(
-            cams, slot, clip_attn=clip_attn, dino_attn=dino_attn,
+            cams, slot, clip_attn=clip_attn, dino_aff=dino_aff,
             image=batch["image"], superpixels=batch["superpixels"],
             valid=batch["valid"], clip_layers=s.clip_layers_attn,
             num_segments=m))

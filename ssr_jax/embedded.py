@@ -252,7 +252,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     t_start = time.time()
     root, clip_path, dino_path = prepare(config, timings)
     with _stage(timings, "train"):
-        setup = train.train_and_evaluate(config, workdir)
+        setup = train.train_and_evaluate(
+            config, workdir, make_eval_hook=evaluate.make_eval_hook)
     with _stop_on_signal():
         return _evaluate_all(config, workdir, setup, timings, t_start,
                              root, clip_path, dino_path)

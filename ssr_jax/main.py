@@ -512,8 +512,9 @@ def _dispatch(config, workdir: str) -> None:
         # and encoders, then the same code as for real data.
         embedded.prepare(config)
     if config.mode == "train":
-        from ssr_jax import train
-        train.train_and_evaluate(config, workdir)
+        from ssr_jax import evaluate, train
+        train.train_and_evaluate(config, workdir,
+                                 make_eval_hook=evaluate.make_eval_hook)
     elif config.mode == "eval":
         from ssr_jax import evaluate
         evaluate.evaluate(config, workdir)

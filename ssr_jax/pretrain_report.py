@@ -34,14 +34,13 @@ from ml_collections import config_dict
 from scipy import stats
 
 from ssr_jax import cam as cam_lib
-from ssr_jax import diagnostics, input_pipeline, metrics, pretrain
+from ssr_jax import diagnostics, input_pipeline, metrics, pretrain, ssr
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
 from ssr_jax.data import synthetic, voc
-from ssr_jax.models import loading
+from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
-from ssr_jax.models.vit import ViT
 
 Array = jax.Array
 STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
@@ -177,7 +176,7 @@ def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
     return diagnostics.attention_purity(aff, labels)
 
 
-def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
+def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
@@ -190,6 +189,7 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
     kmax = config.data.max_classes_per_image
     patch = clip.config.vision.patch_size
     clip_norm = config.pretrain.clip.normalization
+    dino_kind = config.model.get("dino_kind", "dino")
 
     @jax.jit
     def fn(cs, ds, batch):
@@ -197,33 +197,25 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
         dino = nnx.merge(dg, ds)
         image = batch["image"]
         b, hp, wp, _ = image.shape
-        grid = (hp // patch, wp // patch)
-        vision = clip.vision
-        x = vision.embed(pretrain.normalise(image.astype(jnp.float32),
-                                            clip_norm))
-        x11, out = vision.run_blocks(x, 0, len(vision.blocks) - 1)
-        block = vision.blocks[-1]
+        # The method's own composition (ssr.py): plain CLIP GradCAM at
+        # `logit_scale`, DINO affinity on CLIP's grid, Table 3 steps.
+        x11, out, grid = ssr.clip_trunk(
+            clip, pretrain.normalise(image.astype(jnp.float32), clip_norm))
         cls_ids = cam_lib.present_classes(batch["labels"], kmax)
         slot_valid = cls_ids >= 0
-        cams, aux = cam_lib.initial_cams(
-            block.ln_1, block.from_ln1, vision.project, x11, text_fg,
-            text_bg, cls_ids, grid, target=config.cam.target,
-            logit_scale=logit_scale)
+        cams, aux = ssr.initial_cams(clip, x11, cls_ids, grid, text_fg,
+                                     text_bg, config,
+                                     logit_scale=logit_scale)
         attn = tuple(out["attn"]) + (aux["attn12"],)
-        _, dout = dino(pretrain.normalise(image.astype(jnp.float32),
-                                          "imagenet"))
-        dino_attn = dout["attn"][-1]
-
-        def refine(use_dino, mask_kind):
-            return sgc_lib.refine_cams_from_config(
-                cams, slot_valid, s, clip_attn=attn, dino_attn=dino_attn,
-                image=image, superpixels=batch["superpixels"],
-                valid=batch["valid"], use_clip_attn=True,
-                use_dino_attn=use_dino, mask_kind=mask_kind)
-
-        steps = {"initial": cams, "clip_attn": refine(False, "box"),
-                 "clip_dino": refine(True, "box"),
-                 "sgc": refine(True, "superpixel")}
+        dino_aff = ssr.affinity_encoder_affinity(dino, image, grid, patch,
+                                                 dino_kind)
+        steps = ssr.table3_steps(
+            cams, ssr.refine_fn(cams, slot_valid, s, clip_attn=attn,
+                                dino_aff=dino_aff, image=image,
+                                superpixels=batch["superpixels"],
+                                valid=batch["valid"]),
+            has_dino=True, base_mask="box")
+        steps["initial"] = steps.pop("initial_cam")
         gt = jnp.where(batch["example_valid"][:, None, None],
                        batch["mask"].astype(jnp.int32),
                        config.data.ignore_index)
@@ -249,17 +241,12 @@ def _seed_fn(clip: CLIP, dino: ViT, config: config_dict.ConfigDict,
                     labels, gt, batch["bg_kind"], home, num_classes,
                     config.data.ignore_index)
         pixels = pretrain.normalise(image.astype(jnp.float32), clip_norm)
-        p = config.par
-        plabels = par_lib.pseudo_labels(
-            steps["sgc"], cls_ids, pixels, batch["valid"], iters=p.iters,
-            dilations=tuple(p.dilations), pos_weight=p.pos_weight,
-            temperature=p.temperature, bg_power=p.bg_power,
-            ignore_index=config.data.ignore_index)
+        plabels = ssr.par_labels(steps["sgc"], cls_ids, pixels,
+                                 batch["valid"], config)
         confs.append(metrics.confusion_matrix_jnp(
             plabels, gt, num_classes, config.data.ignore_index))
 
         clip_aff = sgc_lib.clip_affinity(attn, s.clip_layers)
-        dino_aff = sgc_lib.drop_cls(dino_attn)
         fused = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
                                       s.dino_weight)
         affs = {"uniform": jnp.ones_like(clip_aff), "clip": clip_aff,
@@ -298,7 +285,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
-    dino = loading.load_dino(dino_path)
+    dino, _ = encoders.load_affinity_encoder(
+        config.model.get("dino_kind", "dino"), dino_path)
     tok = text_lib.load_tokenizer(clip_path)
     fg, bg, names = text_lib.dataset_prompts("synthetic", root)
     template = config.text.template

@@ -622,6 +622,7 @@ def propagate(trans: Array, cams: Array, mask: Array | None = None) -> Array:
 def refine_cams(cams: Array, slot_valid: Array, *,
                 clip_attn: Array | Sequence[Array] | None = None,
                 dino_attn: Array | None = None,
+                dino_aff: Array | None = None,
                 clip_aff: Array | None = None,
                 image: Array | None = None,
                 superpixels: Array | None = None,
@@ -652,7 +653,10 @@ def refine_cams(cams: Array, slot_valid: Array, *,
       clip_attn: [L, B, 1+N, 1+N] or L arrays [B, 1+N, 1+N] (CLIP blocks'
         head-averaged attention, CLS first); needed if `use_clip_attn`.
       dino_attn: [B, 1+N, 1+N] DINO last-block head-averaged attention;
-        needed if `use_dino_attn`.
+        needed if `use_dino_attn` and no `dino_aff`.
+      dino_aff: optional precomputed [B, N, N] patch-to-patch affinity of
+        the affinity encoder on the CAM grid (`encoders.patch_affinity`),
+        used instead of `drop_cls(dino_attn)` (any encoder, any grid).
       clip_aff: optional precomputed [B, N, N] CLIP affinity used instead
         of the mean of `clip_attn` (e.g. WeCLIP's RFM, `rfm_affinity`).
       image, superpixels, valid: [B, H, W, 3] uint8, [B, H, W] int32,
@@ -677,7 +681,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
     if not (use_clip_attn or use_dino_attn):
         return jnp.where(keep, cams, 0.0)
 
-    given_clip_aff, clip_aff, dino_aff = clip_aff, None, None
+    given_clip_aff, clip_aff = clip_aff, None
+    given_dino_aff, dino_aff = dino_aff, None
     if use_clip_attn:
         if given_clip_aff is not None:
             clip_aff = given_clip_aff
@@ -686,9 +691,12 @@ def refine_cams(cams: Array, slot_valid: Array, *,
         else:
             clip_aff = clip_affinity(clip_attn, clip_layers)
     if use_dino_attn:
-        if dino_attn is None:
-            raise ValueError("use_dino_attn=True needs dino_attn")
-        dino_aff = drop_cls(dino_attn)
+        if given_dino_aff is not None:
+            dino_aff = given_dino_aff
+        elif dino_attn is None:
+            raise ValueError("use_dino_attn=True needs dino_attn or dino_aff")
+        else:
+            dino_aff = drop_cls(dino_attn)
     aff = fuse_affinity(clip_aff, dino_aff, clip_weight, dino_weight)
     if aff.shape != (b, h * w, h * w):
         raise ValueError(f"affinity {aff.shape} does not match the CAM grid "
@@ -721,10 +729,10 @@ def refine_cams_from_config(cams: Array, slot_valid: Array, sgc, *,
       cams, slot_valid: as `refine_cams`.
       sgc: the `config.sgc` ConfigDict (see config_defaults.py).
       impl: segment_ops implementation.
-      **kwargs: the arrays (clip_attn, dino_attn, image, superpixels,
-        valid, optionally clip_aff) and any `refine_cams` knob to take
-        instead of the config's (e.g. `use_dino_attn` and `mask_kind` for
-        each Table 3 step).
+      **kwargs: the arrays (clip_attn, dino_attn or dino_aff, image,
+        superpixels, valid, optionally clip_aff) and any `refine_cams`
+        knob to take instead of the config's (e.g. `use_dino_attn` and
+        `mask_kind` for each Table 3 step).
 
     Returns:
       [B, K, h, w] float32.

@@ -27,6 +27,7 @@ from ssr_jax import losses
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import decoder as decoder_lib
+from ssr_jax.models import encoders
 from ssr_jax.models.resize import resize
 
 Array = jax.Array
@@ -89,7 +90,8 @@ def clip_trunk(clip, pixels: Array) -> tuple[Array, dict, tuple[int, int]]:
 
 
 def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
-                 text_fg: Array, text_bg: Array, config, heads=None,
+                 text_fg: Array, text_bg: Array, config, heads=None, *,
+                 logit_scale: float | None = None,
                  ) -> tuple[Array, dict[str, Array]]:
     """GradCAM through the last CLIP block (SPEC 1.4), no gradient out.
 
@@ -104,14 +106,18 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
       heads: `cmpa.CMPAHeads` to project the logits through ISA/TSA
         (running BN statistics, so every image stays independent), or None
         for plain CLIP (Table 4's "without CMPA").
+      logit_scale: used as given instead of `cam.logit_scale` (the
+        pretrain report's scale choice; 0 here is a literal 0).
 
     Returns:
       (cams [B, K, h, w], aux of `cam.initial_cams`).
     """
     block = clip.vision.blocks[len(clip.vision.blocks) - 1]
     # 0 = the checkpoint's own learned scale (exactly 100 for OpenAI CLIP).
-    scale = config.cam.logit_scale or jnp.exp(
-        clip.logit_scale[...].astype(jnp.float32))
+    scale = logit_scale
+    if scale is None:
+        scale = config.cam.logit_scale or jnp.exp(
+            clip.logit_scale[...].astype(jnp.float32))
     head_fns = None
     if heads is not None:
         head_fns = (lambda v: heads.isa(v, use_running_average=True),
@@ -123,6 +129,92 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
     return jax.lax.stop_gradient(cams), aux
 
 
+# Table 3 steps (CAM refinements) and the seed entries built on them.
+TABLE3_STEPS = ("initial_cam", "clip_attn", "clip_dino", "sgc")
+# Seed-score entries: the paper's Table 4 pair, Table 3 rows, final labels.
+SEED_ENTRIES = ("cam_plain", "cam_cmpa") + TABLE3_STEPS + ("pseudo_labels",)
+
+
+def refine_fn(cams: Array, slot_valid: Array, sgc, *,
+              impl: str = "segment", **arrays
+              ) -> Callable[[bool, bool, str], Array]:
+    """refine(use_clip_attn, use_dino_attn, mask_kind) -> [B, K, h, w]:
+    `sgc.refine_cams_from_config` of `cams` with the given arrays
+    (clip_attn, dino_aff, clip_aff, image, superpixels, valid)."""
+    def refine(use_clip: bool, use_dino: bool, mask_kind: str) -> Array:
+        return sgc_lib.refine_cams_from_config(
+            cams, slot_valid, sgc, impl=impl, use_clip_attn=use_clip,
+            use_dino_attn=use_dino, mask_kind=mask_kind, **arrays)
+    return refine
+
+
+def table3_steps(cams: Array, refine: Callable[[bool, bool, str], Array],
+                 *, has_dino: bool, base_mask: str) -> dict[str, Array]:
+    """The CAMs after each step of SSR's Table 3 (`TABLE3_STEPS`).
+
+    Args:
+      cams: [B, K, h, w] initial CAMs (row 1).
+      refine: from `refine_fn`.
+      has_dino: an affinity encoder is loaded (without one, "clip_dino"
+        equals "clip_attn" and "sgc" uses CLIP attention only).
+      base_mask: the mask of rows 2-3 ("box" as CLIP-ES, or "none");
+        row 4 is the superpixel mask (SGC).
+
+    Returns:
+      {step: [B, K, h, w]}.
+    """
+    return {
+        "initial_cam": cams,
+        "clip_attn": refine(True, False, base_mask),
+        "clip_dino": refine(True, has_dino, base_mask),
+        "sgc": refine(True, has_dino, "superpixel"),
+    }
+
+
+def par_labels(refined: Array, cls_ids: Array, pixels: Array, valid: Array,
+               config) -> Array:
+    """Pseudo labels: PAR of the refined CAMs, background, argmax (SPEC
+    1.7); [B, H, W] int32, `data.ignore_index` on padding."""
+    p = config.par
+    return par_lib.pseudo_labels(
+        refined, cls_ids, pixels, valid, iters=p.iters,
+        dilations=tuple(p.dilations), pos_weight=p.pos_weight,
+        temperature=p.temperature, bg_power=p.bg_power,
+        ignore_index=config.data.ignore_index)
+
+
+def loss_inputs(hidden: Array, grid: tuple[int, int], labels: Array,
+                cams: Array, tokens: Array, cls_ids: Array) -> dict[str, Any]:
+    """The part of the path `loss_fn` reads without the optional readings:
+    hidden [L, B, N, D] patch tokens of the decoder's input blocks, grid,
+    labels [B, H, W], cams [B, K, h, w], tokens [B, N, E] projected patch
+    tokens, cls_ids [B, K] (and slot_valid derived from it)."""
+    return {"hidden": hidden, "grid": grid, "labels": labels, "cams": cams,
+            "tokens": tokens, "cls_ids": cls_ids, "slot_valid": cls_ids >= 0}
+
+
+def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
+                              clip_patch: int, kind: str = "dino") -> Array:
+    """A_DINO on CLIP's patch grid (SPEC 1.6; `models/encoders.py`).
+
+    Args:
+      dino: the frozen affinity encoder (declares its `layout`).
+      image: [B, H, W, 3] uint8.
+      grid: CLIP's patch grid (h, w).
+      clip_patch: CLIP's patch size in pixels.
+      kind: `model.dino_kind` (picks the input normalisation).
+
+    Returns:
+      [B, h·w, h·w] float32 patch-to-patch affinity of the last block's
+      head-averaged attention, prefix tokens dropped, resampled onto
+      CLIP's grid when the encoder's differs (`encoders.patch_affinity`).
+    """
+    _, dout = dino(normalise(image, encoders.NORMALIZATION[kind]))
+    return encoders.patch_affinity(dout["attn"][-1], dino.layout,
+                                   dout["grid"], grid,
+                                   target_patch=clip_patch)
+
+
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
                       text_bg: Array, config, *, all_steps: bool = False,
                       step: Array | None = None,
@@ -132,7 +224,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
 
     Args:
       clip: the Flax CLIP (frozen).
-      dino: the Flax DINO ViT (frozen), or None when unused.
+      dino: the frozen affinity encoder (`model.dino_kind`: DINO ViT or
+        DINOv2), or None when unused.
       heads: `cmpa.CMPAHeads` (used in eval mode for the CAM), or None.
       batch: the batch of docs/DESIGN.md ("image", "valid", "labels",
         "superpixels"); "superpixels" only when `sgc.mask` is
@@ -186,49 +279,97 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         plain = sgc_lib.clip_affinity(clip_attn, config.sgc.clip_layers)
         on = (True if step is None else step >= config.loss.rfm_start)
         clip_aff = jnp.where(on, gated, plain)
-    dino_attn = None
+    dino_aff = None
     s = config.sgc
     if dino is not None and (s.use_dino_attn or all_steps):
-        _, dout = dino(normalise(image, "imagenet"))
-        dino_attn = dout["attn"][-1]
+        dino_aff = affinity_encoder_affinity(
+            dino, image, grid, clip.vision.config.patch_size,
+            config.model.get("dino_kind", "dino"))
 
-    def refine(use_clip, use_dino, mask_kind):
-        return sgc_lib.refine_cams_from_config(
-            cams, slot_valid, s, impl=s.segment_impl, clip_attn=clip_attn,
-            dino_attn=dino_attn, clip_aff=clip_aff, image=image,
-            superpixels=superpixels, valid=batch["valid"],
-            use_clip_attn=use_clip, use_dino_attn=use_dino,
-            mask_kind=mask_kind)
-
+    refine = refine_fn(cams, slot_valid, s, impl=s.segment_impl,
+                       clip_attn=clip_attn, dino_aff=dino_aff,
+                       clip_aff=clip_aff, image=image,
+                       superpixels=superpixels, valid=batch["valid"])
     refined = refine(s.use_clip_attn, s.use_dino_attn and dino is not None,
                      s.mask)
-    p = config.par
-    labels = par_lib.pseudo_labels(
-        refined, cls_ids, pixels, batch["valid"], iters=p.iters,
-        dilations=tuple(p.dilations), pos_weight=p.pos_weight,
-        temperature=p.temperature, bg_power=p.bg_power,
-        ignore_index=config.data.ignore_index)
+    labels = par_labels(refined, cls_ids, pixels, batch["valid"], config)
 
-    result = {
-        "labels": labels, "cams": cams, "refined": refined,
-        "cls_ids": cls_ids, "slot_valid": slot_valid,
-        "hidden": hidden,
-        "tokens": jax.lax.stop_gradient(_patch_tokens(aux["tokens"])),
+    result = loss_inputs(
+        hidden, grid, labels, cams,
+        jax.lax.stop_gradient(_patch_tokens(aux["tokens"])), cls_ids)
+    result.update({
+        "refined": refined,
         "token_valid": token_valid(batch["valid"], grid),
         "text_bg": text_bg,
         "clip_x12": aux["y12"],
-        "grid": grid,
-    }
+    })
     if all_steps:
         base = s.mask if s.mask != "superpixel" else "box"
-        result["steps"] = {
-            "initial_cam": cams,
-            "clip_attn": refine(True, False, base),
-            "clip_dino": (refine(True, True, base) if dino is not None
-                          else refine(True, False, base)),
-            "sgc": refine(True, dino is not None, "superpixel"),
-        }
+        result["steps"] = table3_steps(cams, refine,
+                                       has_dino=dino is not None,
+                                       base_mask=base)
     return result
+
+
+def initial_cam(clip, heads, batch: Batch, text_fg: Array, text_bg: Array,
+                config, *, projected: bool) -> Array:
+    """The initial GradCAM with (`projected`) or without the CMPA heads.
+
+    The paper's Table 4 compares the two; `pseudo_label_path` computes
+    only the configured one (`cam.projected`). The CLIP trunk it repeats is
+    the same computation on the same inputs, which XLA merges.
+
+    Returns:
+      [B, K, h, w] CAMs in [0, 1].
+    """
+    pixels = normalise(batch["image"], config.data.normalization)
+    x11, _, grid = clip_trunk(clip, pixels)
+    cls_ids = cam_lib.present_classes(batch["labels"],
+                                      config.data.max_classes_per_image)
+    cams, _ = initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
+                           config, heads if projected else None)
+    return cams
+
+
+def seed_labels(clip, dino, model: SSRModel, batch: Batch, text_fg: Array,
+                text_bg: Array, config) -> dict[str, Array]:
+    """Label maps of every seed entry (`SEED_ENTRIES`) for one batch.
+
+    CAM entries become labels with `par.cams_to_labels` (background =
+    (1 − max CAM)^bg_power, argmax, no PAR) at the batch's padded size;
+    "pseudo_labels" is the full path (SGC + PAR, 255 on padding).
+    "cam_cmpa" is left out with `cmpa.variant="none"` (no trained heads).
+
+    Args:
+      clip, dino, model: the frozen encoders (dino may be None) and the
+        trained model.
+      batch: a seed batch (docs/DESIGN.md "The batch", with masks).
+      text_fg, text_bg: the text bank.
+      config: the run config.
+
+    Returns:
+      {entry: int32 [B, S, S]} (0 background, class c → c + 1).
+    """
+    path = pseudo_label_path(clip, dino, model.heads, batch, text_fg,
+                             text_bg, config, all_steps=True)
+    cams = dict(path["steps"])
+    cmpa_on = config.cmpa.variant != "none"
+    if config.cam.projected and cmpa_on:
+        cams["cam_cmpa"] = cams["initial_cam"]
+        cams["cam_plain"] = initial_cam(clip, model.heads, batch, text_fg,
+                                        text_bg, config, projected=False)
+    else:
+        cams["cam_plain"] = cams["initial_cam"]
+        if cmpa_on:
+            cams["cam_cmpa"] = initial_cam(clip, model.heads, batch,
+                                           text_fg, text_bg, config,
+                                           projected=True)
+    out_hw = batch["image"].shape[1:3]
+    labels = {k: par_lib.cams_to_labels(v, path["cls_ids"], out_hw,
+                                        config.par.bg_power)[1]
+              for k, v in cams.items()}
+    labels["pseudo_labels"] = path["labels"]
+    return labels
 
 
 def token_valid(valid: Array, grid: tuple[int, int]) -> Array:

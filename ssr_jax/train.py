@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,16 +28,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ssr_jax import (
+    build,
     checkpointing,
     cmpa,
     config_check,
     input_pipeline,
     logs,
     ssr,
-    text,
     xla_guard,
 )
-from ssr_jax.models import loading
 
 PyTree = Any
 EvalHook = Callable[[int, Any], dict[str, Any]]
@@ -100,95 +98,10 @@ def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
 
 
 # --- state -------------------------------------------------------------------
-def _split(model: nnx.Module):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest
-
-
 def _tree_norm(tree: PyTree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                         for x in leaves))
-
-
-def build_models(config, *, with_dino: bool = True):
-    """Loads the frozen encoders and builds the trainable model.
-
-    Args:
-      with_dino: False skips loading DINO (evaluating the decoder needs only
-        CLIP).
-
-    Returns:
-      (clip, dino, model): NNX modules; dino is None when unused.
-    """
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    clip = loading.load_clip(config.model.clip_path, dtype=dtype)
-    dino = None
-    if with_dino and config.sgc.use_dino_attn:
-        dino = loading.load_dino(config.model.dino_path, dtype=dtype)
-    model = ssr.SSRModel(
-        config, clip_width=clip.vision.config.hidden_size,
-        embed_dim=clip.config.projection_dim,
-        rngs=nnx.Rngs(params=config.seed))
-    return clip, dino, model
-
-
-def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
-    """Config fields that depend on the loaded encoders (clear errors).
-
-    `pseudo_labels=False` (eval: decoder only) skips the fields that only
-    the pseudo-label path reads (crop size, sgc.clip_layers, RFM).
-    """
-    v = clip.vision.config
-    problems = []
-    if pseudo_labels and config.data.crop_size % v.patch_size:
-        problems.append(f"data.crop_size={config.data.crop_size} is not a "
-                        f"multiple of the CLIP patch size {v.patch_size}")
-    if pseudo_labels and not 1 <= config.sgc.clip_layers <= \
-            v.num_hidden_layers:
-        problems.append(f"sgc.clip_layers={config.sgc.clip_layers}: CLIP "
-                        f"has {v.num_hidden_layers} blocks")
-    if not 1 <= config.model.decoder.num_layers_in < v.num_hidden_layers:
-        problems.append(
-            f"model.decoder.num_layers_in={config.model.decoder.num_layers_in}"
-            f": must be in [1, {v.num_hidden_layers - 1}] (blocks before the "
-            "last, which GradCAM uses)")
-    if pseudo_labels and config.loss.rfm and not 1 <= \
-            config.loss.rfm_layers <= \
-            v.num_hidden_layers:
-        problems.append(f"loss.rfm_layers={config.loss.rfm_layers}: CLIP "
-                        f"has {v.num_hidden_layers} blocks")
-    if dino is not None and dino.config.patch_size != v.patch_size:
-        problems.append(f"DINO patch {dino.config.patch_size} != CLIP patch "
-                        f"{v.patch_size}: their token grids must match")
-    if problems:
-        raise config_check.ConfigError(
-            "the config does not fit the encoders:\n  - "
-            + "\n  - ".join(problems))
-
-
-def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
-    """The foreground / background text bank, embedded once (SPEC 1.2)."""
-    fg, bg, _ = text.dataset_prompts(config.data.name, config.data.root)
-    tokenizer = text.load_tokenizer(config.model.clip_path)
-    graphdef, state = nnx.split(clip.text)
-    encode = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids)[0])
-    context = min(text.CONTEXT_LENGTH,
-                  clip.config.text.max_position_embeddings)
-
-    def compute():
-        return text.build_text_bank(
-            lambda ids: np.asarray(encode(state, ids), np.float32),
-            tokenizer, fg, bg, config.text.template, context_length=context)
-
-    if not config.text.cache:
-        return compute()
-    weights = os.path.join(config.model.clip_path, "model.safetensors")
-    if not os.path.exists(weights):
-        weights = weights + ".index.json"
-    key = text.text_bank_key(weights, fg, bg, config.text.template,
-                             tokenizer=tokenizer, context_length=context)
-    return text.cached_text_bank(f"{workdir}/text_bank.npz", key, compute)
 
 
 # --- the train step ----------------------------------------------------------
@@ -219,7 +132,7 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
         # nnx.value_and_grad: gradients w.r.t. the nnx.Param leaves only;
         # BatchNorm statistics and dropout counters update in `model`.
         (total, meas), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-        _, _, rest = _split(model)
+        _, _, rest = build.split_model(model)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         f_img = meas.pop("f_img")
@@ -260,23 +173,17 @@ class Setup:
 
     def trained_model(self) -> ssr.SSRModel:
         """The SSRModel with the current state's parameters."""
-        return nnx.merge(self.model_graphdef, self.state["params"],
-                         self.state["rest"])
+        return build.merge_model(self.model_graphdef, self.state["params"],
+                                 self.state["rest"])
 
 
 BATCH_KEYS = ("image", "valid", "labels", "superpixels")
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D "data" mesh over `devices` (default: all, every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.sharding.Mesh(np.asarray(devices), ("data",))
-
-
 def setup(config, workdir: str, devices=None) -> Setup:
     """Encoders, text bank, model, optimiser, sharded state, jitted steps."""
     # --- mesh ---
-    mesh = make_mesh(devices)
+    mesh = build.make_mesh(devices)
     repl = NamedSharding(mesh, P())
     data_sh = NamedSharding(mesh, P("data"))
     if config.train.batch_size % mesh.size:
@@ -285,9 +192,9 @@ def setup(config, workdir: str, devices=None) -> Setup:
             f"the {mesh.size} devices")
 
     # --- frozen encoders, text bank, model and optimiser ---
-    clip, dino, model = build_models(config)
-    check_models(config, clip, dino)
-    bank = build_text_bank(config, clip, workdir)
+    clip, dino, model = build.build_models(config)
+    build.check_models(config, clip, dino)
+    bank = build.build_text_bank(config, clip, workdir)
     bank = jax.device_put({k: jnp.asarray(v) for k, v in bank.items()}, repl)
     clip_graphdef, clip_state = nnx.split(clip)
     dino_graphdef, dino_state = (nnx.split(dino) if dino is not None
@@ -297,7 +204,7 @@ def setup(config, workdir: str, devices=None) -> Setup:
     nnx.update(clip, frozen["clip"])
     if dino is not None:
         nnx.update(dino, frozen["dino"])
-    model_graphdef, params, rest = _split(model)
+    model_graphdef, params, rest = build.split_model(model)
     tx = create_optimizer(config, params)
     num_fg = config.data.num_classes - 1
     k_protos = cmpa.prototype_count(config.cmpa, num_fg)
@@ -330,7 +237,9 @@ def setup(config, workdir: str, devices=None) -> Setup:
 
 # --- main entry --------------------------------------------------------------
 def train_and_evaluate(config, workdir: str, devices=None,
-                       eval_hook: EvalHook | None = None) -> Setup:
+                       eval_hook: EvalHook | None = None,
+                       make_eval_hook: Callable[..., EvalHook] | None = None,
+                       ) -> Setup:
     """Trains SSR (resuming from the latest checkpoint in the workdir).
 
     Args:
@@ -338,8 +247,11 @@ def train_and_evaluate(config, workdir: str, devices=None,
       workdir: checkpoints, metrics.jsonl, TensorBoard events, logs.
       devices: devices of the "data" mesh (default: all).
       eval_hook: called as `eval_hook(step, state)` every
-        `train.eval_every` steps and at the end (it logs its own scalars);
-        default: `evaluate.make_eval_hook` when `train.eval_every` > 0.
+        `train.eval_every` steps and at the end (it logs its own scalars).
+      make_eval_hook: builds the hook once the encoders are loaded, called
+        as `evaluate.make_eval_hook` is (main passes it; the trainer does
+        not import the evaluator, docs/DESIGN.md "Layers"). Neither given
+        with `train.eval_every` > 0: no in-training eval (a warning).
 
     Returns:
       The `Setup` holding the final state (`setup.trained_model()`).
@@ -379,10 +291,14 @@ def train_and_evaluate(config, workdir: str, devices=None,
     # the step this run starts from (the file stays in step order).
     writer.write_text(first, {"xla": json.dumps(xla_guard.report())})
     if eval_hook is None and config.train.eval_every:
-        from ssr_jax import evaluate  # noqa: PLC0415 - only when evaluating
-        eval_hook = evaluate.make_eval_hook(
-            config, workdir, clip=s.clip, dino=s.dino,
-            model_graphdef=s.model_graphdef, bank=s.bank, writer=writer)
+        if make_eval_hook is not None:
+            eval_hook = make_eval_hook(
+                config, workdir, clip=s.clip, dino=s.dino,
+                model_graphdef=s.model_graphdef, bank=s.bank, writer=writer)
+        else:
+            logging.warning("train.eval_every=%d but no eval hook was given:"
+                            " no in-training evaluation",
+                            config.train.eval_every)
     # SIGTERM (preemption, SLURM --signal) and Ctrl-C: save at the next step
     # boundary, then stop (PreemptedError); a second Ctrl-C stops at once.
     guard = checkpointing.PreemptionGuard(sigint=True).install()

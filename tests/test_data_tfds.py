@@ -366,7 +366,7 @@ def test_build_command_line(tmp_path):
 def test_evaluation_loader_reads_tfds(voc_built):
     """evaluate.py's loader and the pseudo-label export read the same
     images, masks, names and sizes from either source."""
-    from ssr_jax import evaluate
+    from ssr_jax.evaluators import segmentation
 
     _, config, _ = voc_built
     a = voc.load_split(config, "train_aug")
@@ -375,8 +375,8 @@ def test_evaluation_loader_reads_tfds(voc_built):
     assert a.names == b.names
     assert [p is None for p in a.mask_paths] == [
         p is None for p in b.mask_paths]
-    la = evaluate._Loader(config, a, 1)
-    lb = evaluate._Loader(_tfds(config), b, 1)
+    la = segmentation._Loader(config, a, 1)
+    lb = segmentation._Loader(_tfds(config), b, 1)
     try:
         for idx in a.usable.tolist():
             x, y = la._one(idx, (32, 32)), lb._one(idx, (32, 32))

@@ -27,6 +27,7 @@ from flax import nnx
 from PIL import Image
 
 from ssr_jax import (
+    build,
     checkpointing,
     cmpa,
     config_check,
@@ -39,6 +40,7 @@ from ssr_jax import (
 )
 from ssr_jax.data import voc
 from ssr_jax.data.transforms import long_side_hw, resize_nearest
+from ssr_jax.evaluators import segmentation
 from ssr_jax.models.resize import resize_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +77,10 @@ def world(tmp_path_factory):
         str(d / "enc"), text.VOC_FG_PROMPTS + text.VOC_BG_PROMPTS)
     c = _small(data_fixtures.fixture_config(tree))
     c.model.clip_path, c.model.dino_path = clip_path, dino_path
-    clip, dino, model = train.build_models(c)
+    clip, dino, model = build.build_models(c)
     # A "trained" model: random decoder weights moved off their init so a
     # restore that silently kept the init would be seen.
-    graphdef, params, rest = train._split(model)
+    graphdef, params, rest = build.split_model(model)
     params = jax.tree.map(lambda x: x + 0.01 * jnp.cos(
         jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
     model = nnx.merge(graphdef, params, rest)
@@ -91,7 +93,7 @@ def world(tmp_path_factory):
     with checkpointing.Checkpointer(f"{workdir}/checkpoints",
                                     save_every=1) as ckpt:
         ckpt.save(7, state, {"batches": 7}, {"step": 7}, force=True)
-    bank = train.build_text_bank(c, clip, workdir)
+    bank = build.build_text_bank(c, clip, workdir)
     return {"tree": tree, "config": c, "clip": clip, "dino": dino,
             "model": model, "params": params, "workdir": workdir,
             "bank": bank}
@@ -100,13 +102,13 @@ def world(tmp_path_factory):
 # --- shapes and resizing ------------------------------------------------------
 def test_eval_hw_rounds_to_patch_multiples():
     # VOC's common sizes agree with WeCLIP's truncation exactly.
-    assert evaluate.eval_hw((375, 500), 512, 16) == (384, 512)
-    assert evaluate.eval_hw((500, 375), 512, 16) == (512, 384)
-    assert evaluate.scale_hw((512, 384), 0.75, 16) == (384, 288)
+    assert segmentation.eval_hw((375, 500), 512, 16) == (384, 512)
+    assert segmentation.eval_hw((500, 375), 512, 16) == (512, 384)
+    assert segmentation.scale_hw((512, 384), 0.75, 16) == (384, 288)
     # 333 * 512 / 500 = 340.99 → 21.3 patches → 336; never below a patch.
-    assert evaluate.eval_hw((333, 500), 512, 16) == (336, 512)
-    assert evaluate.eval_hw((10, 500), 512, 16) == (16, 512)
-    assert evaluate.scale_hw((64, 48), 0.75, 16) == (48, 32)  # 36 → 32
+    assert segmentation.eval_hw((333, 500), 512, 16) == (336, 512)
+    assert segmentation.eval_hw((10, 500), 512, 16) == (16, 512)
+    assert segmentation.scale_hw((64, 48), 0.75, 16) == (48, 32)  # 36 → 32
 
 
 def test_resize_image_matches_torch():
@@ -117,13 +119,13 @@ def test_resize_image_matches_torch():
         ref = torch.nn.functional.interpolate(
             torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=hw,
             mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-        np.testing.assert_allclose(evaluate.resize_image(image, hw), ref,
+        np.testing.assert_allclose(segmentation.resize_image(image, hw), ref,
                                    atol=1e-3)
 
 
 def test_plan_batches_groups_shapes_and_pads():
     sizes = np.array([[40, 56], [64, 48], [40, 56], [64, 48], [40, 56]])
-    plan = evaluate.plan_batches(sizes, np.arange(5), 64, 16, 2)
+    plan = segmentation.plan_batches(sizes, np.arange(5), 64, 16, 2)
     assert [b.hw1 for b in plan] == [(48, 64), (48, 64), (64, 48)]
     assert [b.indices.tolist() for b in plan] == [[0, 2], [4, -1], [1, 3]]
 
@@ -131,7 +133,7 @@ def test_plan_batches_groups_shapes_and_pads():
 # --- multi-scale + flip -------------------------------------------------------
 def _fwd(world, **kw):
     c = world["config"]
-    return jax.jit(lambda x: evaluate.msc_logits(
+    return jax.jit(lambda x: segmentation.msc_logits(
         world["clip"], world["model"], x,
         num_layers_in=c.model.decoder.num_layers_in,
         normalization=c.data.normalization, **kw))
@@ -143,14 +145,14 @@ def test_msc_logits_matches_numpy_loop(world):
     image = rng.uniform(0, 255, (1, 64, 48, 3)).astype(np.float32)
     scales = (1.0, 0.75, 0.5)
     got = np.asarray(_fwd(world, scales=scales, flip=True)(image))
-    single = jax.jit(lambda x: evaluate.single_scale_logits(
+    single = jax.jit(lambda x: segmentation.single_scale_logits(
         world["clip"], world["model"], x,
         num_layers_in=c.model.decoder.num_layers_in,
         normalization=c.data.normalization))
     grid1 = (4, 3)
     total = np.zeros(grid1 + (c.data.num_classes,), np.float64)
     for s in scales:
-        hw = evaluate.scale_hw((64, 48), s, 16)
+        hw = segmentation.scale_hw((64, 48), s, 16)
         x = np.einsum("Hh,hwc->Hwc", resize_matrix(64, hw[0]), image[0])
         x = np.einsum("Ww,hwc->hWc", resize_matrix(48, hw[1]), x)
         for flip in (False, True):
@@ -192,8 +194,8 @@ def _numpy_eval(world, split):
     preds = {}
     for i in data.usable:
         image = voc.read_image(data.image_paths[i])
-        hw1 = evaluate.eval_hw(image.shape[:2], c.eval.long_side, 16)
-        lg = np.asarray(fwd(evaluate.resize_image(image, hw1)[None]))[0]
+        hw1 = segmentation.eval_hw(image.shape[:2], c.eval.long_side, 16)
+        lg = np.asarray(fwd(segmentation.resize_image(image, hw1)[None]))[0]
         h0, w0 = image.shape[:2]
         up = crf.upsample_logits(lg, resize_matrix(lg.shape[0], h0),
                                  resize_matrix(lg.shape[1], w0))
@@ -288,11 +290,11 @@ def test_score_seeds_matches_per_image_numpy(world):
 # --- modes, checkpoints, errors -----------------------------------------------
 def test_restore_model_reads_params_without_optimizer(world):
     c = world["config"]
-    _, _, fresh = train.build_models(c)
+    _, _, fresh = build.build_models(c)
     model, step, directory = evaluate.restore_model(c, world["workdir"],
                                                     fresh)
     assert step == 7 and directory.endswith("checkpoints")
-    _, params, _ = train._split(model)
+    _, params, _ = build.split_model(model)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(world["params"]),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -417,7 +419,7 @@ def test_pseudo_label_export_labels_images_without_masks(world, tmp_path):
 
 def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
     c = world["config"]
-    _, _, fresh = train.build_models(c)
+    _, _, fresh = build.build_models(c)
     with pytest.raises(config_check.ConfigError, match="does not exist"):
         evaluate.restore_model(c, str(tmp_path), fresh)
     c2 = c.copy_and_resolve_references()
@@ -427,7 +429,7 @@ def test_missing_and_incompatible_checkpoints_are_clear(world, tmp_path):
         evaluate.restore_model(c2, world["workdir"], fresh)
     c3 = c.copy_and_resolve_references()
     c3.data.num_classes = 5
-    _, _, other = train.build_models(c3)
+    _, _, other = build.build_models(c3)
     with pytest.raises(config_check.ConfigError,
                        match=r"decoder/pred/kernel.*\(32, 21\).*\(32, 5\)"):
         evaluate.restore_model(c3, world["workdir"], other)
@@ -499,12 +501,12 @@ def test_train_then_main_eval_and_pseudo_labels(world, tmp_path):
 _MULTI_CODE = """
 import json
 from ml_collections import config_dict
-from ssr_jax import evaluate, train
+from ssr_jax import build, evaluate
 c = config_dict.ConfigDict(json.loads({config!r}))
-clip, dino, model = train.build_models(c)
+clip, dino, model = build.build_models(c)
 model, step, _ = evaluate.restore_model(c, {workdir!r}, model)
 seg = evaluate.evaluate_segmentation(c, clip, model, "train_aug", None)
-bank = train.build_text_bank(c, clip, {workdir!r})
+bank = build.build_text_bank(c, clip, {workdir!r})
 seeds = evaluate.score_seeds(c, clip, dino, model, "train", bank=bank)
 emit({{"step": step, "seg": [r["tp"] for r in seg["per_class"]],
       "scored": seg["num_scored"], "pixels": seg["num_pixels"],
@@ -547,16 +549,16 @@ def test_eval_hook_logs_and_reuses_compiles(world, tmp_path):
     c = world["config"].copy_and_resolve_references()
     c.eval.max_images = 2
     clip, dino, model = world["clip"], world["dino"], world["model"]
-    graphdef, params, rest = train._split(model)
+    graphdef, params, rest = build.split_model(model)
     writer = logs.MetricWriter(str(tmp_path), tensorboard=False)
     hook = evaluate.make_eval_hook(c, str(tmp_path), clip=clip, dino=dino,
                                    model_graphdef=graphdef,
                                    bank=world["bank"], writer=writer)
     state = {"params": params, "rest": rest}
     first = hook(5, state)
-    before = evaluate._seg_step.cache_info()
+    before = segmentation._seg_step.cache_info()
     second = hook(10, state)
-    after = evaluate._seg_step.cache_info()
+    after = segmentation._seg_step.cache_info()
     writer.close()
     assert after.misses == before.misses and after.hits > before.hits
     assert first == second

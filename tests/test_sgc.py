@@ -655,6 +655,26 @@ def test_refine_cams_uses_a_given_clip_affinity():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_refine_cams_uses_a_given_dino_affinity():
+    """`dino_aff` (an encoder's affinity already on the CAM grid,
+    `encoders.patch_affinity`) replaces `drop_cls(dino_attn)`; with the
+    same values the result is identical."""
+    rng = np.random.default_rng(9)
+    cams = jnp.asarray(rng.random((1, 2, 2, 3)).astype(np.float32))
+    valid = jnp.ones((1, 2), bool)
+    clip_aff = jnp.asarray(rng.random((1, 6, 6)).astype(np.float32))
+    attn = jnp.asarray(rng.random((1, 7, 7)).astype(np.float32))
+    kw = dict(clip_aff=clip_aff, mask_kind="none")
+    from_attn = sgc.refine_cams(cams, valid, dino_attn=attn, **kw)
+    given = sgc.refine_cams(cams, valid, dino_aff=sgc.drop_cls(attn), **kw)
+    np.testing.assert_array_equal(from_attn, given)
+    other = sgc.refine_cams(cams, valid, dino_aff=jnp.flip(attn[:, 1:, 1:],
+                                                           -1), **kw)
+    assert not np.allclose(other, given)
+    with pytest.raises(ValueError, match="dino_attn or dino_aff"):
+        sgc.refine_cams(cams, valid, **kw)
+
+
 def test_kmeanspp_init_is_per_image_and_picks_valid_points():
     """`sgc.kmeans_init="kmeans++"`: centres are valid points of their own
     image, identical whether the image is alone or in a batch (one PRNG

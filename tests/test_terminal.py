@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 
-from ssr_jax import evaluate, logs, metrics
+from ssr_jax import logs, metrics
 from ssr_jax.data import voc
+from ssr_jax.evaluators import common
 from tests import data_fixtures
 
 
@@ -21,7 +22,7 @@ def test_strict_false_prints_the_skip_count(tmp_path, capsys):
     assert "ssr_jax: warning: skipped 2 of 6 examples of split 'train_aug' " \
            "(data.strict=False)" in err
     # ... and eval's accounting records them, with the reason.
-    images = evaluate.image_accounting(
+    images = common.image_accounting(
         data, 3, max_images=3, beyond_max=1, without_mask=0, unreadable=0)
     assert images["listed"] == 6 and images["scored"] == 3
     assert images["not_scored"]["unusable (data.strict=False)"] == 2

@@ -26,7 +26,7 @@ import pytest
 import ssr_fixtures
 from flax import nnx
 
-from ssr_jax import checkpointing, input_pipeline, ssr, text, train
+from ssr_jax import build, checkpointing, input_pipeline, ssr, text, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +82,51 @@ def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     assert s.update._cache_size() == 1
 
 
+@pytest.mark.slow  # ~35 s then ~16 s on 2 cores (torch import, 2 setups)
+@pytest.mark.parametrize("registers", [0, 4])
+def test_loss_decreases_with_dinov2(world, tmp_path, registers):
+    """model.dino_kind="dinov2": a tiny random DINOv2/14 (with and without
+    registers) fills the affinity slot through the real update step; its
+    4x4 grid of 14-px patches (56 of the 64-px crop) is resampled onto
+    CLIP's 4x4 grid of 16-px patches (`encoders.patch_affinity`)."""
+    import hf_fixtures  # noqa: PLC0415 - needs torch + transformers
+
+    from ssr_jax.models import dinov2  # noqa: PLC0415
+
+    extra = {"num_register_tokens": registers} if registers else {}
+    path = hf_fixtures.make_tiny_dinov2(str(tmp_path / "dinov2"), seed=3,
+                                        **extra)
+    c = _config(world)
+    c.model.dino_kind = "dinov2"
+    c.model.dino_path = path
+    c.train.batch_size = 2
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.poly_power = 0.0
+    c.model.decoder.dropout = 0.0
+    s = train.setup(c, str(tmp_path / "work"), devices=jax.devices()[:1])
+    assert isinstance(s.dino, dinov2.Dinov2)
+    assert s.dino.layout.num_prefix_tokens == 1 + registers
+    batch = s.batch(_batch(c, [[0, 14], [6]]))
+    # The DINOv2 affinity reaches the labels: another encoder, other
+    # pseudo labels (same CLIP, same batch).
+    c_dino = _config(world)
+    c_dino.train.batch_size = 2
+    s_dino = train.setup(c_dino, str(tmp_path / "work_dino"),
+                         devices=jax.devices()[:1])
+    model = s.trained_model()
+    paths = [ssr.pseudo_label_path(x.clip, x.dino, model.heads, batch,
+                                   s.bank["fg"], s.bank["bg"], x.config)
+             for x in (s, s_dino)]
+    assert not np.allclose(paths[0]["refined"], paths[1]["refined"])
+    losses = []
+    for _ in range(12):
+        s.state, meas = s.update(s.state, s.frozen, batch, s.bank)
+        losses.append(float(meas["loss"]))
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
 def test_compiles_once_for_different_class_sets(world, tmp_path):
     c = _config(world)
     c.train.batch_size = 2
@@ -98,8 +143,8 @@ def _path_eqns(world, tmp_path, kmax, mask="superpixel",
     c = _config(world)
     c.data.max_classes_per_image = kmax
     c.sgc.mask = mask
-    clip, dino, model = train.build_models(c)
-    bank = train.build_text_bank(c, clip, str(tmp_path))
+    clip, dino, model = build.build_models(c)
+    bank = build.build_text_bank(c, clip, str(tmp_path))
     b, hw = 2, c.data.crop_size
     batch = {
         "image": jnp.zeros((b, hw, hw, 3), jnp.uint8),
@@ -129,6 +174,35 @@ def test_box_mask_does_not_need_superpixels(world, tmp_path):
     assert without == _path_eqns(world, tmp_path, 6, "box")
     with pytest.raises(ValueError, match="no 'superpixels'.*sgc.mask='box'"):
         _path_eqns(world, tmp_path, 6, "superpixel", superpixels=False)
+
+
+@pytest.mark.slow  # ~35 s on 2 cores (two short runs, two compiles)
+def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
+    """The trainer does not import the evaluator: main passes
+    `make_eval_hook` (docs/DESIGN.md "Layers"); it is called with the
+    loaded encoders and the hook runs every `train.eval_every` steps and at
+    the end. Without one, eval_every only warns."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.train.num_steps = 3
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 0
+    calls, steps = [], []
+
+    def factory(config, workdir, *, clip, dino, model_graphdef, bank,
+                writer):
+        calls.append((clip is not None, dino is not None, sorted(bank)))
+        return lambda step, state: steps.append(step)
+
+    train.train_and_evaluate(c, str(tmp_path / "a"),
+                             devices=jax.devices()[:1],
+                             make_eval_hook=factory)
+    assert calls == [(True, True, ["bg", "fg"])]
+    assert steps == [2, 3]
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(c, str(tmp_path / "b"),
+                                 devices=jax.devices()[:1])
+    assert "no eval hook was given" in caplog.text
 
 
 @pytest.mark.slow

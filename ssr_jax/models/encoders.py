@@ -35,11 +35,15 @@ from ssr_jax.models.resize import overlap_matrix
 
 Array = jax.Array
 KINDS = ("dino", "dinov2")  # config_check.DINO_KINDS must list the same
+# The input normalisation each kind was trained with (`ssr.normalise`
+# kinds): both DINO and DINOv2 take ImageNet mean/std (their HF
+# preprocessor configs), whatever `data.normalization` CLIP gets.
+NORMALIZATION = {"dino": "imagenet", "dinov2": "imagenet"}
 _LOADERS = {"dino": (loading.load_dino, loading.DINO_SPEC),
             "dinov2": (loading.load_dinov2, loading.DINOV2_SPEC)}
 
-__all__ = ["KINDS", "TokenLayout", "load_affinity_encoder", "patch_affinity",
-           "resampling_matrices"]
+__all__ = ["KINDS", "NORMALIZATION", "TokenLayout", "load_affinity_encoder",
+           "patch_affinity", "resampling_matrices"]
 
 
 def load_affinity_encoder(kind: str, path: str | os.PathLike,
