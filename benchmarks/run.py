@@ -93,7 +93,9 @@ ROWS = ("pseudo_labels", "train_step", "segment_ops", "devices_1_vs_8",
         "input_pipeline", "eval")
 ALL_ROWS = ROWS + ("stages",)
 GOALS = {  # name: (what, threshold) -- ratio = peer time / ssr_jax time
-    "pseudo_labels": ("ratio >= 3 (CPU)", 3.0),
+    # Issue 15's goals on equal cores: with the encoders half the path at
+    # equal FLOPs on both sides, 3x is out of reach by construction.
+    "pseudo_labels": ("ratio >= 2 (CPU)", 2.0),
     "train_step": ("ratio >= 1.5 and peak RSS no higher", 1.5),
     "segment_ops": ("ratio >= 100 (CPU)", 100.0),
     "devices_1_vs_8": ("overhead <= 15%", 0.15),
