@@ -101,14 +101,17 @@ def test_ratio_needs_equal_cores():
 
 
 def test_timed_records_cores_used():
-    """`cores_used` is CPU time per wall time: ~0 for a sleeping call,
-    ~1 for one busy thread."""
+    """`cores_used` is CPU time per wall time: ~0 for a sleeping call, at
+    most 1 for one busy thread (less when other processes share its core,
+    as on a loaded CI machine: bounds that hold under load)."""
     def busy():
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.05:
             pass
-    assert run._timed(busy, 2)["cores_used"] > 0.7
-    assert run._timed(lambda: time.sleep(0.05), 2)["cores_used"] < 0.3
+    busy_cores = run._timed(busy, 2)["cores_used"]
+    idle_cores = run._timed(lambda: time.sleep(0.05), 2)["cores_used"]
+    assert idle_cores < 0.1
+    assert 0.15 < busy_cores <= 1.1
 
 
 def test_worker_pins_itself(tmp_path):
