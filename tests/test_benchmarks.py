@@ -93,6 +93,9 @@ def test_ratio_needs_equal_cores():
     assert "unequal cores used: ssr_jax 1.90, peer 0.95" in cell["invalid"]
     other = dict(mine, affinity=[0])
     assert run._ratio(peer, other) is None
+    # Two ssr_jax implementations on one CPU set: only the set must match.
+    assert run._ratio(peer, busy, cores=False) == 2.0
+    assert run._ratio(peer, other, cores=False) is None
     text = run.table([{"name": "pseudo_labels",
                        "settings": {"batch": 2, "crop": 160},
                        "cells": [dict(cell, dtype="float32")]}])
