@@ -130,11 +130,11 @@ def clip_entries(config: CLIPConfig) -> list[Entry]:
     return out
 
 
-def vit_entries(config: ViTConfig) -> list[Entry]:
-    """Every tensor of a HF `ViTModel` (legacy names, pooler excluded) and
-    where it goes in `ViT`."""
+def _vit_stem_entries() -> list[Entry]:
+    """CLS, positions, patch conv and final LayerNorm: the same names in
+    HF's `ViTModel` and `Dinov2Model`, and in our `ViT` and `Dinov2`."""
     e = "embeddings"
-    out = [
+    return [
         Entry(f"{e}.cls_token", "cls_token", "copy"),
         Entry(f"{e}.position_embeddings", "position_embeddings", "copy"),
         Entry(f"{e}.patch_embeddings.projection.weight",
@@ -143,6 +143,12 @@ def vit_entries(config: ViTConfig) -> list[Entry]:
               "patch_embedding.bias", "copy"),
         *_layer_norm("layernorm", "layernorm"),
     ]
+
+
+def vit_entries(config: ViTConfig) -> list[Entry]:
+    """Every tensor of a HF `ViTModel` (legacy names, pooler excluded) and
+    where it goes in `ViT`."""
+    out = _vit_stem_entries()
     for i in range(config.num_hidden_layers):
         hf, fx = f"encoder.layer.{i}", f"blocks.{i}"
         out += _layer_norm(f"{hf}.layernorm_before", f"{fx}.layer_norm1")
@@ -161,18 +167,10 @@ def vit_entries(config: ViTConfig) -> list[Entry]:
 def dinov2_entries(config: Dinov2Config) -> list[Entry]:
     """Every tensor of a HF `Dinov2Model` / `Dinov2WithRegistersModel`
     (legacy names; mask token excluded) and where it goes in `Dinov2`."""
-    e = "embeddings"
-    out = [
-        Entry(f"{e}.cls_token", "cls_token", "copy"),
-        Entry(f"{e}.position_embeddings", "position_embeddings", "copy"),
-        Entry(f"{e}.patch_embeddings.projection.weight",
-              "patch_embedding.kernel", "conv"),
-        Entry(f"{e}.patch_embeddings.projection.bias",
-              "patch_embedding.bias", "copy"),
-        *_layer_norm("layernorm", "layernorm"),
-    ]
+    out = _vit_stem_entries()
     if config.num_register_tokens:
-        out.append(Entry(f"{e}.register_tokens", "register_tokens", "copy"))
+        out.append(Entry("embeddings.register_tokens", "register_tokens",
+                         "copy"))
     for i in range(config.num_hidden_layers):
         hf, fx = f"encoder.layer.{i}", f"blocks.{i}"
         out += _layer_norm(f"{hf}.norm1", f"{fx}.norm1")
