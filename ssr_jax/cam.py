@@ -18,8 +18,12 @@ class:
   pytorch_grad_cam's `scale_cam_image` twice (once per target layer, once
   after aggregating layers), exactly: (x − min) / (1e-7 + max(x − min)).
 
-Classes are padded to a static `kmax` per dataset (VOC 6, COCO 18, config
-`data.max_classes_per_image`); padded slots (`cls_ids == -1`) are masked to
+Classes are padded to a static slot count K: at most `kmax` per dataset
+(VOC 6, COCO 18, config `data.max_classes_per_image`), and per batch the
+smallest of `data.class_slot_buckets` that holds the batch's largest class
+count (`slot_buckets`, `batch_slots`: chosen on the host, one compilation
+per bucket; K only changes how many all-zero padded slots there are);
+padded slots (`cls_ids == -1`) are masked to
 −inf in the softmax, so an absent class has exactly no effect, as in the
 reference where its text is not in the matrix at all. Padded slots give
 all-zero CAMs.
@@ -110,6 +114,62 @@ def check_max_classes(labels: np.ndarray, kmax: int) -> int:
             f"{int(counts.max())}); only the first {kmax} get CAMs. Raise "
             "data.max_classes_per_image to keep them all.", stacklevel=2)
     return over
+
+
+def slot_buckets(buckets, kmax: int) -> tuple[int, ...]:
+    """The class-slot counts the steps are compiled for (issue 15).
+
+    Args:
+      buckets: `data.class_slot_buckets`, e.g. (1, 2, 3, 6); () = always
+        `kmax` (one compilation, the padded path).
+      kmax: `data.max_classes_per_image`, the largest count and always a
+        bucket (entries above it are dropped, so one field serves VOC's 6
+        and COCO's 18).
+
+    Returns:
+      Sorted unique slot counts, the last one `kmax`.
+    """
+    if kmax < 1:
+        raise ValueError(f"kmax={kmax}: need at least one class slot")
+    bad = [b for b in buckets if int(b) != b or b < 1]
+    if bad:
+        raise ValueError(f"data.class_slot_buckets={tuple(buckets)}: every "
+                         f"entry must be a positive integer, got {bad}")
+    return tuple(sorted({int(b) for b in buckets if b < kmax} | {kmax}))
+
+
+def choose_slots(count: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `count` classes (the largest bucket,
+    kmax, when none does: the extra classes are dropped as before, see
+    `check_max_classes`). `buckets` from `slot_buckets`."""
+    for b in buckets:
+        if b >= count:
+            return b
+    return buckets[-1]
+
+
+def max_class_count(labels: np.ndarray) -> int:
+    """Host-side: the most classes any image of `labels` [B, C] has."""
+    counts = (np.asarray(labels) > 0.5).sum(-1)
+    return int(counts.max(initial=0))
+
+
+def batch_slots(labels: np.ndarray, buckets: tuple[int, ...]) -> int:
+    """Host-side bucket choice for a batch whose rows are split over
+    processes: `labels` are this process's rows; with several processes
+    the largest count is gathered from all of them (every process must
+    call this, in the same order), so all compile and run the same program.
+
+    The gather is one small collective per batch, and it waits for the
+    device work queued before it (the previous step). Single-process runs
+    (and every test) skip it.
+    """
+    count = max_class_count(labels)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        count = int(np.max(multihost_utils.process_allgather(
+            np.asarray(count, np.int32))))
+    return choose_slots(count, buckets)
 
 
 def scale_cam(cam: Array) -> Array:
