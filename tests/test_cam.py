@@ -330,6 +330,11 @@ def test_projected_path_through_heads():
     want = _reference(model, x11, text_fg, text_bg, labels, "ln1_output", 4,
                       heads=(isa_fn, tsa_fn))
     np.testing.assert_allclose(got, want, atol=1e-4)  # float32
+    # kmax 6 instead of the bucket 4: the same CAMs in the present slots
+    six = cam.present_classes(jnp.asarray(labels), 6)
+    got6 = np.asarray(_jit_run(model, x11, text_fg, text_bg, six,
+                               "ln1_output", heads=(isa_fn, tsa_fn))[0])
+    np.testing.assert_allclose(got6[:, :4], got, atol=1e-4)
     plain = np.asarray(_jit_run(model, x11, text_fg, text_bg, cls_ids,
                                 "ln1_output")[0])
     assert np.abs(got - plain).max() > 1e-2
