@@ -9,10 +9,12 @@ class:
   softmax over that set only; the target is the softmax probability of a
   present class (`ClipOutputTarget` on `forward_last_layer` in the
   reference);
-- block 12 runs once inside one `jax.vjp`; the backward pass is `vmap`ped
-  over K one-hot cotangents (slot k set for every image at once, which is
-  exact because images do not interact), so there is no Python loop over
-  images or classes and the traced program does not grow with K;
+- block 12 runs once inside one `jax.vjp`; the backward pass runs over K
+  one-hot cotangents (slot k set for every image at once, which is exact
+  because images do not interact), `vmap`ped on accelerators and one slot
+  at a time in a `lax.map` on CPU (`default_slot_chunk`: same FLOPs, 1/K
+  of the backward's temporaries), so there is no Python loop over images
+  or classes and the traced program does not grow with K;
 - channel weights are the mean gradient over the patch tokens (CLS dropped,
   as the reference's `reshape_transform`), cam = ReLU(Σ_d w_d · a_d), then
   pytorch_grad_cam's `scale_cam_image` twice (once per target layer, once
@@ -218,13 +220,26 @@ def weighted_cam(weights: Array, acts: Array, slot_valid: Array,
     return jnp.where(slot_valid[:, :, None, None], cam, 0.0)
 
 
+def default_slot_chunk(k: int) -> int:
+    """How many class slots GradCAM's backward runs at once by default.
+
+    CPU: one at a time (`lax.map`): the same FLOPs, which bound the time on
+    a CPU, with the backward's temporaries (attention-sized, per image) held
+    for one slot instead of K (issue 15: peak memory). Accelerators: all K
+    in one `vmap`, where the parallelism is worth the memory.
+    """
+    return 1 if jax.default_backend() == "cpu" else k
+
+
 def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
-            grid: tuple[int, int]) -> tuple[Array, Any]:
+            grid: tuple[int, int], *, slot_chunk: int | None = None
+            ) -> tuple[Array, Any]:
     """Vectorised GradCAM w.r.t. `h` for K slots of every image (SPEC 1.4).
 
-    One `jax.vjp` of `logits_fn` at `h`; its backward pass is `vmap`ped over
-    the K one-hot cotangents (cotangent k selects slot k of every image;
-    exact because images are independent in `logits_fn`).
+    One `jax.vjp` of `logits_fn` at `h`; its backward pass runs for the K
+    one-hot cotangents (cotangent k selects slot k of every image; exact
+    because images are independent in `logits_fn`), `slot_chunk` at a time:
+    `vmap` over a chunk, `lax.map` over chunks (neither unrolls over K).
 
     Args:
       logits_fn: h -> (probs [B, K + M], aux); the first K columns are the
@@ -233,6 +248,8 @@ def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
         cams), T = 1 + gh·gw.
       slot_valid: [B, K] bool.
       grid: (gh, gw) patch grid.
+      slot_chunk: slots per backward pass; None = `default_slot_chunk`
+        (1 on CPU, K elsewhere). The results agree to rounding.
 
     Returns:
       (cams [B, K, gh, gw] in [0, 1] (float32, or h's dtype if wider), 0
@@ -250,8 +267,19 @@ def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
                          f"[{h.shape[0]}, >= {k}]")
     eye = jnp.eye(k, probs.shape[1], dtype=probs.dtype)  # [K, K + M]
     cotangents = jnp.broadcast_to(eye[:, None, :], (k,) + probs.shape)
-    (grads,) = jax.vmap(vjp_fn)(cotangents)  # [K, B, T, D]
-    weights = grads[:, :, 1:, :].astype(_float(grads)).mean(axis=2)
+
+    def channel_weights(ct):  # [B, K + M] -> [B, D]
+        (g,) = vjp_fn(ct)  # [B, T, D]
+        return g[:, 1:, :].astype(_float(g)).mean(axis=1)
+
+    chunk = default_slot_chunk(k) if slot_chunk is None else slot_chunk
+    if chunk < 1:
+        raise ValueError(f"slot_chunk={chunk}: need >= 1")
+    if chunk >= k:
+        weights = jax.vmap(channel_weights)(cotangents)  # [K, B, D]
+    else:  # a loop over chunks of slots (lax.map: a scan, not unrolled)
+        weights = jax.lax.map(channel_weights, cotangents,
+                              batch_size=chunk if chunk > 1 else None)
     cams = weighted_cam(jnp.swapaxes(weights, 0, 1), h[:, 1:, :],
                         slot_valid, grid)
     return jax.lax.stop_gradient(cams), aux
@@ -326,7 +354,8 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
                  grid: tuple[int, int], *, target: str = "ln1_output",
                  logit_scale: float = 100.0,
                  heads: tuple[Callable[[Array], Array],
-                              Callable[[Array], Array]] | None = None
+                              Callable[[Array], Array]] | None = None,
+                 slot_chunk: int | None = None
                  ) -> tuple[Array, dict[str, Array]]:
     """Initial CAMs of every present class of every image (SPEC 1.4).
 
@@ -346,6 +375,8 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
       target: `cam.target`, "ln1_output" (reference hook) | "ln1_input".
       logit_scale: `cam.logit_scale`.
       heads: (isa_fn, tsa_fn) when `cam.projected`, else None.
+      slot_chunk: `gradcam`'s (None = 1 slot at a time on CPU, all K
+        elsewhere).
 
     Returns:
       (cams [B, K, gh, gw] in [0, 1] (float32 or wider), 0 in padded slots;
@@ -365,7 +396,7 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
         raise ValueError(f"cam.target={target!r}: choose one of {TARGETS}")
     logits_fn = clip_logits_fn(run_block, project_fn, text_fg, text_bg,
                                cls_ids, logit_scale=logit_scale, heads=heads)
-    return gradcam(logits_fn, a, cls_ids >= 0, grid)
+    return gradcam(logits_fn, a, cls_ids >= 0, grid, slot_chunk=slot_chunk)
 
 
 def _float(*xs: Array) -> jnp.dtype:
