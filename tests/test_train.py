@@ -28,7 +28,7 @@ import pytest
 import ssr_fixtures
 from flax import nnx
 
-from ssr_jax import build, checkpointing, input_pipeline, ssr, text, train
+from ssr_jax import build, cam, checkpointing, input_pipeline, ssr, text, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -274,7 +274,7 @@ def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_eight_devices_equal_one_device(world, tmp_path):
+def test_eight_devices_equal_one_device(world, tmp_path, monkeypatch):
     """Two steps on the same global batch: the sharded run computes the
     same thing as the unsharded one.
 
@@ -304,6 +304,14 @@ def test_eight_devices_equal_one_device(world, tmp_path):
     c = _config(world)
     c.train.batch_size = 8
     c.model.decoder.dropout = 0.0
+    # GradCAM's backward over all slots in one vmap (the accelerator
+    # default), not one slot at a time (CPU's): this fixture's PAR labels
+    # are chaotic in the refined CAMs (measured: noise of 1e-7 on them
+    # flips 8.7% of the pixels), and with the per-slot loop the 1- and
+    # 8-device CAMs differ by the same rounding as with the vmap (9.0e-6
+    # vs 8.6e-6 max) yet flip 3.4% of the pixels instead of 0.1%, beyond
+    # the bounds below. What this test checks, the sharding, is the same.
+    monkeypatch.setattr(cam, "default_slot_chunk", lambda k: k)
     host = _batch(c, [[0], [1, 2], [3], [4, 5, 6], [7], [8], [9], [10, 11]])
     results = []
     keys = ("loss", "loss_proto", "grad_norm", "pseudo_fg_fraction")
