@@ -1065,7 +1065,7 @@ class Runner:
             "dino_path": os.path.join(enc, "dino"),
             "data_root": os.path.join(workdir, "voc"),
             "dtypes": args.dtypes, "cpus": args.cpus,
-            "buckets": args.buckets,
+            "buckets": getattr(args, "buckets", None),
         }
 
     def prepare(self) -> dict[str, Any]:
