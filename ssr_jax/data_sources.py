@@ -20,6 +20,10 @@ from absl import logging
 
 from ssr_jax.data import slic, specs, splits, voc
 
+# `DatasetSpec.reader` -> the function that loads a split from the files
+# (`specs.READERS` lists the names a spec may use).
+READERS = {"voc_tree": splits.load_folder_split}
+
 
 def spec(config) -> specs.DatasetSpec:
     """The registered spec of `config.data.name` (`UnknownDatasetError`,
@@ -56,8 +60,8 @@ def load_split(config, split: str) -> voc.Split:
     """
     if source(config) == "tfds":
         return _tfds().load_split(config, split, slic_params(config))
-    spec(config)  # an unknown data.name fails here, with the registered
-    return splits.load_folder_split(config, split)
+    # An unknown data.name fails here, listing the registered ones.
+    return READERS[spec(config).reader](config, split)
 
 
 def class_names(config) -> tuple[str, ...]:

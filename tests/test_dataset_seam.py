@@ -168,6 +168,8 @@ def test_spec_rejects_inconsistent_fields():
     with pytest.raises(ValueError, match="already registered"):
         specs.register(specs.DatasetSpec(**{**base, "name": "voc"}))
     assert specs.get("voc").palette == voc.palette()
+    # Every reader a spec may name has a loader.
+    assert set(data_sources.READERS) == set(specs.READERS)
 
 
 def _reads_sgc(path: str) -> list[int]:
