@@ -36,19 +36,8 @@ from ssr_jax.models.clip import (
     CLIPTextConfig,
     CLIPVisionConfig,
 )
+from ssr_jax.pretrain import training as tr
 from ssr_jax.pretrain.augment import clip_crops, normalise
-from ssr_jax.pretrain.training import (
-    adamw,
-    build,
-    check_losses,
-    cpu_seconds,
-    epoch_batches,
-    first_step_seconds,
-    l2n,
-    memoised,
-    progress_bar,
-    tie_query_key,
-)
 from ssr_jax.pretrain.world import build_tokenizer, read_images, read_json
 
 Array = jax.Array
@@ -105,7 +94,7 @@ def global_logits(img: Array, txt: Array, scale: Array) -> Array:
     Returns:
       [B, B] float32.
     """
-    return scale * l2n(img.astype(jnp.float32)) @ l2n(
+    return scale * tr.l2n(img.astype(jnp.float32)) @ tr.l2n(
         txt.astype(jnp.float32)).T
 
 
@@ -129,11 +118,11 @@ def patch_logits(patches: Array, txt: Array, scale: Array,
       [B, B] float32 logits, scale × cos(pooled_ij, text_j).
     """
     p = patches.astype(jnp.float32)
-    t = l2n(txt.astype(jnp.float32))
-    sim = jnp.einsum("bne,ke->bkn", l2n(p), t)
+    t = tr.l2n(txt.astype(jnp.float32))
+    sim = jnp.einsum("bne,ke->bkn", tr.l2n(p), t)
     weights = jax.nn.softmax(sim / temperature, axis=-1)
     pooled = jnp.einsum("bkn,bne->bke", weights, p)
-    return scale * jnp.einsum("bke,ke->bk", l2n(pooled), t)
+    return scale * jnp.einsum("bke,ke->bk", tr.l2n(pooled), t)
 
 
 def keep_tokens(x: Array, key: Array, keep: int) -> Array:
@@ -226,13 +215,13 @@ def load_clip_data(root: str, tokenizer: text_lib.TextTokenizer,
                     ids.reshape(len(names), per, context_length))
 
 
-@memoised
+@tr.memoised
 def make_clip_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
                    ) -> tuple[optax.GradientTransformation, Callable]:
     """(tx, the jitted CLIP train step): step(state, crops uint8
     [B, S, S, 3], ids [B, L], key) → (state, measurements); state =
     {"params", "opt"} (donated), opt = tx.init(params)."""
-    tx = adamw(cfg)
+    tx = tr.adamw(cfg)
 
     def loss_fn(params, pixels, ids, key):
         model = nnx.merge(graphdef, params)
@@ -272,7 +261,7 @@ def train_clip(config: config_dict.ConfigDict, root: str,
       until the first step ended).
     """
     cfg = config.pretrain.clip
-    start, cpu0 = time.perf_counter(), cpu_seconds()
+    start, cpu0 = time.perf_counter(), tr.cpu_seconds()
     tok = text_lib.load_tokenizer(tokenizer_dir)
     vocab = tok.backend.get_vocab()
     data = load_clip_data(root, tok, cfg.context_length)
@@ -283,17 +272,17 @@ def train_clip(config: config_dict.ConfigDict, root: str,
     def make():
         model = CLIP(mcfg, rngs=nnx.Rngs(seed))
         if cfg.tied_qk_scale > 0:
-            tie_query_key(model.vision.blocks, cfg.tied_qk_scale)
+            tr.tie_query_key(model.vision.blocks, cfg.tied_qk_scale)
         return model
 
-    graphdef, params = build(make)
+    graphdef, params = tr.build(make)
     tx, step_fn = make_clip_step(graphdef, cfg)
     state = {"params": params, "opt": tx.init(params)}
     rng = np.random.default_rng([seed, 1])
     key = jax.random.key(seed)
     losses = []
-    batches = epoch_batches(rng, len(data.images), cfg.batch_size, cfg.steps)
-    bar = progress_bar(batches, cfg.steps, "pretrain CLIP", progress)
+    batches = tr.epoch_batches(rng, len(data.images), cfg.batch_size, cfg.steps)
+    bar = tr.progress_bar(batches, cfg.steps, "pretrain CLIP", progress)
     for i, idx in enumerate(bar):
         crops = clip_crops(data.images[idx], rng, cfg.image_size,
                            cfg.rescale_range, cfg.hflip)
@@ -302,18 +291,18 @@ def train_clip(config: config_dict.ConfigDict, root: str,
                            jax.random.fold_in(key, i))
         losses.append(m["loss"])
         if i == 0:
-            first = first_step_seconds(m, start, cpu0)
+            first = tr.first_step_seconds(m, start, cpu0)
         if progress and (i % 10 == 0 or i == cfg.steps - 1):
             bar.set_postfix(loss=f"{float(m['loss']):.3f}",
                             scale=f"{float(m['scale']):.1f}")
-    losses = check_losses(losses, "pretrain.clip")
+    losses = tr.check_losses(losses, "pretrain.clip")
     model = nnx.merge(graphdef, state["params"])
     info = {"steps": cfg.steps, "final_loss": float(losses[-10:].mean()),
             "first_loss": float(losses[:10].mean()),
             "setup_and_compile_seconds": first,
             "logit_scale": float(jnp.exp(model.logit_scale[...])),
             "seconds": time.perf_counter() - start,
-            "cpu_seconds": cpu_seconds() - cpu0}
+            "cpu_seconds": tr.cpu_seconds() - cpu0}
     logging.info("CLIP pretrained: %d steps in %.1f s wall (%.1f s CPU), "
                  "loss %.3f -> %.3f, logit scale %.1f", cfg.steps,
                  info["seconds"], info["cpu_seconds"], info["first_loss"],

@@ -24,19 +24,8 @@ from ml_collections import config_dict
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 from ssr_jax.models.vit import ViT, ViTConfig
+from ssr_jax.pretrain import training as tr
 from ssr_jax.pretrain.augment import colour_jitter, multi_crops, normalise
-from ssr_jax.pretrain.training import (
-    adamw,
-    build,
-    check_losses,
-    cpu_seconds,
-    epoch_batches,
-    first_step_seconds,
-    l2n,
-    memoised,
-    progress_bar,
-    tie_query_key,
-)
 from ssr_jax.pretrain.world import read_images
 
 Array = jax.Array
@@ -68,7 +57,7 @@ class DINOHead(nnx.Module):
         """x [B, D] → logits [B, num_prototypes]."""
         x = jax.nn.gelu(self.fc1(x), approximate=False)
         x = jax.nn.gelu(self.fc2(x), approximate=False)
-        x = l2n(self.fc3(x))
+        x = tr.l2n(self.fc3(x))
         w = self.prototypes[...]
         w = w * jax.lax.rsqrt(jnp.sum(w * w, axis=0, keepdims=True))
         return x @ w
@@ -143,7 +132,7 @@ def teacher_temp_schedule(cfg: config_dict.ConfigDict,
     return fn
 
 
-@memoised
+@tr.memoised
 def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
                    steps_per_epoch: float,
                    ) -> tuple[optax.GradientTransformation, Callable]:
@@ -152,7 +141,7 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
     measurements); state = {"student", "teacher", "opt", "center", "step"}
     (donated), opt = tx.init(student). `steps_per_epoch` converts DINO's
     epoch-based schedules to steps."""
-    tx = adamw(cfg)
+    tx = tr.adamw(cfg)
     momentum = momentum_schedule(cfg.teacher_momentum, cfg.steps)
     t_temp = teacher_temp_schedule(cfg, steps_per_epoch)
     freeze = cfg.freeze_prototypes_epochs * steps_per_epoch
@@ -223,7 +212,7 @@ def train_dino(config: config_dict.ConfigDict, root: str,
       should stay high).
     """
     cfg = config.pretrain.dino
-    start, cpu0 = time.perf_counter(), cpu_seconds()
+    start, cpu0 = time.perf_counter(), tr.cpu_seconds()
     images = read_images(root, synthetic.read_split(root, "train"))
     seed = config.pretrain.seed
 
@@ -231,10 +220,10 @@ def train_dino(config: config_dict.ConfigDict, root: str,
         model = DINO(dino_model_config(cfg, cfg.global_size), cfg,
                      rngs=nnx.Rngs(seed + 1))
         if cfg.tied_qk_scale > 0:
-            tie_query_key(model.backbone.blocks, cfg.tied_qk_scale)
+            tr.tie_query_key(model.backbone.blocks, cfg.tied_qk_scale)
         return model
 
-    graphdef, params = build(make)
+    graphdef, params = tr.build(make)
     tx, step_fn = make_dino_step(graphdef, cfg, len(images) / cfg.batch_size)
     state = {"student": params, "teacher": jax.tree.map(jnp.copy, params),
              "opt": tx.init(params),
@@ -243,19 +232,19 @@ def train_dino(config: config_dict.ConfigDict, root: str,
     rng = np.random.default_rng([seed, 2])
     key = jax.random.key(seed + 1)
     history = []
-    batches = epoch_batches(rng, len(images), cfg.batch_size, cfg.steps)
-    bar = progress_bar(batches, cfg.steps, "pretrain DINO", progress)
+    batches = tr.epoch_batches(rng, len(images), cfg.batch_size, cfg.steps)
+    bar = tr.progress_bar(batches, cfg.steps, "pretrain DINO", progress)
     for i, idx in enumerate(bar):
         glob, loc = multi_crops(images[idx], rng, cfg)
         state, m = step_fn(state, glob, loc, jax.random.fold_in(key, i))
         history.append(m)
         if i == 0:
-            first = first_step_seconds(m, start, cpu0)
+            first = tr.first_step_seconds(m, start, cpu0)
         if progress and (i % 10 == 0 or i == cfg.steps - 1):
             bar.set_postfix(loss=f"{float(m['loss']):.3f}",
                             H=f"{float(m['teacher_entropy']):.2f}")
     history = jax.device_get(history)
-    losses = check_losses([h["loss"] for h in history], "pretrain.dino")
+    losses = tr.check_losses([h["loss"] for h in history], "pretrain.dino")
     model = nnx.merge(graphdef, state["teacher"])
     last = history[-1]
     info = {"steps": cfg.steps, "final_loss": float(losses[-10:].mean()),
@@ -264,7 +253,7 @@ def train_dino(config: config_dict.ConfigDict, root: str,
             "teacher_entropy": float(last["teacher_entropy"]),
             "teacher_mean_entropy": float(last["teacher_mean_entropy"]),
             "seconds": time.perf_counter() - start,
-            "cpu_seconds": cpu_seconds() - cpu0}
+            "cpu_seconds": tr.cpu_seconds() - cpu0}
     logging.info("DINO pretrained: %d steps in %.1f s wall (%.1f s CPU), "
                  "loss %.3f -> %.3f, teacher entropy %.2f (batch mean "
                  "%.2f)", cfg.steps, info["seconds"], info["cpu_seconds"],
