@@ -27,6 +27,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
+import ssr_jax.pretrain.training as tr
 from ssr_jax import text as text_lib
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
@@ -36,7 +37,6 @@ from ssr_jax.models.clip import (
     CLIPTextConfig,
     CLIPVisionConfig,
 )
-from ssr_jax.pretrain import training as tr
 from ssr_jax.pretrain.augment import clip_crops, normalise
 from ssr_jax.pretrain.world import build_tokenizer, read_images, read_json
 

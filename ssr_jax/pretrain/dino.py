@@ -21,10 +21,10 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
+import ssr_jax.pretrain.training as tr
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 from ssr_jax.models.vit import ViT, ViTConfig
-from ssr_jax.pretrain import training as tr
 from ssr_jax.pretrain.augment import colour_jitter, multi_crops, normalise
 from ssr_jax.pretrain.world import read_images
 
