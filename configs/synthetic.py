@@ -3,7 +3,7 @@ r"""The embedded default: SSR on the procedurally generated world (SPEC §5).
   python -m ssr_jax.main --config configs/synthetic.py --workdir runs/synth
 
 generates the world (docs/synthetic_world.md), pretrains a tiny CLIP and a
-tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain.py`),
+tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain/`),
 trains SSR on the image-level labels and scores it on the held-out masks.
 Nothing is downloaded.
 

@@ -2,9 +2,9 @@
 
 `python -m ssr_jax.main --config configs/synthetic.py --workdir DIR`:
 
-1. generates the world if missing (`data/synthetic.py`, VOC layout);
+1. generates the world if missing (`data/synthetic/`, VOC layout);
 2. pretrains a tiny CLIP and a tiny DINO ViT on it, or reuses the cached
-   snapshots (`pretrain.py`), loaded through the real checkpoint loaders;
+   snapshots (`pretrain/`), loaded through the real checkpoint loaders;
 3. trains SSR on the image-level labels (`train.py`, the real pipeline);
 4. scores the decoder on the held-out val masks, and the CAM seeds on the
    train split after each Table 3 step and with/without CMPA (Table 4);

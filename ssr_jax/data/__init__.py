@@ -14,8 +14,8 @@
   and the matching transforms of superpixel id maps.
 - `slic.py`: SLIC superpixels with a bounded number of ids, and the SLIC
   cache.
-- `synthetic.py`: the procedurally generated world of the embedded default,
-  written in the VOC layout.
+- `synthetic/`: the procedurally generated world of the embedded default,
+  written in the VOC layout (its dataset spec is `specs.SYNTHETIC`).
 
 `ssr_jax.data_sources` chooses folders or TFDS (`data.source`) and turns
 the config into these modules' arguments; `ssr_jax.input_pipeline` turns
