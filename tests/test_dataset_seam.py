@@ -83,8 +83,9 @@ def test_spec_presets_reach_the_config(shapes):
         shapes.fg_prompts, shapes.bg_prompts, CLASSES)
 
 
-# 76 s measured here at load average 10 on the shared 2 cores, most of it
-# the train step's compile (train_and_evaluate 43 s, evaluate 4 s).
+# 41 s on the shared 2 cores at load average 5 (76 s at load 10), most of
+# it the train step's compile (train_and_evaluate 43 s, evaluate 4 s, at
+# load 10).
 @pytest.mark.slow
 def test_toy_dataset_trains_and_evaluates(shapes, tmp_path):
     """Train 2 steps, then evaluate val: the real loops (main's calls)."""
