@@ -204,13 +204,9 @@ def get_config(arg: str = ""):
     c = config_defaults.base_config()
 
     # --- data: the synthetic world -------------------------------------------
-    c.data.name = "synthetic"
-    c.data.crop_size = 160
-    c.data.num_classes = 11  # background + 10 (classes.json num_classes)
-    c.data.max_classes_per_image = 4  # classes.json max_classes_per_image
-    c.data.train_split = "train"
-    c.data.val_split = "val"
-    c.data.seed_split = "train"
+    # name, crop 160, 11 classes, at most 4 per image, splits train / val /
+    # train: the spec in ssr_jax/data/specs.py (classes.json agrees).
+    config_defaults.apply_dataset(c, "synthetic")
     _world(c)
 
     # --- tiny encoders: pretraining ------------------------------------------

@@ -34,11 +34,18 @@ from ml_collections import config_dict
 from scipy import stats
 
 from ssr_jax import cam as cam_lib
-from ssr_jax import diagnostics, input_pipeline, metrics, pretrain, ssr
+from ssr_jax import (
+    data_sources,
+    diagnostics,
+    input_pipeline,
+    metrics,
+    pretrain,
+    ssr,
+)
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
-from ssr_jax.data import synthetic, voc
+from ssr_jax.data import specs, synthetic
 from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
 
@@ -117,7 +124,7 @@ def zero_shot(clip_path: str, root: str, split: str = "val",
     """
     clip = loading.load_clip(clip_path)
     tok = text_lib.load_tokenizer(clip_path)
-    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     classes = json.load(open(os.path.join(root, "classes.json")))
     template = classes.get("template", text_lib.TEMPLATE)
     ids = synthetic.read_split(root, split)
@@ -288,7 +295,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     dino, _ = encoders.load_affinity_encoder(
         config.model.get("dino_kind", "dino"), dino_path)
     tok = text_lib.load_tokenizer(clip_path)
-    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     template = config.text.template
     text_fg = jnp.asarray(text_bank(clip, tok, fg, template))
     text_bg = jnp.asarray(text_bank(clip, tok, bg, template))
@@ -309,7 +316,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     n = 0
     size = config.data.crop_size
     meta = json.load(open(os.path.join(root, "meta.json")))
-    split_names = voc.load_split(
+    split_names = data_sources.load_split(
         config, config.data.seed_split).names
     batches = input_pipeline.seed_batches(
         config, config.data.seed_split, batch_size, size,

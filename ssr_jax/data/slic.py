@@ -21,6 +21,7 @@ the GIL.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import tempfile
@@ -30,6 +31,31 @@ from PIL import Image
 
 # A 16-bit PNG stores the cached ids.
 MAX_CACHEABLE_SEGMENTS = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicParams:
+    """The SLIC settings the data layer needs, as plain values.
+
+    Built once from the run config (`sgc.slic_segments`,
+    `sgc.slic_compactness`, `sgc.max_segments`, `sgc.slic_cache`,
+    `data.crop_size`) by `ssr_jax.data_sources.slic_params`; nothing in
+    `ssr_jax/data/` reads the method's `config.sgc`.
+    """
+
+    segments: int
+    compactness: float
+    max_segments: int
+    crop_size: int
+    cache: bool = True  # whole-image SLIC, ids transformed with the image
+
+    def settings(self) -> dict:
+        """The record stored superpixels depend on (TFDS metadata, tags)."""
+        return {"slic_segments": int(self.segments),
+                "slic_compactness": float(self.compactness),
+                "max_segments": int(self.max_segments),
+                "crop_size": int(self.crop_size),
+                "mode": "whole_image"}
 
 
 def reindex(ids: np.ndarray) -> tuple[np.ndarray, int]:
