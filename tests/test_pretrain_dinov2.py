@@ -57,10 +57,7 @@ def test_dinov2_variants():
         assert "registers" not in plain.pretrain.dino
         # only the affinity encoder changes
         for name in ("patch_size", "registers", "global_size", "local_size"):
-            if name in plain.pretrain.dino:
-                plain.pretrain.dino[name] = d[name]
-            else:
-                plain.pretrain.dino[name] = d[name]
+            plain.pretrain.dino[name] = d[name]
         plain.model.dino_kind = "dinov2"
         assert plain.to_json(sort_keys=True) == c.to_json(sort_keys=True)
     assert synthetic_config("dinov2").pretrain.dino.global_size == 154
