@@ -15,7 +15,9 @@ and the measured diagnostics are in docs/pretrain.md.
   is the image embedding that CLIP-ES GradCAM differentiates (SPEC §1.4),
   which a tiny CLIP trained on the CLS token alone leaves untrained.
   [choice] identical captions in a batch are positives of each other.
-- **DINO** (`models.vit.ViT`, HF `ViTModel` layout): self-distillation
+- **DINO** (`models.vit.ViT`, HF `ViTModel` layout; or, with
+  `model.dino_kind="dinov2"`, `models.dinov2.Dinov2`, HF `Dinov2Model` /
+  `Dinov2WithRegistersModel` layout, cached apart): self-distillation
   without labels (Caron et al. 2021): a momentum (EMA) teacher, multi-crop
   (2 global + several local crops), a projection head (MLP → L2 norm →
   weight-normalised prototypes), teacher centering and sharpening. The
@@ -51,6 +53,7 @@ from ssr_jax.pretrain.augment import (
     resized_crop,
 )
 from ssr_jax.pretrain.cache import (
+    DINOV2_FIELDS,
     INFO_FILE,
     PRETRAIN_VERSION,
     cache_key,
@@ -75,11 +78,15 @@ from ssr_jax.pretrain.clip import (
 from ssr_jax.pretrain.dino import (
     DINO,
     DINOHead,
+    affinity_kind,
+    backbone_config,
     dino_loss,
     dino_model_config,
+    dinov2_model_config,
     make_dino_step,
     momentum_schedule,
     pretrain_dino,
+    save_backbone,
     teacher_temp_schedule,
     train_dino,
 )
@@ -95,15 +102,16 @@ from ssr_jax.pretrain.world import (
 )
 
 __all__ = [
-    "DINO", "INFO_FILE", "MAX_LOGIT_SCALE", "PRETRAIN_VERSION", "ClipData",
-    "DINOHead", "adamw", "build", "build_tokenizer", "cache_key",
-    "clip_crops", "clip_loss", "clip_model_config", "colour_jitter",
-    "contrastive_loss", "dino_loss", "dino_model_config", "encoder_cache_dir",
-    "ensure_encoders", "ensure_world", "global_logits", "is_complete",
-    "keep_tokens", "load_clip_data", "lr_schedule", "make_clip_step",
-    "make_dino_step", "momentum_schedule", "multi_crops", "normalise",
-    "patch_logits", "pretrain_clip", "pretrain_dino", "read_images",
-    "resized_crop", "teacher_temp_schedule", "tie_query_key",
-    "tokenizer_words", "train_clip", "train_dino", "validate",
-    "world_identity", "world_root",
+    "ClipData", "DINO", "DINOHead", "DINOV2_FIELDS", "INFO_FILE",
+    "MAX_LOGIT_SCALE", "PRETRAIN_VERSION", "adamw", "affinity_kind",
+    "backbone_config", "build", "build_tokenizer", "cache_key", "clip_crops",
+    "clip_loss", "clip_model_config", "colour_jitter", "contrastive_loss",
+    "dino_loss", "dino_model_config", "dinov2_model_config",
+    "encoder_cache_dir", "ensure_encoders", "ensure_world", "global_logits",
+    "is_complete", "keep_tokens", "load_clip_data", "lr_schedule",
+    "make_clip_step", "make_dino_step", "momentum_schedule", "multi_crops",
+    "normalise", "patch_logits", "pretrain_clip", "pretrain_dino",
+    "read_images", "resized_crop", "save_backbone", "teacher_temp_schedule",
+    "tie_query_key", "tokenizer_words", "train_clip", "train_dino",
+    "validate", "world_identity", "world_root"
 ]

@@ -1,8 +1,14 @@
 """The pretraining config check and the snapshot cache: `ensure_encoders`
-caches each snapshot under a hash of (its config section, the world's
-`world.json`, `PRETRAIN_VERSION`); an entry is written to a temporary
-directory and renamed into place, so an interrupted run never leaves a
-snapshot that looks complete.
+caches each snapshot under a hash of (its kind, its config section, the
+world's `world.json`, `PRETRAIN_VERSION`); an entry is written to a
+temporary directory and renamed into place, so an interrupted run never
+leaves a snapshot that looks complete.
+
+The affinity encoder's kind is `model.dino_kind`: "dino" (a DINO ViT,
+cached as `dino-<key>`) or "dinov2" (a DINOv2, `dinov2-<key>`); both are
+trained from the `pretrain.dino` section. The DINOv2-only fields of that
+section (`DINOV2_FIELDS`) are left out of the DINO key, so adding them
+changed no existing DINO key.
 """
 
 from __future__ import annotations
@@ -22,28 +28,50 @@ from ml_collections import config_dict
 from ssr_jax import config_check
 from ssr_jax.models import loading
 from ssr_jax.pretrain.clip import pretrain_clip
-from ssr_jax.pretrain.dino import pretrain_dino
+from ssr_jax.pretrain.dino import KINDS, affinity_kind, pretrain_dino
 from ssr_jax.pretrain.world import encoder_cache_dir, read_json, world_identity
 
 # Bump when a change to this package changes the weights it produces.
 PRETRAIN_VERSION = 1
 INFO_FILE = "pretrain.json"  # written last: marks a complete cache entry
+# `pretrain.dino` fields that only a DINOv2 reads (absent = their default).
+DINOV2_FIELDS = {"registers": 0}
 
 
 def validate(config: config_dict.ConfigDict) -> list[str]:
     """Problems with `config.pretrain` (empty when it is good).
 
-    Both encoders must cut images into the same token grid as SSR reads
-    (patch 16, `config_check.PATCH`): SGC fuses their affinities patch by
-    patch.
+    CLIP and a DINO ViT must cut images into the same token grid as SSR
+    reads (patch 16, `config_check.PATCH`): SGC fuses their affinities
+    patch by patch. A DINOv2 (`model.dino_kind="dinov2"`) may use another
+    patch size: its affinity is resampled onto CLIP's grid
+    (`models.encoders.patch_affinity`).
     """
     e: list[str] = []
     k, d = config.pretrain.clip, config.pretrain.dino
-    for name, value in (("clip.patch_size", k.patch_size),
-                        ("dino.patch_size", d.patch_size)):
+    kind = affinity_kind(config)
+    if kind not in KINDS:
+        e.append(f"model.dino_kind={kind!r}: choose one of "
+                 f"{', '.join(KINDS)}")
+    fixed = [("clip.patch_size", k.patch_size)]
+    if kind == "dino":
+        fixed.append(("dino.patch_size", d.patch_size))
+    elif d.patch_size < 1:
+        e.append(f"pretrain.dino.patch_size={d.patch_size}: must be >= 1")
+    for name, value in fixed:
         if value != config_check.PATCH:
             e.append(f"pretrain.{name}={value}: must be "
-                     f"{config_check.PATCH}, the patch of SSR's token grid")
+                     f"{config_check.PATCH}, the patch of SSR's token grid"
+                     + (" (a DINOv2, model.dino_kind='dinov2', may use "
+                        "another)" if name.startswith("dino") else ""))
+    registers = d.get("registers", DINOV2_FIELDS["registers"])
+    if (isinstance(registers, bool) or not isinstance(registers, int)
+            or registers < 0):
+        e.append(f"pretrain.dino.registers={registers!r}: must be an "
+                 "integer >= 0 (DINOv2 with registers uses 4)")
+    elif registers and kind != "dinov2":
+        e.append(f"pretrain.dino.registers={registers}: only a DINOv2 has "
+                 "registers; set model.dino_kind='dinov2' or registers=0")
     for name, value, patch in (
             ("clip.image_size", k.image_size, k.patch_size),
             ("dino.global_size", d.global_size, d.patch_size),
@@ -91,14 +119,27 @@ def validate(config: config_dict.ConfigDict) -> list[str]:
 
 
 def cache_key(config: config_dict.ConfigDict, kind: str, root: str) -> str:
-    """sha256 (first 20 hex) of what determines the `kind` snapshot: its
-    `pretrain.<kind>` section (architecture and training), `pretrain.seed`,
-    the world's identity and `PRETRAIN_VERSION`."""
-    if kind not in ("clip", "dino"):
-        raise ValueError(f"kind={kind!r}: choose 'clip' or 'dino'")
+    """sha256 (first 20 hex) of what determines the `kind` snapshot: the
+    kind, its config section (architecture and training: `pretrain.clip`
+    for "clip", `pretrain.dino` for "dino" and "dinov2"), `pretrain.seed`,
+    the world's identity and `PRETRAIN_VERSION`.
+
+    The "dino" key leaves out `DINOV2_FIELDS` (a DINO ViT does not read
+    them), so DINO keys are those of the configs before those fields
+    existed; the "dinov2" key fills them in with their defaults, so an
+    absent field and its default name the same snapshot."""
+    if kind not in ("clip", *KINDS):
+        raise ValueError(f"kind={kind!r}: choose 'clip', "
+                         + " or ".join(repr(k) for k in KINDS))
+    section = config.pretrain["clip" if kind == "clip" else "dino"].to_dict()
+    if kind == "dino":
+        for name in DINOV2_FIELDS:
+            section.pop(name, None)
+    elif kind == "dinov2":
+        section = {**DINOV2_FIELDS, **section}
     payload = {"kind": kind, "version": PRETRAIN_VERSION,
                "seed": config.pretrain.seed,
-               "config": config.pretrain[kind].to_dict(),
+               "config": section,
                "world": world_identity(root)}
     blob = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -148,7 +189,8 @@ def _cached(kind: str, train_fn: Callable[[str], dict[str, Any]], key: str,
 def ensure_encoders(config: config_dict.ConfigDict, root: str,
                     cache_dir: str | None = None) -> tuple[str, str]:
     """(clip_path, dino_path): HF snapshot directories of the tiny encoders
-    for the world at `root`, pretrained on a cache miss.
+    for the world at `root`, pretrained on a cache miss; dino_path holds the
+    affinity encoder of `model.dino_kind` (a DINO ViT or a DINOv2).
 
     Each encoder is cached on its own key (`cache_key`), so a change to the
     CLIP section does not retrain DINO. `cache_dir` defaults to
@@ -163,7 +205,8 @@ def ensure_encoders(config: config_dict.ConfigDict, root: str,
     clip_path = _cached(
         "clip", lambda d: pretrain_clip(config, root, d, progress),
         cache_key(config, "clip", root), cache_dir)
+    kind = affinity_kind(config)
     dino_path = _cached(
-        "dino", lambda d: pretrain_dino(config, root, d, progress),
-        cache_key(config, "dino", root), cache_dir)
+        kind, lambda d: pretrain_dino(config, root, d, progress),
+        cache_key(config, kind, root), cache_dir)
     return clip_path, dino_path

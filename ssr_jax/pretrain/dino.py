@@ -1,10 +1,17 @@
-"""DINO self-distillation pretraining of the tiny DINO ViT (`models.vit.ViT`,
-HF `ViTModel` layout).
+"""DINO self-distillation pretraining of the tiny affinity encoder of
+`model.dino_kind`: a DINO ViT (`models.vit.ViT`, HF `ViTModel` layout) or a
+DINOv2 (`models.dinov2.Dinov2`, HF `Dinov2Model` layout, or
+`Dinov2WithRegistersModel` with `pretrain.dino.registers` > 0).
 
 Self-distillation without labels (Caron et al. 2021): a momentum (EMA)
 teacher, multi-crop (2 global + several local crops), a projection head (MLP
 → L2 norm → weight-normalised prototypes), teacher centering and sharpening.
-The teacher backbone is saved.
+The teacher backbone is saved. Both kinds train with this same DINO
+objective on the CLS token: [choice] DINOv2's own additions (the iBOT
+masked-patch loss, KoLeo, Sinkhorn-Knopp centering) are not built; what the
+`dinov2` kind exercises is the architecture (LayerScale, registers, patch
+14, bicubic position resizing) and its HF snapshot, read back through the
+encoder seam (`models.encoders`).
 """
 
 from __future__ import annotations
@@ -24,11 +31,18 @@ from ml_collections import config_dict
 import ssr_jax.pretrain.training as tr
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
+from ssr_jax.models.dinov2 import Dinov2, Dinov2Config
 from ssr_jax.models.vit import ViT, ViTConfig
 from ssr_jax.pretrain.augment import colour_jitter, multi_crops, normalise
 from ssr_jax.pretrain.world import read_images
 
 Array = jax.Array
+KINDS = ("dino", "dinov2")  # = models.encoders.KINDS (model.dino_kind)
+
+
+def affinity_kind(config: config_dict.ConfigDict) -> str:
+    """`model.dino_kind`: which affinity encoder the pretraining builds."""
+    return config.model.get("dino_kind", "dino")
 
 
 def dino_model_config(cfg: config_dict.ConfigDict,
@@ -39,6 +53,32 @@ def dino_model_config(cfg: config_dict.ConfigDict,
                      intermediate_size=cfg.width * cfg.mlp_ratio,
                      layer_norm_eps=1e-6, image_size=image_size,
                      patch_size=cfg.patch_size)
+
+
+def dinov2_model_config(cfg: config_dict.ConfigDict,
+                        image_size: int) -> Dinov2Config:
+    """The tiny DINOv2's architecture from `pretrain.dino`: HF
+    `Dinov2Model` or, with `registers` > 0, `Dinov2WithRegistersModel`.
+    [choice] LayerScale starts at HF's default 1.0 (the DINOv2 recipe's
+    1e-5 is for 12+ blocks trained for 100+ epochs; the tiny run lasts a
+    few epochs) and the FFN is the plain MLP (SwiGLU is ViT-g's)."""
+    registers = int(cfg.get("registers", 0))
+    return Dinov2Config(
+        hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        layer_norm_eps=1e-6, image_size=image_size,
+        patch_size=cfg.patch_size, num_register_tokens=registers,
+        model_type="dinov2_with_registers" if registers else "dinov2")
+
+
+def backbone_config(kind: str, cfg: config_dict.ConfigDict,
+                    image_size: int) -> ViTConfig | Dinov2Config:
+    """The affinity encoder's architecture of `kind` from `pretrain.dino`."""
+    if kind not in KINDS:
+        raise ValueError(f"model.dino_kind={kind!r}: choose one of "
+                         f"{', '.join(KINDS)}")
+    make = dino_model_config if kind == "dino" else dinov2_model_config
+    return make(cfg, image_size)
 
 
 class DINOHead(nnx.Module):
@@ -64,12 +104,15 @@ class DINOHead(nnx.Module):
 
 
 class DINO(nnx.Module):
-    """Backbone + head; `__call__(pixels [B, H, W, 3]) → [B, K]` from the
-    CLS token after the final LayerNorm."""
+    """Backbone (a `ViT` for a `ViTConfig`, a `Dinov2` for a
+    `Dinov2Config`) + head; `__call__(pixels [B, H, W, 3]) → [B, K]` from
+    the CLS token after the final LayerNorm."""
 
-    def __init__(self, vit_config: ViTConfig, cfg: config_dict.ConfigDict,
-                 *, rngs: nnx.Rngs):
-        self.backbone = ViT(vit_config, rngs=rngs)
+    def __init__(self, vit_config: ViTConfig | Dinov2Config,
+                 cfg: config_dict.ConfigDict, *, rngs: nnx.Rngs):
+        self.backbone = (Dinov2(vit_config, rngs=rngs)
+                         if isinstance(vit_config, Dinov2Config)
+                         else ViT(vit_config, rngs=rngs))
         self.head = DINOHead(vit_config.hidden_size, cfg.head_hidden,
                              cfg.head_bottleneck, cfg.num_prototypes,
                              rngs=rngs)
@@ -200,9 +243,9 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
 
 
 def train_dino(config: config_dict.ConfigDict, root: str,
-               progress: bool = True) -> tuple[ViT, dict[str, Any]]:
-    """Trains the tiny DINO ViT on the world's train images (no labels, no
-    captions).
+               progress: bool = True) -> tuple[ViT | Dinov2, dict[str, Any]]:
+    """Trains the tiny affinity encoder of `model.dino_kind` (DINO ViT or
+    DINOv2) on the world's train images (no labels, no captions).
 
     Returns:
       (teacher backbone, info) with info as `train_clip`'s, plus
@@ -212,12 +255,13 @@ def train_dino(config: config_dict.ConfigDict, root: str,
       should stay high).
     """
     cfg = config.pretrain.dino
+    kind = affinity_kind(config)
     start, cpu0 = time.perf_counter(), tr.cpu_seconds()
     images = read_images(root, synthetic.read_split(root, "train"))
     seed = config.pretrain.seed
 
     def make():
-        model = DINO(dino_model_config(cfg, cfg.global_size), cfg,
+        model = DINO(backbone_config(kind, cfg, cfg.global_size), cfg,
                      rngs=nnx.Rngs(seed + 1))
         if cfg.tied_qk_scale > 0:
             tr.tie_query_key(model.backbone.blocks, cfg.tied_qk_scale)
@@ -233,7 +277,8 @@ def train_dino(config: config_dict.ConfigDict, root: str,
     key = jax.random.key(seed + 1)
     history = []
     batches = tr.epoch_batches(rng, len(images), cfg.batch_size, cfg.steps)
-    bar = tr.progress_bar(batches, cfg.steps, "pretrain DINO", progress)
+    name = {"dino": "DINO", "dinov2": "DINOv2"}[kind]
+    bar = tr.progress_bar(batches, cfg.steps, f"pretrain {name}", progress)
     for i, idx in enumerate(bar):
         glob, loc = multi_crops(images[idx], rng, cfg)
         state, m = step_fn(state, glob, loc, jax.random.fold_in(key, i))
@@ -254,18 +299,30 @@ def train_dino(config: config_dict.ConfigDict, root: str,
             "teacher_mean_entropy": float(last["teacher_mean_entropy"]),
             "seconds": time.perf_counter() - start,
             "cpu_seconds": tr.cpu_seconds() - cpu0}
-    logging.info("DINO pretrained: %d steps in %.1f s wall (%.1f s CPU), "
+    logging.info("%s pretrained: %d steps in %.1f s wall (%.1f s CPU), "
                  "loss %.3f -> %.3f, teacher entropy %.2f (batch mean "
-                 "%.2f)", cfg.steps, info["seconds"], info["cpu_seconds"],
-                 info["first_loss"], info["final_loss"],
+                 "%.2f)", name, cfg.steps, info["seconds"],
+                 info["cpu_seconds"], info["first_loss"], info["final_loss"],
                  info["teacher_entropy"], info["teacher_mean_entropy"])
     return model.backbone, info
 
 
 def pretrain_dino(config: config_dict.ConfigDict, root: str, out_dir: str,
                   progress: bool = True) -> dict[str, Any]:
-    """Trains the tiny DINO ViT (`train_dino`) and writes the teacher
-    backbone to `out_dir` as a HF `ViTModel` snapshot; returns the info."""
+    """Trains the tiny affinity encoder (`train_dino`) and writes the
+    teacher backbone to `out_dir` as a HF snapshot of its kind (`ViTModel`,
+    `Dinov2Model` or `Dinov2WithRegistersModel`) that
+    `models.encoders.load_affinity_encoder(model.dino_kind, out_dir)`
+    reads; returns the info."""
     backbone, info = train_dino(config, root, progress)
-    loading.save_dino(backbone, out_dir)
+    save_backbone(backbone, out_dir)
     return info
+
+
+def save_backbone(backbone: ViT | Dinov2, out_dir: str) -> None:
+    """Writes a trained backbone as the HF snapshot of its kind:
+    `ViTModel` (DINO ViT), `Dinov2Model` or `Dinov2WithRegistersModel`."""
+    if isinstance(backbone, Dinov2):
+        loading.save_dinov2(backbone, out_dir)
+    else:
+        loading.save_dino(backbone, out_dir)
