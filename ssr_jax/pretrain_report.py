@@ -301,7 +301,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     text_fg = jnp.asarray(text_bank(clip, tok, fg, template))
     text_bg = jnp.asarray(text_bank(clip, tok, bg, template))
     if logit_scale == "config":
-        logit_scale = config.cam.logit_scale
+        # As the method reads it: 0 = the checkpoint's learned scale.
+        logit_scale = float(ssr.gradcam_scale(clip, config.cam.logit_scale))
     elif logit_scale == "model":
         logit_scale = float(jnp.exp(clip.logit_scale[...]))
     kinds = list(bg)

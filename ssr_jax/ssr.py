@@ -91,6 +91,13 @@ def clip_trunk(clip, pixels: Array) -> tuple[Array, dict, tuple[int, int]]:
     return jax.lax.stop_gradient(x), out, grid
 
 
+def gradcam_scale(clip, logit_scale: float):
+    """The GradCAM softmax scale that `cam.logit_scale` means: the value
+    itself, or for 0 the checkpoint's own learned exp(logit_scale) (a
+    float32 scalar; exactly 100 for OpenAI CLIP)."""
+    return logit_scale or jnp.exp(clip.logit_scale[...].astype(jnp.float32))
+
+
 def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
                  text_fg: Array, text_bg: Array, config, heads=None, *,
                  logit_scale: float | None = None,
@@ -115,11 +122,9 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
       (cams [B, K, h, w], aux of `cam.initial_cams`).
     """
     block = clip.vision.blocks[len(clip.vision.blocks) - 1]
-    # 0 = the checkpoint's own learned scale (exactly 100 for OpenAI CLIP).
     scale = logit_scale
     if scale is None:
-        scale = config.cam.logit_scale or jnp.exp(
-            clip.logit_scale[...].astype(jnp.float32))
+        scale = gradcam_scale(clip, config.cam.logit_scale)
     head_fns = None
     if heads is not None:
         head_fns = (lambda v: heads.isa(v, use_running_average=True),
