@@ -39,6 +39,7 @@ from ssr_jax import (
     diagnostics,
     input_pipeline,
     metrics,
+    params,
     pretrain,
     ssr,
 )
@@ -191,7 +192,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
-    s = config.sgc
+    s = params.method_params(config).sgc
     num_classes = config.data.num_classes
     kmax = config.data.max_classes_per_image
     patch = clip.config.vision.patch_size
@@ -231,7 +232,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         oracle = diagnostics.oracle_affinity(plab)
         for name, mask_kind in zip(ORACLE_STEPS, ("box", "superpixel"),
                                    strict=True):
-            steps[name] = sgc_lib.refine_cams_from_config(
+            steps[name] = sgc_lib.refine_cams_with(
                 cams, slot_valid, s, clip_aff=oracle, image=image,
                 superpixels=batch["superpixels"], valid=batch["valid"],
                 use_clip_attn=True, use_dino_attn=False, clip_weight=1.0,
@@ -300,7 +301,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     text_fg = jnp.asarray(text_bank(clip, tok, fg, template))
     text_bg = jnp.asarray(text_bank(clip, tok, bg, template))
     if logit_scale == "config":
-        logit_scale = config.cam.logit_scale
+        # As the method reads it: 0 = the checkpoint's learned scale.
+        logit_scale = float(ssr.gradcam_scale(clip, config.cam.logit_scale))
     elif logit_scale == "model":
         logit_scale = float(jnp.exp(clip.logit_scale[...]))
     kinds = list(bg)
