@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ from tokenizers import (
     processors,
 )
 
+from ssr_jax import io_utils
 from ssr_jax.data import specs, vocabularies
 
 log = logging.getLogger(__name__)
@@ -515,13 +515,7 @@ def cached_text_bank(
     bg = np.asarray(bank["bg"], np.float32)
     parent = os.path.dirname(os.path.abspath(cache_file))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), fg=fg, bg=bg)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with io_utils.atomic_write(cache_file, suffix=".npz") as f:
+        np.savez(f, key=np.array(key), fg=fg, bg=bg)
     return {"fg": fg, "bg": bg}
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from ssr_jax import io_utils
 
 # A 16-bit PNG stores the cached ids.
 MAX_CACHEABLE_SEGMENTS = 65535
@@ -242,11 +243,5 @@ class SlicCache:
     def _write(self, path: str, ids: np.ndarray) -> None:
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.png")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(ids.astype(np.uint16)).save(f, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with io_utils.atomic_write(path, suffix=".tmp.png") as f:
+            Image.fromarray(ids.astype(np.uint16)).save(f, format="PNG")

@@ -23,11 +23,11 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 from absl import logging
 
+from ssr_jax import io_utils
 from ssr_jax.data import DataError, specs, voc
 from ssr_jax.data.voc import IMAGE_DIR, MASK_DIRS, XML_DIR
 
@@ -108,15 +108,8 @@ def _scan(config, split: str, names: list[str],
 
 
 def _write_json(path: str, obj) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with io_utils.atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
 
 
 def _records(config, split: str, names: list[str],
