@@ -66,7 +66,7 @@ def abstract_setup(config, mesh):
     model_g, params, rest = nnx.split(model, nnx.Param, ...)
     tx = train.create_optimizer(config, params)
     num_fg = config.data.num_classes - 1
-    k = cmpa.prototype_count(config.cmpa, num_fg)
+    k = cmpa.prototype_count(config.cmpa.num_prototypes, num_fg)
     state = jax.eval_shape(lambda: {
         "params": params, "rest": rest, "opt": tx.init(params),
         "bank": cmpa.init_bank(config.cmpa.bank_size, config.cmpa.dim),

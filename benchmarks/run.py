@@ -631,7 +631,7 @@ def jax_stages(spec: dict) -> dict[str, Any]:
     from flax import nnx
 
     from ssr_jax import cam as cam_lib
-    from ssr_jax import cmpa, ssr
+    from ssr_jax import cmpa, params, ssr
 
     s = _shapes(spec)
     config = _jax_config(spec, s.batch)
@@ -640,7 +640,7 @@ def jax_stages(spec: dict) -> dict[str, Any]:
         spec, clip.config.projection_dim))
     host = shapes_batch(s)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
-    sg = config.sgc
+    sgc_params = params.method_params(config).sgc
     grid = (s.crop // 16, s.crop // 16)
     (cg, cs), (dg, ds), (mg, ms) = (nnx.split(m) for m in (clip, dino,
                                                            model))
@@ -666,10 +666,10 @@ def jax_stages(spec: dict) -> dict[str, Any]:
 
     def sgc(cams, cls_ids, attn, dino_aff, batch):
         refine = ssr.refine_fn(
-            cams, cls_ids >= 0, sg, impl=sg.segment_impl, clip_attn=attn,
+            cams, cls_ids >= 0, sgc_params, clip_attn=attn,
             dino_aff=dino_aff, image=batch["image"],
             superpixels=batch["superpixels"], valid=batch["valid"])
-        return refine(True, True, sg.mask)
+        return refine(True, True, sgc_params.mask_kind)
 
     def par(refined, cls_ids, batch):
         return ssr.par_labels(refined, cls_ids, ssr.normalise(batch["image"]),

@@ -3,14 +3,17 @@ r"""The embedded default: SSR on the procedurally generated world (SPEC §5).
   python -m ssr_jax.main --config configs/synthetic.py --workdir runs/synth
 
 generates the world (docs/synthetic_world.md), pretrains a tiny CLIP and a
-tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain.py`),
+tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain/`),
 trains SSR on the image-level labels and scores it on the held-out masks.
 Nothing is downloaded.
 
 Arguments: "" (the full default, 12.5 min on 2 CPU cores from empty
 caches), "smoke" (a shrunk world and encoders: 116 s end to end on 2 CPU
 cores from empty caches, as measured for the README), "tiny" (about a
-minute from empty caches, seconds once cached; for tests).
+minute from empty caches, seconds once cached; for tests). Each may be
+followed by ",dinov2" (or "dinov2" alone, the full default): the affinity
+encoder is then a tiny DINOv2 with patch 14 (`model.dino_kind="dinov2"`,
+`_dinov2`), e.g. `configs/synthetic.py:smoke,dinov2`.
 
 Caches (both keyed by content, both safe to delete):
 - the world: `synthetic.root`, default
@@ -26,7 +29,8 @@ from ml_collections import config_dict
 
 from ssr_jax import config_defaults
 
-VARIANTS = ("", "smoke", "tiny")
+VARIANTS = ("", "smoke", "tiny")  # sizes; each also with ",dinov2"
+OPTIONS = ("dinov2",)
 
 
 def _world(c: config_dict.ConfigDict) -> None:
@@ -196,21 +200,53 @@ def _tiny(c: config_dict.ConfigDict) -> None:
     config_defaults.shrink_for_tests(c)
 
 
+def _dinov2(c: config_dict.ConfigDict) -> None:
+    """The affinity encoder as a tiny DINOv2 (HF `Dinov2Model`), trained by
+    the same self-distillation (`pretrain.dino`) with its own patch size.
+
+    [choice] Patch 14, DINOv2's: on the 160 px world it reads an 11x11 grid
+    (154 px) where CLIP/16 reads 10x10, so SGC gets its affinity through
+    the resampling of `models.encoders.patch_affinity`, as with a real
+    DINOv2 on CLIP ViT-B/16; on the 64 px tiny world both grids are 4x4 but
+    of 14 vs 16 px cells (the resampling is still not the identity). The
+    crops are the DINO ones floored to multiples of 14 (global = the
+    largest grid the world's images hold, so SSR uses the positions at the
+    size they were trained at; local 64 → 56 px), which keeps the local
+    crops' token count of the DINO run (4x4; 2x2 on the tiny world).
+    Registers: 0 (HF `Dinov2Model`); `pretrain.dino.registers=4` gives
+    `Dinov2WithRegistersModel`.
+    """
+    c.model.dino_kind = "dinov2"
+    d = c.pretrain.dino
+    d.patch_size = 14
+    d.registers = 0
+    d.global_size = c.synthetic.image_size // d.patch_size * d.patch_size
+    d.local_size = d.local_size // d.patch_size * d.patch_size
+
+
+def _parse(arg: str) -> tuple[str, set[str]]:
+    """"size[,option...]" → (size, options); ValueError when unknown."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    sizes = [p for p in parts if p not in OPTIONS]
+    options = {p for p in parts if p in OPTIONS}
+    if len(sizes) > 1 and "" in sizes:
+        sizes = [p for p in sizes if p]
+    if len(sizes) > 1 or (sizes and sizes[0] not in VARIANTS):
+        raise ValueError(
+            f"bad config argument {arg!r}: use '' (the full default), "
+            "'smoke' or 'tiny', optionally with ',dinov2' (e.g. "
+            "'smoke,dinov2', or 'dinov2' for the full default)")
+    return (sizes[0] if sizes else ""), options
+
+
 def get_config(arg: str = ""):
-    arg = (arg or "").strip()
-    if arg not in VARIANTS:
-        raise ValueError(f"bad config argument {arg!r}: use '' (the full "
-                         "default), 'smoke' or 'tiny'")
+    arg, options = _parse(arg)
     c = config_defaults.base_config()
 
     # --- data: the synthetic world -------------------------------------------
-    c.data.name = "synthetic"
-    c.data.crop_size = 160
-    c.data.num_classes = 11  # background + 10 (classes.json num_classes)
-    c.data.max_classes_per_image = 4  # classes.json max_classes_per_image
-    c.data.train_split = "train"
-    c.data.val_split = "val"
-    c.data.seed_split = "train"
+    # name, crop 160, 11 classes, at most 4 per image, splits train / val /
+    # train: the spec in ssr_jax/data/specs.py (classes.json agrees).
+    config_defaults.apply_dataset(c, "synthetic")
     _world(c)
 
     # --- tiny encoders: pretraining ------------------------------------------
@@ -221,6 +257,8 @@ def get_config(arg: str = ""):
         _smoke(c)
     elif arg == "tiny":
         _tiny(c)
+    if "dinov2" in options:
+        _dinov2(c)
     _encoder_dependent(c)
     if arg == "tiny":
         c.data.crop_size = c.synthetic.image_size

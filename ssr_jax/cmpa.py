@@ -50,6 +50,7 @@ Pieces, in the order the method uses them:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -105,6 +106,34 @@ class ProjectionHead(nnx.Module):
         return l2_normalize(self.fc2(jax.nn.relu(z)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CMPAParams:
+    """The CMPA knobs the method functions take, as one frozen value
+    (`ssr_jax.params.method_params` builds it from `config.cmpa`).
+
+    hidden_dim, dim, tau_init, tau_min, tied_init, identity_init size and
+    start the heads (`CMPAHeads.from_params`); variant, positive,
+    background_negatives and valid_tokens_only choose the loss (`cmpa_loss`,
+    `ssr.loss_fn`); num_prototypes (0 = C), kmeans_iters, bank_size and
+    recluster_every drive the trainer's `recluster`.
+    """
+
+    variant: str = "cross"
+    hidden_dim: int = 512
+    dim: int = 256
+    tau_init: float = 0.05
+    tau_min: float = 0.01
+    tied_init: bool = True
+    identity_init: bool = False
+    positive: str = "kmeans"
+    background_negatives: bool = False
+    valid_tokens_only: bool = False
+    num_prototypes: int = 0
+    kmeans_iters: int = 20
+    bank_size: int = 4096
+    recluster_every: int = 5000
+
+
 class CMPAHeads(nnx.Module):
     """ISA, TSA and the learnable temperature of Eq. 3 (stored as log τ)."""
 
@@ -143,16 +172,14 @@ class CMPAHeads(nnx.Module):
         self.log_tau_min = math.log(tau_min)
 
     @classmethod
-    def from_config(cls, cmpa_config, image_dim: int, text_dim: int, *,
-                    rngs: nnx.Rngs) -> CMPAHeads:
-        """Heads sized by `config.cmpa` (hidden_dim, dim, tau_init, tau_min,
-        tied_init)."""
-        return cls(image_dim, text_dim, hidden_dim=cmpa_config.hidden_dim,
-                   dim=cmpa_config.dim, tau_init=cmpa_config.tau_init,
-                   tau_min=cmpa_config.tau_min,
-                   tied_init=cmpa_config.get("tied_init", True),
-                   identity_init=cmpa_config.get("identity_init", False),
-                   rngs=rngs)
+    def from_params(cls, params: CMPAParams, image_dim: int, text_dim: int,
+                    *, rngs: nnx.Rngs) -> CMPAHeads:
+        """Heads sized by `params` (hidden_dim, dim, tau_init, tau_min,
+        tied_init, identity_init)."""
+        return cls(image_dim, text_dim, hidden_dim=params.hidden_dim,
+                   dim=params.dim, tau_init=params.tau_init,
+                   tau_min=params.tau_min, tied_init=params.tied_init,
+                   identity_init=params.identity_init, rngs=rngs)
 
     def tau(self) -> Array:
         """τ = exp(max(log τ, log τ_min)), a float32 scalar."""
@@ -369,14 +396,14 @@ def match_clusters(assign: Array, cls: Array, valid: Array, k: int,
                      -1).astype(jnp.int32)
 
 
-def prototype_count(cmpa_config, num_classes: int) -> int:
-    """K of the K-means: `cmpa.num_prototypes`, 0 meaning C (ssr_paper 9.8).
+def prototype_count(num_prototypes: int, num_classes: int) -> int:
+    """K of the K-means: `num_prototypes`, 0 meaning C (ssr_paper 9.8).
 
     Args:
-      cmpa_config: `config.cmpa`.
+      num_prototypes: `cmpa.num_prototypes` (0 = C).
       num_classes: C, foreground classes (`data.num_classes` − 1).
     """
-    k = int(cmpa_config.num_prototypes) or num_classes
+    k = int(num_prototypes) or num_classes
     if k < 1:
         raise ValueError(f"cmpa.num_prototypes={k}: must be >= 0")
     return k

@@ -14,13 +14,14 @@ import os
 
 from ml_collections import config_dict
 
+from ssr_jax.data import specs
+
 FIELD_HINT = (
     "Check the spelling against ssr_jax/config_defaults.py "
     "(e.g. --config.train.batch_size=8)."
 )
 
 MODES = ("train", "eval", "pseudo_labels")
-DATASETS = ("voc", "coco", "synthetic")
 SOURCES = ("folders", "tfds")
 DINO_KINDS = ("dino", "dinov2")  # = ssr_jax.models.encoders.KINDS
 PATCH = 16  # ViT-B/16 and ViT-S/16; the synthetic tiny encoders use 16 too
@@ -42,6 +43,16 @@ def _positive(errors, name, value, allow_zero=False):
         errors.append(f"{name}={value!r}: must be {bound}")
 
 
+def _dataset(errors, name) -> specs.DatasetSpec | None:
+    """The spec of `data.name`, or None (and the error listing the
+    registered datasets) when no dataset of that name is registered."""
+    try:
+        return specs.get(name)
+    except specs.UnknownDatasetError as err:
+        errors.append(str(err))
+        return None
+
+
 def _unit(errors, name, value):
     if not 0.0 <= value <= 1.0:
         errors.append(f"{name}={value!r}: must lie in [0, 1]")
@@ -52,7 +63,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     e: list[str] = []
     _choice(e, "mode", config.mode, MODES)
     d = config.data
-    _choice(e, "data.name", d.name, DATASETS)
+    spec = _dataset(e, d.name)
     _choice(e, "data.normalization", d.normalization, ("imagenet", "clip"))
     _choice(e, "data.label_source", d.label_source, ("auto", "mask", "xml"))
     source = d.get("source", "folders")
@@ -141,10 +152,12 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
                  f"multiple of the patch size {PATCH}")
     if not ev.scales or any(x <= 0 for x in ev.scales):
         e.append(f"eval.scales={tuple(ev.scales)}: need positive scales")
-    if ev.get("diagnostics", False) and config.data.name != "synthetic":
+    if ev.get("diagnostics", False) and spec is not None \
+            and not spec.synthetic:
         e.append("eval.diagnostics=True reads the synthetic world's meta "
                  "(background kinds, class homes): it needs "
-                 "data.name='synthetic' (configs/synthetic.py)")
+                 f"data.name={specs.SYNTHETIC.name!r} "
+                 f"({specs.SYNTHETIC.config_file})")
     _positive(e, "eval.batch_size", ev.batch_size)
     _positive(e, "eval.max_images", ev.max_images, allow_zero=True)
     _positive(e, "eval.crf_workers", ev.crf_workers, allow_zero=True)
@@ -160,12 +173,14 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))
 
-    if source == "tfds" and d.name in DATASETS:
+    if source == "tfds" and spec is not None:
         # Imports tensorflow_datasets (about 2 s) and reads metadata.json.
+        from ssr_jax import data_sources
         from ssr_jax.data import tfds_source
 
-        e.extend(tfds_source.problems(config))
-    if d.name != "synthetic":
+        e.extend(tfds_source.problems(config,
+                                      data_sources.slic_params(config)))
+    if spec is not None and spec.needs_root:
         _paths(e, config)
     if check_devices and not e:
         e.extend(device_errors(config))
@@ -235,8 +250,11 @@ def command_line_errors(config) -> list[str]:
     """Problems that only a user's override can cause (checked by main
     before `validate`)."""
     e = []
-    if config.data.name == "synthetic" and config.data.root:
-        e.append(f"data.root={config.data.root!r}: configs/synthetic.py "
+    name = config.data.name
+    if name in specs.names() and specs.get(name).synthetic \
+            and config.data.root:
+        e.append(f"data.root={config.data.root!r}: "
+                 f"{specs.get(name).config_hint} "
                  "generates and reads its own world and ignores data.root. "
                  "To run on a dataset use configs/voc.py or configs/coco.py "
                  "with --config.data.root; to move the world's cache use "

@@ -9,8 +9,12 @@ e.g. `--config.sgc.theta_r=0.6`.
 
 from ml_collections import config_dict
 
-VOC_MAX_CLASSES_PER_IMAGE = 6  # counted on VOC train_aug label files
-COCO_MAX_CLASSES_PER_IMAGE = 18  # counted on COCO train2014
+from ssr_jax.data import specs
+
+# Dataset presets (classes, splits, class limits, batch and schedule per
+# optimiser preset) live in the dataset specs, ssr_jax/data/specs.py.
+VOC_MAX_CLASSES_PER_IMAGE = specs.VOC.max_classes_per_image
+COCO_MAX_CLASSES_PER_IMAGE = specs.COCO.max_classes_per_image
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -21,19 +25,20 @@ def base_config() -> config_dict.ConfigDict:
 
     # --- data ---------------------------------------------------------------
     c.data = d = config_dict.ConfigDict()
-    d.name = "voc"  # voc | coco | synthetic
+    voc = specs.VOC  # the defaults below are VOC's (`apply_dataset`)
+    d.name = voc.name  # a registered dataset: specs.names()
     d.root = ""  # dataset root (layout and preparation: docs/data.md)
-    d.train_split = "train_aug"  # list file under ImageSets/Segmentation
-    d.val_split = "val"
-    d.seed_split = "train"  # split where CAM seeds and pseudo labels are scored
+    d.train_split = voc.train_split  # list file under ImageSets/Segmentation
+    d.val_split = voc.val_split
+    d.seed_split = voc.seed_split  # where CAM seeds / pseudo labels are scored
     d.strict = True  # corrupt image: error (True) or counted skip (False)
-    d.num_classes = 21  # including background
-    d.ignore_index = 255
-    d.crop_size = 320  # [WeCLIP] training crop, multiple of the patch size
+    d.num_classes = voc.num_classes  # including background
+    d.ignore_index = voc.ignore_index
+    d.crop_size = voc.crop_size  # [WeCLIP] training crop, patch multiple
     d.rescale_range = (0.5, 2.0)  # [WeCLIP] random rescale ratio
     d.hflip = True  # [WeCLIP] random horizontal flip
     d.normalization = "imagenet"  # [WeCLIP quirk] imagenet | clip mean/std
-    d.max_classes_per_image = VOC_MAX_CLASSES_PER_IMAGE  # static class padding
+    d.max_classes_per_image = voc.max_classes_per_image  # static padding
     # Class-slot counts the train step is compiled for (issue 15): each
     # batch runs GradCAM/SGC/PAR on the smallest that holds its largest
     # class count (entries above max_classes_per_image are dropped, which
@@ -230,28 +235,46 @@ def base_config() -> config_dict.ConfigDict:
     return c
 
 
+def apply_dataset(c: config_dict.ConfigDict, dataset: str) -> None:
+    """Sets the `data.*` fields (and the other fields the dataset changes,
+    `spec.overrides`) from the registered spec of `dataset`."""
+    spec = specs.get(dataset)
+    d = c.data
+    d.name = spec.name
+    d.num_classes = spec.num_classes
+    d.train_split = spec.train_split
+    d.val_split = spec.val_split
+    d.seed_split = spec.seed_split
+    d.max_classes_per_image = spec.max_classes_per_image
+    d.ignore_index = spec.ignore_index
+    d.crop_size = spec.crop_size
+    for path, value in spec.overrides:
+        section, _, field = path.rpartition(".")
+        c[section][field] = value
+
+
 def apply_preset(c: config_dict.ConfigDict, preset: str, dataset: str) -> None:
-    """Optimiser presets: `paper` (SSR's numbers) and `weclip` (WeCLIP's)."""
-    voc = dataset != "coco"
+    """Optimiser presets: `paper` (SSR's numbers) and `weclip` (WeCLIP's);
+    the batch size and schedule of each are the dataset spec's."""
+    spec = specs.get(dataset)
     if preset == "paper":
         c.optim.preset = "paper"
         c.optim.lr = 1e-5
         c.optim.weight_decay = 2e-3
         c.optim.decoder_lr_mult = 1.0
-        c.train.batch_size = 128 if voc else 256
     elif preset == "weclip":
         c.optim.preset = "weclip"
         c.optim.lr = 2e-4
         c.optim.weight_decay = 0.01
         c.optim.decoder_lr_mult = 10.0
-        c.train.batch_size = 4 if voc else 8
     else:
         raise ValueError(
             f"unknown preset {preset!r}; choose 'paper' or 'weclip'"
         )
+    c.train.batch_size = spec.batch_size[preset]
     c.optim.warmup_steps = 50
     c.optim.poly_power = 1.0
-    c.train.num_steps = 30000 if voc else 80000
+    c.train.num_steps = spec.num_steps
 
 
 def shrink_for_tests(c: config_dict.ConfigDict) -> None:
@@ -281,7 +304,9 @@ def shrink_for_tests(c: config_dict.ConfigDict) -> None:
 
 
 def dataset_config(dataset: str, arg: str) -> config_dict.ConfigDict:
-    """Config for `voc` or `coco` from an argument like "weclip,tiny"."""
+    """Config of a registered dataset in the VOC layout (`voc`, `coco`, or
+    one added in ssr_jax/data/specs.py) from an argument like
+    "weclip,tiny"."""
     parts = [p.strip() for p in (arg or "paper").split(",") if p.strip()]
     presets = [p for p in parts if p in ("paper", "weclip")]
     unknown = [p for p in parts if p not in ("paper", "weclip", "tiny")]
@@ -291,17 +316,7 @@ def dataset_config(dataset: str, arg: str) -> config_dict.ConfigDict:
             "optionally followed by ',tiny'"
         )
     c = base_config()
-    c.data.name = dataset
-    if dataset == "coco":
-        c.data.num_classes = 81
-        c.data.train_split = "train"
-        c.data.val_split = "val"
-        c.data.seed_split = "train"
-        c.data.max_classes_per_image = COCO_MAX_CLASSES_PER_IMAGE
-        c.sgc.theta_h = 0.7  # [choice] as the CLIP-ES COCO box threshold
-        c.sgc.box_threshold = 0.7  # [WeCLIP]
-        c.loss.rfm_start = 40000  # [WeCLIP]
-        c.loss.rfm_layers = 10  # [WeCLIP]
+    apply_dataset(c, dataset)
     apply_preset(c, presets[0] if presets else "paper", dataset)
     if "tiny" in parts:
         shrink_for_tests(c)

@@ -203,7 +203,7 @@ def background_kind_map(meta: dict[str, Any], kinds: Sequence[str],
     """Background kind per pixel of a synthetic-world image.
 
     Rows above `meta["horizon"]` are sky (when the world has a "sky"
-    kind), the rest `meta["background"]` (data/synthetic.py renders the
+    kind), the rest `meta["background"]` (data/synthetic/ renders the
     background this way; objects are drawn over it).
 
     Args:

@@ -2,9 +2,9 @@
 
 `python -m ssr_jax.main --config configs/synthetic.py --workdir DIR`:
 
-1. generates the world if missing (`data/synthetic.py`, VOC layout);
+1. generates the world if missing (`data/synthetic/`, VOC layout);
 2. pretrains a tiny CLIP and a tiny DINO ViT on it, or reuses the cached
-   snapshots (`pretrain.py`), loaded through the real checkpoint loaders;
+   snapshots (`pretrain/`), loaded through the real checkpoint loaders;
 3. trains SSR on the image-level labels (`train.py`, the real pipeline);
 4. scores the decoder on the held-out val masks, and the CAM seeds on the
    train split after each Table 3 step and with/without CMPA (Table 4);
@@ -32,6 +32,7 @@ from absl import logging
 from ssr_jax import (
     checkpointing,
     config_check,
+    data_sources,
     evaluate,
     logs,
     pretrain,
@@ -40,7 +41,6 @@ from ssr_jax import (
     visualize,
     xla_guard,
 )
-from ssr_jax.data import voc
 
 NUM_PICTURES = 6
 
@@ -175,7 +175,8 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
     if rows:
         headers = ("image", "initial CAM", "+ CLIP attn", "+ DINO attn",
                    "+ superpixels", "pseudo label", "ground truth")
-        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        legend = visualize.class_legend(label_maps,
+                                        data_sources.class_names(config))
         visualize.save_png(
             os.path.join(workdir, "cam_overlays.png"),
             visualize.annotate(visualize.grid(rows), headers,
@@ -184,7 +185,7 @@ def _cam_pictures(setup: train.Setup, model, config, workdir: str) -> None:
 
 def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
     """Val images | prediction | ground truth, from the evaluator's PNGs."""
-    split = voc.load_split(config, config.data.val_split)
+    split = data_sources.load_split(config, config.data.val_split)
     rows, label_maps = [], []
     for i, name in enumerate(split.names):
         pred_path = os.path.join(pred_dir, "predictions", f"{name}.png")
@@ -199,7 +200,8 @@ def _prediction_pictures(config, workdir: str, pred_dir: str) -> None:
         if len(rows) == NUM_PICTURES:
             break
     if rows:
-        legend = visualize.class_legend(label_maps, voc.class_names(config))
+        legend = visualize.class_legend(label_maps,
+                                        data_sources.class_names(config))
         visualize.save_png(
             os.path.join(workdir, "predictions.png"),
             visualize.annotate(visualize.grid(rows),

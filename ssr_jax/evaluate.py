@@ -36,12 +36,12 @@ from ssr_jax import (
     checkpointing,
     config_check,
     crf,
+    data_sources,
     logs,
     metrics,
     ssr,
     xla_guard,
 )
-from ssr_jax.data import voc
 from ssr_jax.data.transforms import long_side_hw, resize_nearest
 from ssr_jax.evaluators import common
 from ssr_jax.evaluators.seeds import (
@@ -221,7 +221,8 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
     bank = build.build_text_bank(config, clip, workdir)
     split = config.data.seed_split
     out_dir = os.path.join(workdir, "pseudo_labels", split)
-    data = voc.load_split(config, split)
+    data = data_sources.load_split(config, split)
+    palette = data_sources.spec(config).palette
     size = int(config.eval.seed_size)
 
     def write(local, kept):
@@ -233,7 +234,8 @@ def export_pseudo_labels(config, workdir: str) -> dict[str, Any]:
             labels = resize_nearest(kept["pseudo_labels"][j, :h, :w],
                                     (h0, w0))
             save_label_png(os.path.join(out_dir, "labels",
-                                        data.names[idx] + ".png"), labels)
+                                        data.names[idx] + ".png"), labels,
+                           palette)
 
     result = score_seeds(config, clip, dino, model, split, bank=bank,
                          label_entries=("pseudo_labels",), on_batch=write,

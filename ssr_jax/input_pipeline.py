@@ -39,9 +39,9 @@ import grain
 import numpy as np
 from absl import logging
 
-from ssr_jax import logs
+from ssr_jax import data_sources, logs
 from ssr_jax.data import DataError, slic, transforms, voc
-from ssr_jax.data.voc import validate_split
+from ssr_jax.data_sources import dataset_info, validate_split
 
 __all__ = [
     "DataError", "TrainIterator", "dataset_info", "eval_examples",
@@ -83,21 +83,21 @@ class _Reader:
     """Decoding and superpixels shared by the pipelines' worker threads."""
 
     def __init__(self, config, split: voc.Split):
-        d, s = config.data, config.sgc
+        d, p = config.data, data_sources.slic_params(config)
         self.split = split
         self.strict = bool(d.strict)
         self.num_classes = int(d.num_classes)
-        self.slic_segments = int(s.slic_segments)
-        self.compactness = float(s.slic_compactness)
-        self.max_segments = int(s.max_segments)
+        self.slic_segments = p.segments
+        self.compactness = p.compactness
+        self.max_segments = p.max_segments
         self.cache = None
         # data.source="tfds": whole-image ids stored at build time (the
         # cache mode's ids), read with the example.
         self.stored = split.store is not None
-        if s.slic_cache and not self.stored:
+        if p.cache and not self.stored:
             self.cache = slic.SlicCache(
-                voc.cache_dir(config), self.slic_segments, self.compactness,
-                int(d.crop_size), self.max_segments)
+                voc.cache_dir(config), p.segments, p.compactness,
+                p.crop_size, p.max_segments)
         self._lock = threading.Lock()
         self.bad: set[int] = set()
 
@@ -318,7 +318,7 @@ def train_iterator(config, *, split: str | None = None,
     """
     process_index, process_count = _process_layout(process_index,
                                                     process_count)
-    data = voc.load_split(config, split or config.data.train_split)
+    data = data_sources.load_split(config, split or config.data.train_split)
     logs.note(str(data.summary))
     return TrainIterator(config, data, process_index, process_count)
 
@@ -353,7 +353,7 @@ def eval_examples(config, split: str, max_images: int = 0, *,
     """
     process_index, process_count = _process_layout(process_index,
                                                     process_count)
-    data = voc.load_split(config, split)
+    data = data_sources.load_split(config, split)
     reader = _Reader(config, data)
     usable = data.usable[:max_images] if max_images > 0 else data.usable
     usable = usable[process_index::process_count]
@@ -453,7 +453,7 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
     """
     process_index, process_count = _process_layout(process_index,
                                                     process_count)
-    data = voc.load_split(config, split)
+    data = data_sources.load_split(config, split)
     examples = np.array([i for i in data.usable
                          if not require_masks
                          or data.mask_paths[i] is not None], np.int64)
@@ -483,29 +483,3 @@ def seed_batches(config, split: str, batch_size: int, size: int, *,
     ds = grain.MapDataset.range(num_batches * local).map(position).map(make)
     batches = _threads(config, ds, max(1, int(config.data.prefetch)) * local)
     return _report_skips(batches.batch(local, drop_remainder=True), reader)
-
-
-def dataset_info(config) -> dict:
-    """Classes and split sizes (list lengths; nothing is decoded).
-
-    Returns `{"name", "root", "num_classes", "class_names", "splits":
-    {split: number of listed ids or None when the list is absent}}` for the
-    train, val and seed splits.
-    """
-    d = config.data
-    wanted = dict.fromkeys((d.train_split, d.val_split, d.seed_split))
-    if voc.source(config) == "tfds":
-        from ssr_jax.data import tfds_source
-
-        meta = tfds_source.metadata(config)
-        names = tfds_source.class_names(config)
-        splits = {s: (len(meta["splits"][s]["names"])
-                      if s in meta["splits"] else None) for s in wanted}
-        root = tfds_source.dataset_dir(config)
-    else:
-        voc.check_root(d.root)
-        names = voc.class_names(config)
-        splits = {s: voc.split_size(d.root, s) for s in wanted}
-        root = d.root
-    return {"name": d.name, "root": root, "num_classes": len(names),
-            "class_names": list(names), "splits": splits}

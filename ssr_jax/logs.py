@@ -62,6 +62,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from ssr_jax import io_utils
+
 
 def _terminal_process() -> bool:
     jax = sys.modules.get("jax")  # never import JAX just for this
@@ -378,10 +380,8 @@ def truncate_metrics(workdir: str, step: int) -> int:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines):
         return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with io_utils.atomic_write(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
-    os.replace(tmp, path)
     return len(lines) - len(kept)
 
 

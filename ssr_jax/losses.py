@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 
@@ -132,18 +133,18 @@ def affinity_loss(
     return 0.5 * pos_loss + 0.5 * neg_loss
 
 
-def _weight(weights, name: str) -> float:
-    field = f"{name}_weight"
-    if isinstance(weights, Mapping):
-        if field not in weights:
-            raise KeyError(f"loss weights lack {field!r}")
-        return weights[field]
-    if not hasattr(weights, field):
-        raise KeyError(f"loss weights lack {field!r}")
-    return getattr(weights, field)
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The weights of Eq. 12 (`ssr_jax.params.method_params` builds them
+    from `config.loss`): gamma = seg_weight; aff_weight is WeCLIP's
+    affinity term (0 = off, SSR's setting)."""
+
+    proto_weight: float = 1.0
+    seg_weight: float = 0.1
+    aff_weight: float = 0.0
 
 
-def total_loss(parts: Mapping[str, Array], weights) -> Array:
+def total_loss(parts: Mapping[str, Array], weights: LossWeights) -> Array:
     """L = proto_weight·L_proto + seg_weight·L_seg + aff_weight·L_aff.
 
     Eq. 12 of the paper (gamma = seg_weight) plus WeCLIP's affinity term.
@@ -151,9 +152,13 @@ def total_loss(parts: Mapping[str, Array], weights) -> Array:
     Args:
       parts: scalar losses keyed "proto", "seg", "aff"; a term whose weight
         is 0 may be absent and is skipped (its NaN cannot leak in).
-      weights: `config.loss` (or any mapping / object) with `proto_weight`,
-        `seg_weight`, `aff_weight`.
+      weights: the `LossWeights`.
     """
+    if not isinstance(weights, LossWeights):
+        raise TypeError(
+            f"total_loss takes losses.LossWeights, got "
+            f"{type(weights).__name__}: build it with "
+            "ssr_jax.params.method_params(config).loss")
     unknown = set(parts) - set(LOSS_PARTS)
     if unknown:
         raise KeyError(
@@ -162,7 +167,7 @@ def total_loss(parts: Mapping[str, Array], weights) -> Array:
         )
     total = jnp.zeros((), jnp.float32)
     for name in LOSS_PARTS:
-        weight = _weight(weights, name)
+        weight = getattr(weights, f"{name}_weight")
         if name in parts and weight != 0:
             total = total + weight * parts[name]
         elif weight != 0:

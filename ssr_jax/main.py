@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ssr_jax import config_check
+from ssr_jax.data import specs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/synthetic.py (the embedded "
@@ -503,7 +504,7 @@ def _dispatch(config, workdir: str) -> None:
         import jax
         if jax.process_index() == 0:
             _LOCK = lock_workdir(workdir)
-    if config.data.name == "synthetic":
+    if specs.get(config.data.name).synthetic:
         from ssr_jax import embedded
         if config.mode == "train":
             embedded.run(config, workdir)

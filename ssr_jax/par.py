@@ -16,6 +16,7 @@ WeCLIP, crop padding becomes `ignore_index`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -169,6 +170,23 @@ def cams_to_labels(cams: Array, cls_ids: Array, out_hw: tuple[int, int],
     return scores, _argmax_labels(scores, chan_valid, ids)
 
 
+@dataclasses.dataclass(frozen=True)
+class PARParams:
+    """The `pseudo_labels` knobs as one frozen value (defaults as WeCLIP's;
+    `ssr_jax.params.method_params` builds it from `config.par`)."""
+
+    iters: int = 20
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    pos_weight: float = 0.01
+    temperature: float = 0.3
+    bg_power: float = 1.0
+
+    def knobs(self) -> dict:
+        """The fields as `pseudo_labels` keywords."""
+        return {f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)}
+
+
 def pseudo_labels(cams: Array, cls_ids: Array, image_norm: Array,
                   valid: Array, *, iters: int = 20,
                   dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
@@ -176,7 +194,7 @@ def pseudo_labels(cams: Array, cls_ids: Array, image_norm: Array,
                   bg_power: float = 1.0, ignore_index: int = 255) -> Array:
     """Online pseudo labels (WeCLIP model forward + PAR, SPEC §1.7).
 
-    Keyword names match `config.par`, so `**config.par` can be passed.
+    The PAR knobs are `PARParams`' fields (`**params.knobs()`).
 
     Args:
       cams: [B, K, h, w] refined CAMs.

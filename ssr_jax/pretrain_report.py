@@ -34,11 +34,19 @@ from ml_collections import config_dict
 from scipy import stats
 
 from ssr_jax import cam as cam_lib
-from ssr_jax import diagnostics, input_pipeline, metrics, pretrain, ssr
+from ssr_jax import (
+    data_sources,
+    diagnostics,
+    input_pipeline,
+    metrics,
+    params,
+    pretrain,
+    ssr,
+)
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
-from ssr_jax.data import synthetic, voc
+from ssr_jax.data import specs, synthetic
 from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
 
@@ -117,7 +125,7 @@ def zero_shot(clip_path: str, root: str, split: str = "val",
     """
     clip = loading.load_clip(clip_path)
     tok = text_lib.load_tokenizer(clip_path)
-    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     classes = json.load(open(os.path.join(root, "classes.json")))
     template = classes.get("template", text_lib.TEMPLATE)
     ids = synthetic.read_split(root, split)
@@ -184,7 +192,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
-    s = config.sgc
+    s = params.method_params(config).sgc
     num_classes = config.data.num_classes
     kmax = config.data.max_classes_per_image
     patch = clip.config.vision.patch_size
@@ -224,7 +232,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         oracle = diagnostics.oracle_affinity(plab)
         for name, mask_kind in zip(ORACLE_STEPS, ("box", "superpixel"),
                                    strict=True):
-            steps[name] = sgc_lib.refine_cams_from_config(
+            steps[name] = sgc_lib.refine_cams_with(
                 cams, slot_valid, s, clip_aff=oracle, image=image,
                 superpixels=batch["superpixels"], valid=batch["valid"],
                 use_clip_attn=True, use_dino_attn=False, clip_weight=1.0,
@@ -288,12 +296,13 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     dino, _ = encoders.load_affinity_encoder(
         config.model.get("dino_kind", "dino"), dino_path)
     tok = text_lib.load_tokenizer(clip_path)
-    fg, bg, names = text_lib.dataset_prompts("synthetic", root)
+    fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     template = config.text.template
     text_fg = jnp.asarray(text_bank(clip, tok, fg, template))
     text_bg = jnp.asarray(text_bank(clip, tok, bg, template))
     if logit_scale == "config":
-        logit_scale = config.cam.logit_scale
+        # As the method reads it: 0 = the checkpoint's learned scale.
+        logit_scale = float(ssr.gradcam_scale(clip, config.cam.logit_scale))
     elif logit_scale == "model":
         logit_scale = float(jnp.exp(clip.logit_scale[...]))
     kinds = list(bg)
@@ -309,7 +318,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     n = 0
     size = config.data.crop_size
     meta = json.load(open(os.path.join(root, "meta.json")))
-    split_names = voc.load_split(
+    split_names = data_sources.load_split(
         config, config.data.seed_split).names
     batches = input_pipeline.seed_batches(
         config, config.data.seed_split, batch_size, size,

@@ -25,6 +25,7 @@ from ssr_jax import cam as cam_lib
 from ssr_jax import cmpa as cmpa_lib
 from ssr_jax import losses
 from ssr_jax import par as par_lib
+from ssr_jax import params as params_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import decoder as decoder_lib
 from ssr_jax.models import encoders
@@ -62,8 +63,9 @@ class SSRModel(nnx.Module):
             embed_dim=dc.embed_dim, depth=dc.depth, heads=dc.heads,
             num_classes=config.data.num_classes, dropout=dc.dropout,
             rngs=rngs)
-        self.heads = cmpa_lib.CMPAHeads.from_config(
-            config.cmpa, image_dim=embed_dim, text_dim=embed_dim, rngs=rngs)
+        self.heads = cmpa_lib.CMPAHeads.from_params(
+            params_lib.method_params(config).cmpa, image_dim=embed_dim,
+            text_dim=embed_dim, rngs=rngs)
 
 
 def _patch_tokens(x: Array) -> Array:
@@ -87,6 +89,13 @@ def clip_trunk(clip, pixels: Array) -> tuple[Array, dict, tuple[int, int]]:
     grid = (pixels.shape[1] // patch, pixels.shape[2] // patch)
     x, out = vision.run_blocks(vision.embed(pixels), 0, n_layers - 1)
     return jax.lax.stop_gradient(x), out, grid
+
+
+def gradcam_scale(clip, logit_scale: float):
+    """The GradCAM softmax scale that `cam.logit_scale` means: the value
+    itself, or for 0 the checkpoint's own learned exp(logit_scale) (a
+    float32 scalar; exactly 100 for OpenAI CLIP)."""
+    return logit_scale or jnp.exp(clip.logit_scale[...].astype(jnp.float32))
 
 
 def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
@@ -113,11 +122,9 @@ def initial_cams(clip, x11: Array, cls_ids: Array, grid: tuple[int, int],
       (cams [B, K, h, w], aux of `cam.initial_cams`).
     """
     block = clip.vision.blocks[len(clip.vision.blocks) - 1]
-    # 0 = the checkpoint's own learned scale (exactly 100 for OpenAI CLIP).
     scale = logit_scale
     if scale is None:
-        scale = config.cam.logit_scale or jnp.exp(
-            clip.logit_scale[...].astype(jnp.float32))
+        scale = gradcam_scale(clip, config.cam.logit_scale)
     head_fns = None
     if heads is not None:
         head_fns = (lambda v: heads.isa(v, use_running_average=True),
@@ -135,15 +142,15 @@ TABLE3_STEPS = ("initial_cam", "clip_attn", "clip_dino", "sgc")
 SEED_ENTRIES = ("cam_plain", "cam_cmpa") + TABLE3_STEPS + ("pseudo_labels",)
 
 
-def refine_fn(cams: Array, slot_valid: Array, sgc, *,
-              impl: str = "segment", **arrays
-              ) -> Callable[[bool, bool, str], Array]:
+def refine_fn(cams: Array, slot_valid: Array, sgc: sgc_lib.SGCParams,
+              **arrays) -> Callable[[bool, bool, str], Array]:
     """refine(use_clip_attn, use_dino_attn, mask_kind) -> [B, K, h, w]:
-    `sgc.refine_cams_from_config` of `cams` with the given arrays
+    `sgc.refine_cams_with` of `cams` and the knobs `sgc`
+    (`params.method_params(config).sgc`) with the given arrays
     (clip_attn, dino_aff, clip_aff, image, superpixels, valid)."""
     def refine(use_clip: bool, use_dino: bool, mask_kind: str) -> Array:
-        return sgc_lib.refine_cams_from_config(
-            cams, slot_valid, sgc, impl=impl, use_clip_attn=use_clip,
+        return sgc_lib.refine_cams_with(
+            cams, slot_valid, sgc, use_clip_attn=use_clip,
             use_dino_attn=use_dino, mask_kind=mask_kind, **arrays)
     return refine
 
@@ -175,11 +182,9 @@ def par_labels(refined: Array, cls_ids: Array, pixels: Array, valid: Array,
                config) -> Array:
     """Pseudo labels: PAR of the refined CAMs, background, argmax (SPEC
     1.7); [B, H, W] int32, `data.ignore_index` on padding."""
-    p = config.par
     return par_lib.pseudo_labels(
-        refined, cls_ids, pixels, valid, iters=p.iters,
-        dilations=tuple(p.dilations), pos_weight=p.pos_weight,
-        temperature=p.temperature, bg_power=p.bg_power,
+        refined, cls_ids, pixels, valid,
+        **params_lib.method_params(config).par.knobs(),
         ignore_index=config.data.ignore_index)
 
 
@@ -290,7 +295,7 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
             dino, image, grid, clip.vision.config.patch_size,
             config.model.get("dino_kind", "dino"))
 
-    refine = refine_fn(cams, slot_valid, s, impl=s.segment_impl,
+    refine = refine_fn(cams, slot_valid, params_lib.method_params(config).sgc,
                        clip_attn=clip_attn, dino_aff=dino_aff,
                        clip_aff=clip_aff, image=image,
                        superpixels=superpixels, valid=batch["valid"])
@@ -403,7 +408,7 @@ def cmpa_image_features(heads, path: dict, config) -> Array:
     b, k = path["cls_ids"].shape
     n = path["tokens"].shape[1]
     cams = path["cams"].reshape(b, k, n)
-    if config.cmpa.get("valid_tokens_only", False):
+    if params_lib.method_params(config).cmpa.valid_tokens_only:
         mask = path["token_valid"]
         v = heads.isa(path["tokens"], mask=mask)
         cams = cams * mask[:, None, :].astype(cams.dtype)
@@ -446,14 +451,15 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
                                    config.data.ignore_index)
     parts = {"seg": l_seg}
 
-    p = config.cmpa
+    mp = params_lib.method_params(config)
+    p = mp.cmpa
     heads = model.heads
     b, k = path["cls_ids"].shape
     if p.variant != "none":
         f_img = cmpa_image_features(heads, path, config)
         f_text = heads.tsa(text_fg)
         extra = None
-        if p.get("background_negatives", False):
+        if p.background_negatives:
             # [choice] TSA(background prompts) as extra InfoNCE negatives
             # (docs/diagnostics.md); off: the paper writes only the
             # foreground text prototypes.
@@ -473,7 +479,7 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
             config.data.ignore_index)
     else:
         parts["aff"] = jnp.zeros(())
-    total = losses.total_loss(parts, config.loss)
+    total = losses.total_loss(parts, mp.loss)
     measurements = {f"loss_{k_}": v_ for k_, v_ in parts.items()}
     measurements.update({f"cmpa_{k_}": v_ for k_, v_ in aux.items()})
     measurements["f_img"] = jax.lax.stop_gradient(f_img)

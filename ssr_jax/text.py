@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,9 @@ from tokenizers import (
     processors,
 )
 
+from ssr_jax import io_utils
+from ssr_jax.data import specs, vocabularies
+
 log = logging.getLogger(__name__)
 
 CONTEXT_LENGTH = 77
@@ -45,91 +47,18 @@ TEMPLATE = "a clean origami {}."  # [WeCLIP] the only template it uses
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
-# --- prompt lists -----------------------------------------------------------
-# Facts copied from WeCLIP `WeCLIP/clip/clip_text.py` (zbf1991/WeCLIP @
-# 0f47db4), itself identical to CLIP-ES `clip_text.py` (linyq2117/CLIP-ES @
-# 3893f81). Each string is one prompt: the commas inside a string are part of
-# the text given to the template, not separators.
-
-# `new_class_names`: VOC foreground names with synonyms.
-VOC_FG_PROMPTS = (
-    "aeroplane", "bicycle", "bird avian", "boat", "bottle",
-    "bus", "car", "cat", "chair seat", "cow",
-    "diningtable", "dog", "horse", "motorbike",
-    "person with clothes,people,human",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor screen",
-)
-
-# `BACKGROUND_CATEGORY`.
-VOC_BG_PROMPTS = (
-    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake",
-    "water", "river", "sea", "railway", "railroad", "keyboard", "helmet",
-    "cloud", "house", "mountain", "ocean", "road", "rock", "street",
-    "valley", "bridge", "sign",
-)
-
-# `new_class_names_coco`, spellings kept as WeCLIP embeds them, including the
-# typo "sknowboard" (snowboard) and the renamings "glove" (baseball glove),
-# "dessertspoon" (spoon), "necktie" (tie), "remote control" (remote).
-COCO_FG_PROMPTS = (
-    "person with clothes,people,human", "bicycle", "car", "motorbike",
-    "aeroplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird avian",
-    "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack,bag",
-    "umbrella,parasol", "handbag,purse", "necktie", "suitcase", "frisbee",
-    "skis", "sknowboard", "sports ball", "kite", "baseball bat",
-    "glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "dessertspoon",
-    "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair seat", "sofa", "pottedplant", "bed",
-    "diningtable", "toilet", "tvmonitor screen", "laptop", "mouse",
-    "remote control", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hairdrier,blowdrier", "toothbrush",
-)
-
-# `BACKGROUND_CATEGORY_COCO`: the VOC list without "keyboard" (a COCO class)
-# and "sign".
-COCO_BG_PROMPTS = tuple(
-    p for p in VOC_BG_PROMPTS if p not in ("keyboard", "sign")
-)
-
-# Display names (metrics tables, palettes): background first. VOC's are the
-# standard ones; COCO's are WeCLIP's plain `class_names_coco`, which spells
-# some classes the VOC way (motorbike, aeroplane, sofa, pottedplant, ...).
-VOC_CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle",
-    "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-
-COCO_CLASS_NAMES = (
-    "background",
-    "person", "bicycle", "car", "motorbike", "aeroplane",
-    "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird",
-    "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat",
-    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair", "sofa", "pottedplant", "bed",
-    "diningtable", "toilet", "tvmonitor", "laptop", "mouse",
-    "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
-
+# The prompt lists and their class names live with the dataset specs
+# (ssr_jax/data/vocabularies.py, ssr_jax/data/specs.py); re-exported here.
+VOC_FG_PROMPTS = vocabularies.VOC_FG_PROMPTS
+VOC_BG_PROMPTS = vocabularies.VOC_BG_PROMPTS
+COCO_FG_PROMPTS = vocabularies.COCO_FG_PROMPTS
+COCO_BG_PROMPTS = vocabularies.COCO_BG_PROMPTS
+VOC_CLASS_NAMES = vocabularies.VOC_CLASS_NAMES
+COCO_CLASS_NAMES = vocabularies.COCO_CLASS_NAMES
 SYNTHETIC_CLASSES_FILE = "classes.json"
 
 
-def _synthetic_prompts(root: str):
+def _classes_json_prompts(root: str):
     path = os.path.join(root, SYNTHETIC_CLASSES_FILE)
     hint = (
         f"{path} must hold {{\"classes\": [\"background\", name, ...], "
@@ -176,18 +105,16 @@ def dataset_prompts(
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(fg prompts [C-1], bg prompts [M], class names [C]) of a dataset.
 
-    `name` is `config.data.name`: "voc", "coco" or "synthetic" (read from
-    `<root>/classes.json`, written by the synthetic world generator).
+    `name` is `config.data.name`, a registered dataset (`data.specs`): its
+    spec's prompts, or, for a spec without built-in prompts (the synthetic
+    world), the ones in `<root>/classes.json`. An unknown name raises
+    `specs.UnknownDatasetError` (a ValueError) listing the registered ones.
     """
-    if name == "voc":
-        return VOC_FG_PROMPTS, VOC_BG_PROMPTS, VOC_CLASS_NAMES
-    if name == "coco":
-        return COCO_FG_PROMPTS, COCO_BG_PROMPTS, COCO_CLASS_NAMES
-    if name == "synthetic":
-        return _synthetic_prompts(root)
-    raise ValueError(
-        f"unknown dataset {name!r}; choose 'voc', 'coco' or 'synthetic'"
-    )
+    spec = specs.get(name)
+    if spec.fg_prompts is None:
+        return _classes_json_prompts(root)
+    return (spec.fg_prompts, spec.bg_prompts,
+            spec.prompt_names or spec.classes)
 
 
 # --- tokenizer --------------------------------------------------------------
@@ -588,13 +515,7 @@ def cached_text_bank(
     bg = np.asarray(bank["bg"], np.float32)
     parent = os.path.dirname(os.path.abspath(cache_file))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), fg=fg, bg=bg)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with io_utils.atomic_write(cache_file, suffix=".npz") as f:
+        np.savez(f, key=np.array(key), fg=fg, bg=bg)
     return {"fg": fg, "bg": bg}
 

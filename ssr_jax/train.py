@@ -238,7 +238,7 @@ def setup(config, workdir: str, devices=None) -> Setup:
     model_graphdef, params, rest = build.split_model(model)
     tx = create_optimizer(config, params)
     num_fg = config.data.num_classes - 1
-    k_protos = cmpa.prototype_count(config.cmpa, num_fg)
+    k_protos = cmpa.prototype_count(config.cmpa.num_prototypes, num_fg)
 
     def init_state():
         return {

@@ -235,6 +235,19 @@ def write_coco_tree(root, *, num_images: int = 6, broken=(),
     return tree
 
 
+def write_dataset_tree(root, name: str, class_names, *, num_images: int = 6,
+                       seed: int = 2) -> Tree:
+    """A tiny tree in the VOC layout for any dataset (e.g. a toy one a test
+    registers in `ssr_jax.data.specs`): ids `<name>000..`, palette masks
+    in SegmentationClass/, XML annotations naming `class_names`
+    (background first); lists train (all) and val (the first two)."""
+    ids = [f"{name}{i:03d}" for i in range(num_images)]
+    return _write_tree(root, name, ids, {"train": ids, "val": ids[:2]},
+                       len(class_names), tuple(class_names),
+                       "SegmentationClass", "P", (), True, (), seed,
+                       len(class_names))
+
+
 def write_coco_raw(root) -> dict:
     """Raw COCO 2014 files for `tools/coco_masks.py`, with known answers.
 

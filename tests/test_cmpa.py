@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ssr_jax import cmpa
+from ssr_jax import cmpa, params
 from ssr_jax.config_defaults import base_config
 
 IN, HID, DIM = 6, 10, 4
@@ -433,15 +433,15 @@ def test_head_sharded_over_8_devices_equals_one(heads):
 
 def test_heads_tau_and_config():
     c = base_config().cmpa
-    h = cmpa.CMPAHeads.from_config(c, 8, 8, rngs=nnx.Rngs(1))
+    h = cmpa.CMPAHeads.from_params(
+        params.method_params(base_config()).cmpa, 8, 8, rngs=nnx.Rngs(1))
     assert h.isa.fc2.kernel.shape == (c.hidden_dim, c.dim)
     assert h.tsa.fc1.kernel.shape == (8, c.hidden_dim)
     np.testing.assert_allclose(float(h.tau()), c.tau_init, rtol=1e-6)
     h.log_tau[...] = jnp.float32(math.log(1e-4))
     np.testing.assert_allclose(float(h.tau()), c.tau_min, rtol=1e-6)
-    assert cmpa.prototype_count(c, 20) == 20
-    c.num_prototypes = 32
-    assert cmpa.prototype_count(c, 20) == 32
+    assert cmpa.prototype_count(c.num_prototypes, 20) == 20
+    assert cmpa.prototype_count(32, 20) == 32
     with pytest.raises(ValueError, match="tau_min"):
         cmpa.CMPAHeads(8, 8, tau_init=0.005, tau_min=0.01, rngs=nnx.Rngs(0))
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssr_jax import data_sources
 from ssr_jax import input_pipeline as ip
 from ssr_jax.data import voc
 from tests.data_fixtures import Tree, fixture_config, write_coco_raw
@@ -69,7 +70,7 @@ def test_convert_tiny_coco(tmp_path):
     tree = Tree(root=str(out), name="coco", num_classes=4, splits={},
                 labels={}, has_mask={}, broken={}, sizes={})
     config = fixture_config(tree)
-    split = voc.load_split(config, "train")
+    split = data_sources.load_split(config, "train")
     assert split.labels.tolist() == [[1.0, 1.0, 1.0]]
     it = ip.train_iterator(config, process_index=0, process_count=1)
     assert next(it)["labels"].shape == (4, 3)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from ssr_jax import data_sources
 from ssr_jax import input_pipeline as ip
 from ssr_jax.data import DataError, transforms, voc
 from tests.data_fixtures import fixture_config, write_coco_tree, write_voc_tree
@@ -159,7 +160,7 @@ def test_batch_not_divisible(tree):
 
 def _corrupt_after_scan(tree, config, name):
     for split in ("train_aug", "train"):  # label caches built
-        voc.validate_split(config, split)
+        data_sources.validate_split(config, split)
     path = tree.image(name)
     with open(path, "r+b") as f:  # in place: the directory is unchanged
         f.seek(200)

@@ -19,9 +19,16 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 
-from ssr_jax import config_check  # noqa: E402
+from ssr_jax import config_check, data_sources  # noqa: E402
 from ssr_jax import input_pipeline as ip  # noqa: E402
-from ssr_jax.data import DataError, build, slic, tfds_source, voc  # noqa: E402
+from ssr_jax.data import (  # noqa: E402
+    DataError,
+    build,
+    slic,
+    splits,
+    tfds_source,
+    voc,
+)
 from tests.data_fixtures import (  # noqa: E402
     fixture_config,
     write_coco_tree,
@@ -63,7 +70,7 @@ def _check_records(tree, config, splits):
     """Every record equals its files; superpixels equal a fresh SLIC."""
     t = _tfds(config)
     for split in splits:
-        data = voc.load_split(t, split)
+        data = data_sources.load_split(t, split)
         names = tree.splits[split]
         assert list(data.names) == names
         assert data.usable.tolist() == list(range(len(names)))
@@ -100,11 +107,12 @@ def test_voc_builder_records(voc_built):
     assert importlib.util.find_spec("tensorflow") is None
     assert "tensorflow" not in sys.modules
     assert out["built"]
-    assert out["directory"] == tfds_source.dataset_dir(config)
+    assert out["directory"] == tfds_source.dataset_dir(
+        config, data_sources.slic_params(config))
     assert out["directory"].endswith(os.path.join(
         "voc_aug", "slic_n16_c10_crop64_max64", "1.0.0"))
     meta = out["metadata"]
-    assert meta["slic"] == tfds_source.slic_settings(config)
+    assert meta["slic"] == data_sources.slic_params(config).settings()
     assert meta["class_names"] == list(voc.VOC_CLASSES)
     assert sorted(meta["splits"]) == ["train", "train_aug", "val"]
     assert out["report"]["train_aug"]["stored"] == 6
@@ -143,8 +151,8 @@ def test_synthetic_builder_records(tmp_path):
         out["directory"]))) == "synthetic_world"
     t = _tfds(config)
     for split, n in (("train", 3), ("val", 2)):
-        data = voc.load_split(t, split)
-        ref = voc.load_folder_split(config, split)
+        data = data_sources.load_split(t, split)
+        ref = splits.load_folder_split(config, split)
         assert data.names == ref.names and len(data.store) == n
         np.testing.assert_array_equal(data.labels, ref.labels)
         for i in range(n):
@@ -250,10 +258,11 @@ def test_config_errors(voc_built, tmp_path):
     unbuilt = copy.deepcopy(t)
     unbuilt.data.tfds_dir = str(tmp_path)
     with pytest.raises(DataError, match="(?s)not built.*ssr_jax.data.build"):
-        voc.load_split(unbuilt, "train_aug")
+        data_sources.load_split(unbuilt, "train_aug")
     other = copy.deepcopy(t)
     other.sgc.slic_segments = 20
-    problems = tfds_source.problems(other)
+    problems = tfds_source.problems(
+        other, data_sources.slic_params(other))
     assert len(problems) == 1
     assert "'slic_segments': 20" in problems[0]
     assert "slic_n16_c10_crop64_max64" in problems[0]  # what is built
@@ -261,13 +270,15 @@ def test_config_errors(voc_built, tmp_path):
         ip.train_iterator(other, process_index=0, process_count=1)
     per_crop = copy.deepcopy(t)
     per_crop.sgc.slic_cache = False
-    assert any("sgc.slic_cache=True" in p
-               for p in tfds_source.problems(per_crop))
+    per_crop_problems = tfds_source.problems(
+        per_crop, data_sources.slic_params(per_crop))
+    assert any("sgc.slic_cache=True" in p for p in per_crop_problems)
     with pytest.raises(DataError, match="split 'nope' is not in"):
-        voc.load_split(t, "nope")
+        data_sources.load_split(t, "nope")
     wrong = copy.deepcopy(t)
     wrong.data.num_classes = 5
-    assert any("has 21 classes" in p for p in tfds_source.problems(wrong))
+    assert any("has 21 classes" in p for p in tfds_source.problems(
+        wrong, data_sources.slic_params(wrong)))
     bad = copy.deepcopy(t)
     bad.data.source = "parquet"
     assert any(p.startswith("data.source='parquet'")
@@ -294,7 +305,8 @@ def test_strict_and_skipping_builds(tmp_path):
     config = fixture_config(tree, **{"data.tfds_dir": str(tmp_path / "t")})
     with pytest.raises(DataError, match="value 42"):
         _build(config, splits=["train_aug"])
-    assert not os.path.exists(tfds_source.dataset_dir(config))
+    assert not os.path.exists(tfds_source.dataset_dir(
+        config, data_sources.slic_params(config)))
     config.data.strict = False
     out = _build(config, splits=["train_aug"])
     victim = tree.broken["bad_mask_value"]
@@ -330,7 +342,8 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds_source, "encode_example", dying)
     with pytest.raises(KeyboardInterrupt):
         _build(config)
-    directory = tfds_source.dataset_dir(config)
+    directory = tfds_source.dataset_dir(
+        config, data_sources.slic_params(config))
     assert not os.path.exists(directory)  # no half dataset
     parent = os.path.dirname(directory)
     os.makedirs(os.path.join(parent, "incomplete.DEAD_1.0.0"))  # a killed run
@@ -369,8 +382,8 @@ def test_evaluation_loader_reads_tfds(voc_built):
     from ssr_jax.evaluators import segmentation
 
     _, config, _ = voc_built
-    a = voc.load_split(config, "train_aug")
-    b = voc.load_split(_tfds(config), "train_aug")
+    a = data_sources.load_split(config, "train_aug")
+    b = data_sources.load_split(_tfds(config), "train_aug")
     np.testing.assert_array_equal(a.sizes, b.sizes)
     assert a.names == b.names
     assert [p is None for p in a.mask_paths] == [
@@ -420,4 +433,4 @@ def test_missing_split_in_a_built_dataset(voc_built):
     with pytest.raises(DataError, match="built without split.*extra"):
         _build(config, splits=["train_aug", "extra"])
     with pytest.raises(DataError, match="(?s)--splits=.*extra"):
-        voc.load_split(_tfds(config), "extra")
+        data_sources.load_split(_tfds(config), "extra")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssr_jax import data_sources
 from ssr_jax.data import DataError, voc
 from tests.data_fixtures import fixture_config, write_coco_tree, write_voc_tree
 
@@ -24,7 +25,7 @@ def _mask_labels(path):
 
 def test_labels_from_masks_and_xml(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
-    split = voc.load_split(fixture_config(tree), "train_aug")
+    split = data_sources.load_split(fixture_config(tree), "train_aug")
     assert split.names == tuple(tree.splits["train_aug"])
     for i, name in enumerate(split.names):
         got = (np.nonzero(split.labels[i])[0] + 1).tolist()
@@ -47,8 +48,8 @@ def test_labels_from_masks_and_xml(tmp_path):
 
 def test_label_source_xml_matches_masks(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
-    by_mask = voc.load_split(fixture_config(tree), "train_aug")
-    by_xml = voc.load_split(
+    by_mask = data_sources.load_split(fixture_config(tree), "train_aug")
+    by_xml = data_sources.load_split(
         fixture_config(tree, **{"data.label_source": "xml"}), "train_aug")
     np.testing.assert_array_equal(by_mask.labels, by_xml.labels)
     assert by_xml.summary.label_sources == {"xml": 6}
@@ -58,13 +59,13 @@ def test_label_source_mask_requires_masks(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
     config = fixture_config(tree, **{"data.label_source": "mask"})
     with pytest.raises(DataError, match="img005") as e:
-        voc.load_split(config, "train_aug")
+        data_sources.load_split(config, "train_aug")
     assert os.path.join("SegmentationClassAug", "img005.png") in str(e.value)
 
 
 def test_segmentation_class_fallback(tmp_path):
     tree = write_voc_tree(tmp_path / "voc", mask_dir="SegmentationClass")
-    split = voc.load_split(fixture_config(tree), "train")
+    split = data_sources.load_split(fixture_config(tree), "train")
     assert split.summary.num_with_masks == 5
     assert all(p and "SegmentationClass" + os.sep in p
                for p in split.mask_paths)
@@ -73,7 +74,7 @@ def test_segmentation_class_fallback(tmp_path):
 def test_label_cache_hit_and_invalidation(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
     config = fixture_config(tree)
-    first = voc.load_split(config, "train_aug")
+    first = data_sources.load_split(config, "train_aug")
     assert not first.summary.from_cache
     cache = voc.cache_dir(config)
     assert not cache.startswith(tree.root)  # never in the dataset
@@ -81,22 +82,23 @@ def test_label_cache_hit_and_invalidation(tmp_path):
     assert len(files) == 1
     with open(os.path.join(cache, files[0])) as f:
         assert "records" in json.load(f)  # JSON, no pickle
-    voc.load_split(config, "train")  # another split keeps its own cache
-    second = voc.load_split(config, "train_aug")
+    # another split keeps its own cache
+    data_sources.load_split(config, "train")
+    second = data_sources.load_split(config, "train_aug")
     assert second.summary.from_cache
     np.testing.assert_array_equal(first.labels, second.labels)
     # A changed list rebuilds the cache (and replaces the stale file).
     with open(os.path.join(tree.root, "ImageSets", "Segmentation",
                            "train_aug.txt"), "w") as f:
         f.write("img001\nimg000\n")
-    third = voc.load_split(config, "train_aug")
+    third = data_sources.load_split(config, "train_aug")
     assert not third.summary.from_cache
     assert third.names == ("img001", "img000")
     files = [f for f in os.listdir(cache) if f.startswith("labels_train_aug")]
     assert len(files) == 1
     # A removed mask (directory changed) rebuilds it too.
     os.remove(tree.mask("img001"))
-    fourth = voc.load_split(config, "train_aug")
+    fourth = data_sources.load_split(config, "train_aug")
     assert not fourth.summary.from_cache
     assert fourth.summary.label_sources == {"mask": 1, "xml": 1}
 
@@ -120,7 +122,7 @@ def test_cache_is_outside_a_read_only_root(tmp_path, monkeypatch):
 def test_missing_root_prints_layout(tmp_path):
     tree = write_voc_tree(tmp_path / "nowhere", broken=["missing_root"])
     with pytest.raises(DataError) as e:
-        voc.validate_split(fixture_config(tree), "train_aug")
+        data_sources.validate_split(fixture_config(tree), "train_aug")
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg
     for part in ("JPEGImages/", "SegmentationClassAug/",
@@ -133,18 +135,18 @@ def test_vocdevkit_root_hint(tmp_path):
     tree = write_voc_tree(tmp_path / "x", broken=["missing_root"])
     tree.root = str(tmp_path / "VOCdevkit")
     with pytest.raises(DataError, match="VOC2012"):
-        voc.validate_split(fixture_config(tree), "train_aug")
+        data_sources.validate_split(fixture_config(tree), "train_aug")
 
 
 def test_missing_and_empty_lists(tmp_path):
     tree = write_voc_tree(tmp_path / "voc", broken=["empty_list"])
     config = fixture_config(tree)
     with pytest.raises(DataError, match="train_aug.txt is empty"):
-        voc.validate_split(config, "train_aug")
+        data_sources.validate_split(config, "train_aug")
     os.remove(os.path.join(tree.root, "ImageSets", "Segmentation",
                            "train_aug.txt"))
     with pytest.raises(DataError) as e:
-        voc.validate_split(config, "train_aug")
+        data_sources.validate_split(config, "train_aug")
     msg = str(e.value)
     assert "train_aug.txt does not exist" in msg
     assert "train, val" in msg  # the lists that exist
@@ -163,7 +165,7 @@ def test_bad_data_messages_name_the_path(tmp_path, kind, needle):
     tree = write_voc_tree(tmp_path / "voc", broken=[kind])
     victim = tree.broken[kind]
     with pytest.raises(DataError) as e:
-        voc.validate_split(fixture_config(tree), "train_aug")
+        data_sources.validate_split(fixture_config(tree), "train_aug")
     msg = str(e.value)
     assert needle in msg
     assert "1 of 6 examples" in msg
@@ -180,7 +182,7 @@ def test_non_strict_skips_and_counts(tmp_path):
     kinds = ["missing_image", "bad_mask_value", "truncated_jpeg"]
     tree = write_voc_tree(tmp_path / "voc", broken=kinds)
     config = fixture_config(tree, **{"data.strict": False})
-    split = voc.load_split(config, "train_aug")
+    split = data_sources.load_split(config, "train_aug")
     s = split.summary
     assert s.num_skipped == 3 and s.num_usable == 3
     bad = {tree.broken[k] for k in kinds}
@@ -190,7 +192,7 @@ def test_non_strict_skips_and_counts(tmp_path):
     assert any("42" in p for p in s.problems)
     # The problems are cached too: strict mode raises again from the cache.
     with pytest.raises(DataError, match="3 of 6"):
-        voc.load_split(fixture_config(tree), "train_aug")
+        data_sources.load_split(fixture_config(tree), "train_aug")
 
 
 def test_all_bad_is_an_error_even_non_strict(tmp_path):
@@ -199,27 +201,28 @@ def test_all_bad_is_an_error_even_non_strict(tmp_path):
     os.remove(tree.image("img001"))
     config = fixture_config(tree, **{"data.strict": False})
     with pytest.raises(DataError, match="no usable example"):
-        voc.load_split(config, "val")
+        data_sources.load_split(config, "val")
 
 
 def test_num_classes_mismatch_and_classes_json(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
     with pytest.raises(DataError, match="data.num_classes=5"):
-        voc.class_names(fixture_config(tree, **{"data.num_classes": 5}))
+        data_sources.class_names(
+            fixture_config(tree, **{"data.num_classes": 5}))
     config = fixture_config(tree, **{"data.name": "synthetic"})
     with pytest.raises(DataError, match="classes.json is missing"):
-        voc.class_names(config)
+        data_sources.class_names(config)
     names = ["background"] + [f"shape{i}" for i in range(20)]
     with open(os.path.join(tree.root, "classes.json"), "w") as f:
         json.dump({"classes": names, "prompts": [], "background_prompts": []},
                   f)
-    assert voc.class_names(config) == tuple(names)
+    assert data_sources.class_names(config) == tuple(names)
 
 
 def test_max_classes_note(tmp_path):
     tree = write_voc_tree(tmp_path / "voc")
     config = fixture_config(tree, **{"data.max_classes_per_image": 2})
-    s = voc.validate_split(config, "train_aug")
+    s = data_sources.validate_split(config, "train_aug")
     assert s.num_over_max == 2
     assert "more than data.max_classes_per_image=2" in str(s)
 
@@ -227,13 +230,13 @@ def test_max_classes_note(tmp_path):
 def test_coco_tree(tmp_path):
     tree = write_coco_tree(tmp_path / "coco")
     config = fixture_config(tree)
-    split = voc.load_split(config, "train")
+    split = data_sources.load_split(config, "train")
     assert split.names == tuple(tree.splits["train"])
     for i, name in enumerate(split.names):
         assert (np.nonzero(split.labels[i])[0] + 1).tolist() == (
             tree.labels[name])
     assert split.labels.shape == (3, 80)
-    names = voc.class_names(config)
+    names = data_sources.class_names(config)
     assert len(names) == 81 and names[57] == "chair"
     assert names[80] == "toothbrush"
 
@@ -241,7 +244,7 @@ def test_coco_tree(tmp_path):
 def test_coco_bad_value(tmp_path):
     tree = write_coco_tree(tmp_path / "coco", broken=["bad_mask_value"])
     with pytest.raises(DataError, match="value 200 outside 0..80") as e:
-        voc.validate_split(fixture_config(tree), "train")
+        data_sources.validate_split(fixture_config(tree), "train")
     assert tree.mask(tree.broken["bad_mask_value"]) in str(e.value)
 
 

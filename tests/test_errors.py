@@ -111,10 +111,10 @@ def test_verbose_prints_the_traceback(tree, tmp_path):
 ])
 def test_disk_full_and_read_only_writes(tree, tmp_path, err, code, needles):
     # The label cache is the first file a run writes after the workdir.
-    patch = ("import errno, os\nfrom ssr_jax.data import voc\n"
+    patch = ("import errno, os\nfrom ssr_jax.data import splits\n"
              "def boom(path, obj):\n"
              f"    raise OSError({err}, os.strerror({err}), path)\n"
-             "voc._write_json = boom\n")
+             "splits._write_json = boom\n")
     r = _main(*_voc(tree, tmp_path / "w"), patch=patch)
     _short(r, code, *needles)
     assert "Event loop is closed" not in r.stderr
@@ -260,7 +260,7 @@ def test_data_corrupted_after_the_scan_is_a_short_error(tmp_path):
     tree = data_fixtures.write_voc_tree(str(tmp_path / "voc"))
     c = data_fixtures.fixture_config(
         tree, **{"data.cache_dir": str(tmp_path / "cache")})
-    input_pipeline.voc.load_split(c, "train_aug")  # scanned and cached
+    input_pipeline.data_sources.load_split(c, "train_aug")  # scanned and cached
     for name in tree.splits["train_aug"]:
         with open(tree.image(name), "r+b") as f:
             f.truncate(os.path.getsize(tree.image(name)) // 2)

@@ -32,6 +32,7 @@ from ssr_jax import (
     cmpa,
     config_check,
     crf,
+    data_sources,
     evaluate,
     logs,
     metrics,
@@ -188,7 +189,7 @@ def test_flip_average_is_symmetric(world):
 def _numpy_eval(world, split):
     """Per-image reference: the same forward, one image at a time."""
     c = world["config"]
-    data = voc.load_split(c, split)
+    data = data_sources.load_split(c, split)
     fwd = _fwd(world, scales=tuple(c.eval.scales), flip=c.eval.flip)
     conf = np.zeros((21, 21), np.int64)
     preds = {}
@@ -378,7 +379,7 @@ def test_pseudo_label_export_writes_original_sizes(world):
         on_batch=lambda local, lab: rows.update(
             {int(i): lab["pseudo_labels"][j]
              for j, i in enumerate(local["index"]) if i >= 0}))
-    data = voc.load_split(c, "train")
+    data = data_sources.load_split(c, "train")
     for idx, canvas in rows.items():
         hw0 = tuple(int(v) for v in data.sizes[idx])
         h, w = long_side_hw(hw0, c.eval.seed_size)

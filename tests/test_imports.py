@@ -20,11 +20,6 @@ PACKAGE = "ssr_jax"
 # default (a mode that trains then evaluates).
 ENTRY = {"ssr_jax.main", "ssr_jax.embedded"}
 LOOPS = {"ssr_jax.train", "ssr_jax.evaluate"}
-# Known cycles, each with its way out; the test fails when one disappears
-# (delete it here) or any other appears. voc.load_split / voc.class_names
-# dispatch to tfds_source (data.source="tfds"), which builds voc.Split:
-# the dataset seam (issue 12, item 5) moves the dispatch above both.
-KNOWN_CYCLES = [["ssr_jax.data.tfds_source", "ssr_jax.data.voc"]]
 
 
 def _modules(root: str) -> dict[str, str]:
@@ -142,17 +137,13 @@ def test_graph_sees_function_level_imports(tmp_path):
 
 
 def test_no_import_cycles():
-    cycles = [c for c in find_cycles(import_graph())
-              if c not in KNOWN_CYCLES]
+    # No allow-list: the last known cycle, data.voc <-> data.tfds_source
+    # (the data.source dispatch), went with the dataset seam
+    # (ssr_jax/data_sources.py sits above both).
+    cycles = find_cycles(import_graph())
     assert not cycles, (
         "import cycles in ssr_jax (move the shared code below both, e.g. "
         f"into ssr_jax/build.py): {cycles}")
-
-
-@pytest.mark.parametrize("cycle", KNOWN_CYCLES)
-def test_known_cycles_still_exist(cycle):
-    assert cycle in find_cycles(import_graph()), (
-        f"{cycle} is gone: remove it from KNOWN_CYCLES")
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))

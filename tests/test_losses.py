@@ -186,11 +186,11 @@ def test_affinity_loss_shape_error():
 def test_total_loss():
     parts = {"proto": jnp.float32(2.0), "seg": jnp.float32(3.0),
              "aff": jnp.float32(5.0)}
-    cfg = config_dict.ConfigDict(
-        {"proto_weight": 1.0, "seg_weight": 0.1, "aff_weight": 0.5})
-    np.testing.assert_allclose(losses.total_loss(parts, cfg),
+    w = losses.LossWeights(proto_weight=1.0, seg_weight=0.1, aff_weight=0.5)
+    np.testing.assert_allclose(losses.total_loss(parts, w),
                                2.0 + 0.3 + 2.5, rtol=1e-6)
-    weights = {"proto_weight": 0.0, "seg_weight": 1.0, "aff_weight": 0.1}
+    weights = losses.LossWeights(proto_weight=0.0, seg_weight=1.0,
+                                 aff_weight=0.1)
     np.testing.assert_allclose(
         losses.total_loss({"seg": 3.0, "aff": 5.0}, weights), 3.5,
         rtol=1e-6)
@@ -201,6 +201,19 @@ def test_total_loss():
         losses.total_loss({"seg": 1.0}, weights)
     with pytest.raises(KeyError, match="unknown loss parts"):
         losses.total_loss({"seg": 1.0, "aff": 1.0, "cls": 1.0}, weights)
-    with pytest.raises(KeyError, match="aff_weight"):
-        losses.total_loss({"seg": 1.0}, {"seg_weight": 1.0,
-                                         "proto_weight": 0.0})
+    # A ConfigDict or a dict is refused with the way to build the weights.
+    cfg = config_dict.ConfigDict(
+        {"proto_weight": 1.0, "seg_weight": 0.1, "aff_weight": 0.5})
+    for bad in (cfg, cfg.to_dict()):
+        with pytest.raises(TypeError, match="method_params"):
+            losses.total_loss(parts, bad)
+
+
+def test_loss_weights_from_config():
+    from ssr_jax import config_defaults, params
+
+    c = config_defaults.base_config()
+    c.loss.aff_weight = 0.25
+    assert params.method_params(c).loss == losses.LossWeights(
+        proto_weight=c.loss.proto_weight, seg_weight=c.loss.seg_weight,
+        aff_weight=0.25)

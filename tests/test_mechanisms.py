@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssr_jax import diagnostics, par, sgc
+from ssr_jax import diagnostics, par, sgc, sgc_mask
 
 # --- helpers ------------------------------------------------------------------
 
@@ -131,10 +131,10 @@ def _eight_colour_scene(big_objects: bool = False):
 
 def _merged_pairs(init: str, seed: int = 0, big_objects: bool = False):
     img, sp, lab = _eight_colour_scene(big_objects)
-    mean, count = sgc.superpixel_colours(jnp.asarray(img[None]),
+    mean, count = sgc_mask.superpixel_colours(jnp.asarray(img[None]),
                                          jnp.asarray(sp[None]), 256)
     got = np.asarray(jax.jit(
-        sgc.colour_kmeans, static_argnames=("k", "iters", "init", "seed"))(
+        sgc_mask.colour_kmeans, static_argnames=("k", "iters", "init", "seed"))(
         mean, count > 0, k=8, iters=10, init=init, seed=seed))[0]
     truth = lab.ravel()
     groups = [set(got[truth == t].tolist()) for t in range(8)]
@@ -163,7 +163,7 @@ def _sgc_case(init: str):
     img, sp, lab = _eight_colour_scene(big_objects=True)
     red, brown = lab == 4, lab == 5
     cam = np.where(red, 1.0, np.where(brown, 0.6, 0.0)).astype(np.float32)
-    mask = np.asarray(sgc.superpixel_target_mask(
+    mask = np.asarray(sgc_mask.superpixel_target_mask(
         jnp.asarray(cam)[None, None], jnp.asarray(img[None]),
         jnp.asarray(sp[None]), jnp.ones((1,) + sp.shape, bool),
         jnp.ones((1, 1), bool), colour_k=8, colour_iters=10, theta_h=0.7,

@@ -251,16 +251,20 @@ def test_pseudo_labels_match_weclip_recipe():
     assert len(np.unique(got[0])) >= 3  # a non-trivial map
 
 
-def test_pseudo_labels_accepts_config_par():
-    from ssr_jax import config_defaults
+def test_pseudo_labels_takes_par_params_from_config():
+    from ssr_jax import config_defaults, params
 
     cfg = config_defaults.base_config()
     cfg.par.iters = 2
-    cfg.par.dilations = (1, 2)
+    cfg.par.dilations = [1, 2]
+    cfg.par.bg_power = 2.0
+    knobs = params.method_params(cfg).par.knobs()
+    assert knobs == {"iters": 2, "dilations": (1, 2), "pos_weight": 0.01,
+                     "temperature": 0.3, "bg_power": 2.0}
     cams, cls_ids = _hand_cams()
     img = jnp.zeros((2, 64, 64, 3))
     valid = jnp.ones((2, 64, 64), bool)
-    fn = jax.jit(functools.partial(par_lib.pseudo_labels, **cfg.par))
+    fn = jax.jit(functools.partial(par_lib.pseudo_labels, **knobs))
     labels = fn(jnp.asarray(cams), jnp.asarray(cls_ids), img, valid)
     assert labels.shape == (2, 64, 64)
 

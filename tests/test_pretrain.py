@@ -1,4 +1,4 @@
-"""Tests of the tiny-encoder pretraining (ssr_jax/pretrain.py).
+"""Tests of the tiny-encoder pretraining (ssr_jax/pretrain/).
 
 One 20-image world (64 px) and one real `tiny` pretraining of each encoder
 are shared by the module; the cache tests replace the trainers by fakes
@@ -401,8 +401,11 @@ def fake_trainer(kind, calls):
 @pytest.fixture
 def fake_trainers(monkeypatch):
     calls = {"clip": 0, "dino": 0}
-    monkeypatch.setattr(pretrain, "pretrain_clip", fake_trainer("clip", calls))
-    monkeypatch.setattr(pretrain, "pretrain_dino", fake_trainer("dino", calls))
+    # ensure_encoders calls the trainers from its own module, pretrain.cache
+    monkeypatch.setattr(pretrain.cache, "pretrain_clip",
+                        fake_trainer("clip", calls))
+    monkeypatch.setattr(pretrain.cache, "pretrain_dino",
+                        fake_trainer("dino", calls))
     return calls
 
 
@@ -456,7 +459,7 @@ def test_interrupted_write_is_not_a_cache_hit(fake_trainers, config, world,
             f.write("{}")
         raise KeyboardInterrupt  # killed half way through the snapshot
 
-    monkeypatch.setattr(pretrain, "pretrain_clip", crash)
+    monkeypatch.setattr(pretrain.cache, "pretrain_clip", crash)
     with pytest.raises(KeyboardInterrupt):
         pretrain.ensure_encoders(config, world, cache)
     key = pretrain.cache_key(config, "clip", world)
@@ -470,7 +473,7 @@ def test_interrupted_write_is_not_a_cache_hit(fake_trainers, config, world,
     for name in (loading.CONFIG, loading.WEIGHTS):
         open(os.path.join(final, name), "w").close()
     assert not pretrain.is_complete(final, key)
-    monkeypatch.setattr(pretrain, "pretrain_clip",
+    monkeypatch.setattr(pretrain.cache, "pretrain_clip",
                         fake_trainer("clip", fake_trainers))
     clip_path, _ = pretrain.ensure_encoders(config, world, cache)
     assert clip_path == final and pretrain.is_complete(final, key)

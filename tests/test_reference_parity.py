@@ -49,7 +49,7 @@ from flax import nnx
 
 from benchmarks import reference_torch as rt
 from ssr_jax import cam as cam_lib
-from ssr_jax import cmpa, config_defaults, segment_ops, sgc, ssr
+from ssr_jax import cmpa, config_defaults, segment_ops, sgc, sgc_mask, ssr
 from ssr_jax import par as par_lib
 from ssr_jax.models import loading
 
@@ -303,11 +303,12 @@ def _jax_side(clip, dino, model, batch, fg, bg, config) -> dict:
         for name, use_dino in (("clip", False), ("clip_dino_sp", True))}
 
     ids = jnp.where(batch["valid"], batch["superpixels"], -1)
-    mean, count = sgc.superpixel_colours(batch["image"], ids, s.max_segments,
-                                         s.colour_space)
-    seg = sgc.colour_kmeans(mean, count > 0, s.colour_k, s.colour_iters)
+    mean, count = sgc_mask.superpixel_colours(batch["image"], ids,
+                                              s.max_segments, s.colour_space)
+    seg = sgc_mask.colour_kmeans(mean, count > 0, s.colour_k,
+                                 s.colour_iters)
     clusters = segment_ops.gather_segments(seg + 1, ids.reshape(B, -1)) - 1
-    sp_mask = sgc.superpixel_target_mask(
+    sp_mask = sgc_mask.superpixel_target_mask(
         cams[True], batch["image"], batch["superpixels"], batch["valid"],
         slot, colour_k=s.colour_k, colour_iters=s.colour_iters,
         colour_space=s.colour_space, theta_h=s.theta_h, theta_r=s.theta_r,
@@ -324,7 +325,7 @@ def _jax_side(clip, dino, model, batch, fg, bg, config) -> dict:
                              temperature=p.temperature)
     return {"path": path, "attn": jnp.stack(clip_attn),
             "dino_attn": dino_aff, "cams": cams, "trans": trans,
-            "box": sgc.box_mask(cams[True], s.box_threshold) > 0,
+            "box": sgc_mask.box_mask(cams[True], s.box_threshold) > 0,
             "superpixel": sp_mask > 0,
             "clusters": clusters.reshape(batch["valid"].shape),
             "seed_scores": seed_scores, "par_scores": par_scores}
@@ -537,8 +538,9 @@ def test_losses_and_gradients_match(world, ref):
 
     c = world["config"]
     num_fg = c.data.num_classes - 1
-    protos = cmpa.init_protos(cmpa.prototype_count(c.cmpa, num_fg),
-                              c.cmpa.dim, num_fg)
+    protos = cmpa.init_protos(
+        cmpa.prototype_count(c.cmpa.num_prototypes, num_fg), c.cmpa.dim,
+        num_fg)
     # The reference's labels, so that L_seg sees identical targets.
     path = dict(world["path"], labels=jnp.asarray(_np(out["labels"]),
                                                   jnp.int32))

@@ -1,6 +1,7 @@
-"""sgc.py against slow, obvious references (NumPy/Python loops, scipy,
-skimage, torch interpolation) on tiny inputs: 2 images, 3 class slots (one
-padded), a 4x4 patch grid, 64x64 pixels, ~10 Voronoi superpixels.
+"""sgc.py and sgc_mask.py against slow, obvious references (NumPy/Python
+loops, scipy, skimage, torch interpolation) on tiny inputs: 2 images, 3
+class slots (one padded), a 4x4 patch grid, 64x64 pixels, ~10 Voronoi
+superpixels.
 
 Tolerances: float results 1e-5 relative/absolute (float32 vs float64
 references) unless stated; masks and labels exactly.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.color import rgb2lab
 
-from ssr_jax import sgc
+from ssr_jax import sgc, sgc_mask
 
 B, K, GH, GW, H, W = 2, 3, 4, 4, 64, 64
 S = 12  # static superpixel slots; 10 used, 2 always empty
@@ -77,7 +78,7 @@ def test_rgb_to_lab_matches_skimage():
     edges = np.array([[0, 0, 0], [255, 255, 255], [10, 11, 12], [1, 2, 3],
                       [255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 10, 11]])
     rgb = np.concatenate([rand, edges]).astype(np.uint8)[:, None, :]
-    got = np.asarray(sgc.rgb_to_lab(jnp.asarray(rgb)))
+    got = np.asarray(sgc_mask.rgb_to_lab(jnp.asarray(rgb)))
     np.testing.assert_allclose(got, rgb2lab(rgb), atol=1e-3, rtol=0)
 
 
@@ -86,7 +87,7 @@ def test_superpixel_colours_vs_loop(impl, space):
     img, sp, valid, _ = _scene()
     valid = valid.copy()
     valid[0, :3] = False  # valid also drops pixels whose id is not -1
-    fn = jax.jit(sgc.superpixel_colours, static_argnums=(2, 3, 4))
+    fn = jax.jit(sgc_mask.superpixel_colours, static_argnums=(2, 3, 4))
     mean, count = fn(jnp.asarray(img), jnp.asarray(sp), S, space, impl,
                      jnp.asarray(valid))
     colours = rgb2lab(img) if space == "lab" else img.astype(np.float64)
@@ -141,7 +142,7 @@ def test_colour_kmeans_vs_numpy(impl):
     colours[1, 5, 0] = colours[1, 9, 0]  # an L tie for the stable sort
     configs = [(4, 0), (4, 5), (3, 10)] if impl == "segment" else [(4, 5)]
     for k, iters in configs:
-        got = jax.jit(sgc.colour_kmeans, static_argnums=(2, 3, 4))(
+        got = jax.jit(sgc_mask.colour_kmeans, static_argnums=(2, 3, 4))(
             jnp.asarray(colours), jnp.asarray(seg_valid), k, iters, impl)
         np.testing.assert_array_equal(
             np.asarray(got), _kmeans_ref(colours, seg_valid, k, iters))
@@ -152,7 +153,7 @@ def test_colour_kmeans_recovers_blobs():
     centres = np.array([[20, 0, 0], [50, 40, -30], [80, -40, 40]], np.float32)
     truth = rng.permutation(np.repeat(np.arange(3), 10))
     colours = centres[truth] + rng.normal(size=(30, 3)).astype(np.float32)
-    got = np.asarray(jax.jit(sgc.colour_kmeans, static_argnums=(2, 3))(
+    got = np.asarray(jax.jit(sgc_mask.colour_kmeans, static_argnums=(2, 3))(
         jnp.asarray(colours[None]), jnp.ones((1, 30), bool), 3, 10))[0]
     # Same partition as the truth (cluster ids may be permuted).
     assert len(set(zip(truth.tolist(), got.tolist(), strict=True))) == 3
@@ -170,7 +171,7 @@ def test_target_ratio_vs_pixel_loop(impl):
     cams[0, :, :3] = 0.5  # exactly theta: not high confidence (strict >)
     cluster = rng.integers(-1, 3, size=(2, 8, 8)).astype(np.int32)  # 3 unused
     k, theta = 4, 0.5
-    fn = jax.jit(sgc.target_ratio, static_argnums=(2, 3, 4))
+    fn = jax.jit(sgc_mask.target_ratio, static_argnums=(2, 3, 4))
     got = np.asarray(fn(jnp.asarray(cams), jnp.asarray(cluster), k, theta,
                         impl))
     want = np.zeros((2, 2, k))
@@ -243,7 +244,7 @@ def test_superpixel_target_mask_vs_loops(impl):
     cams[:, 2] = 0.0
     kw = dict(colour_k=4, colour_iters=5, colour_space="lab", theta_h=0.4,
               theta_r=0.5, patch_fraction=0.5, num_segments=S, impl=impl)
-    fn = jax.jit(lambda *a: sgc.superpixel_target_mask(*a, **kw))
+    fn = jax.jit(lambda *a: sgc_mask.superpixel_target_mask(*a, **kw))
     got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
                                             slot_valid))))
     want = _mask_ref(cams, img, sp, valid, slot_valid, k=4, iters=5,
@@ -276,7 +277,7 @@ def test_superpixel_target_mask_hand_built():
     cams[0, 0, :, 2] = 1.0
     cams[0, 0, :, 3] = 0.3  # low CAM under the padding must not count
     fn = jax.jit(functools.partial(
-        sgc.superpixel_target_mask, colour_k=2, colour_iters=5,
+        sgc_mask.superpixel_target_mask, colour_k=2, colour_iters=5,
         theta_h=0.4, theta_r=0.9, patch_fraction=0.5, num_segments=16))
     got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
                                             np.ones((1, 1), bool)))))
@@ -328,7 +329,7 @@ def _box_cases():
                                             ("onehot", 0.7)])
 def test_box_mask_vs_scipy(impl, threshold):
     cams = _box_cases()
-    got = np.asarray(jax.jit(lambda c: sgc.box_mask(c, threshold, impl))(
+    got = np.asarray(jax.jit(lambda c: sgc_mask.box_mask(c, threshold, impl))(
         jnp.asarray(cams.reshape(2, -1, 6, 7))).reshape(cams.shape))
     for i, cam in enumerate(cams):
         np.testing.assert_array_equal(got[i], _box_ref(cam, threshold),
@@ -343,7 +344,7 @@ def test_box_mask_vs_scipy(impl, threshold):
 def test_box_mask_matches_opencv():
     cv2 = pytest.importorskip("cv2")  # dev dependency only (CLIP-ES uses it)
     cams = _box_cases()
-    got = np.asarray(jax.jit(sgc.box_mask, static_argnums=1)(
+    got = np.asarray(jax.jit(sgc_mask.box_mask, static_argnums=1)(
         jnp.asarray(cams[None]), 0.4))[0]
     for i, cam in enumerate(cams):
         u = np.expand_dims((cam * 255).astype(np.uint8), 2)
@@ -361,7 +362,7 @@ def test_box_mask_matches_opencv():
 def test_connected_components_partition_matches_scipy():
     rng = np.random.default_rng(6)
     fg = rng.random((5, 9, 11)) > 0.45
-    labels = np.asarray(sgc._connected_components(jnp.asarray(fg)))
+    labels = np.asarray(sgc_mask._connected_components(jnp.asarray(fg)))
     for i in range(fg.shape[0]):
         ref, _ = ndimage.label(fg[i], structure=np.ones((3, 3)))
         assert (labels[i][~fg[i]] == 99).all()
@@ -538,15 +539,17 @@ def test_refine_cams_errors():
                         use_dino_attn=False)
 
 
-def test_refine_cams_from_config_uses_config_fields():
-    from ssr_jax import config_defaults
+def test_refine_cams_with_method_params_uses_config_fields():
+    from ssr_jax import config_defaults, params
 
-    cfg = config_defaults.base_config().sgc
-    cfg.max_segments = S
-    cfg.mask = "box"
+    cfg = config_defaults.base_config()
+    cfg.sgc.max_segments = S
+    cfg.sgc.mask = "box"
+    sp = params.method_params(cfg).sgc
+    assert (sp.num_segments, sp.mask_kind) == (S, "box")
     x = _refine_inputs()
-    fn = jax.jit(lambda c, v, a, d: sgc.refine_cams_from_config(
-        c, v, cfg, clip_attn=a, dino_attn=d))
+    fn = jax.jit(lambda c, v, a, d: sgc.refine_cams_with(
+        c, v, sp, clip_attn=a, dino_attn=d))
     got = fn(*map(jnp.asarray, (x["cams"], x["slot_valid"], x["clip"],
                                 x["dino"])))
     want = _run_refine(x, mask_kind="box")
@@ -588,7 +591,7 @@ def test_finite_with_zero_cams_and_empty_superpixels(impl):
     for kind in kinds:
         out = _run_refine(x, mask_kind=kind, impl=impl)
         assert np.isfinite(out).all() and (out == 0).all()
-    fn = jax.jit(functools.partial(sgc.superpixel_target_mask,
+    fn = jax.jit(functools.partial(sgc_mask.superpixel_target_mask,
                                    num_segments=S, colour_k=4, impl=impl))
     mask = np.asarray(fn(*map(jnp.asarray,
                               (cams, img, sp, valid, slot_valid))))
@@ -686,7 +689,7 @@ def test_kmeanspp_init_is_per_image_and_picks_valid_points():
     valid[1] = False
     valid[1, [2, 4]] = True  # n = 2 < k
     valid[2] = False  # no valid point at all
-    init = jax.jit(sgc._kmeanspp_init, static_argnums=(2, 3))
+    init = jax.jit(sgc_mask._kmeanspp_init, static_argnums=(2, 3))
     both = np.asarray(init(jnp.asarray(colours), jnp.asarray(valid), 4, 7))
     alone = np.asarray(init(jnp.asarray(colours[:1]), jnp.asarray(valid[:1]),
                             4, 7))
@@ -699,10 +702,10 @@ def test_kmeanspp_init_is_per_image_and_picks_valid_points():
         for c in both[b]:
             assert np.abs(pts - c).sum(-1).min() == 0  # a valid point
     labels = np.asarray(jax.jit(
-        sgc.colour_kmeans, static_argnames=("k", "iters", "init"))(
+        sgc_mask.colour_kmeans, static_argnames=("k", "iters", "init"))(
         jnp.asarray(colours), jnp.asarray(valid), k=4, iters=3,
         init="kmeans++"))
     assert (labels[~valid] == -1).all() and (labels[valid] >= 0).all()
     with pytest.raises(ValueError, match="kmeans_init"):
-        sgc.colour_kmeans(jnp.asarray(colours), jnp.asarray(valid), 4, 3,
+        sgc_mask.colour_kmeans(jnp.asarray(colours), jnp.asarray(valid), 4, 3,
                           init="random")

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ssr_jax.data import synthetic as syn
+from ssr_jax.data.synthetic import render, shapes, writer
 
 SIZE = 160
 N_TRAIN, N_VAL = 16, 8
@@ -186,15 +187,15 @@ def test_occlusion_and_void_against_pixel_loops():
     cfg = syn.WorldConfig()
     objs = []
     for i, (cls, cx) in enumerate(((9, 20.0), (9, 28.0), (0, 24.0))):
-        o = syn._Object(cls, cx, 24.0, 10.0, 0.3 * i, i == 1, "solid",
+        o = render._Object(cls, cx, 24.0, 10.0, 0.3 * i, i == 1, "solid",
                         "single", i)
-        syn._raster(o, cfg.classes[cls].shape, h, w)
+        render._raster(o, cfg.classes[cls].shape, h, w)
         objs.append(o)
-    inst = syn._instance_map(objs, h, w)
+    inst = render._instance_map(objs, h, w)
     np.testing.assert_array_equal(inst, _brute_instance_map(objs, h, w))
     assert 0 < (inst == 1).sum() < (objs[0].sdf < 0).sum()  # occluded
     for r in (1, 2):
-        np.testing.assert_array_equal(syn._void(inst, r),
+        np.testing.assert_array_equal(render._void(inst, r),
                                       _brute_void(inst, r))
 
 
@@ -327,12 +328,13 @@ def test_interrupted_run_leaves_no_world(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(syn, "render_scene", dying)
+    # generate renders through its own module, synthetic.writer
+    monkeypatch.setattr(writer, "render_scene", dying)
     with pytest.raises(KeyboardInterrupt):
         _small(root)
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(syn, "render_scene", real)
+    monkeypatch.setattr(writer, "render_scene", real)
     # A killed run's temp dir (dead pid) looks incomplete and is removed.
     stale = tmp_path / f".w.tmp-{socket.gethostname()}-{2 ** 22 + 7}-dead"
     (stale / "JPEGImages").mkdir(parents=True)
@@ -369,16 +371,16 @@ def test_refuses_foreign_directory_and_bad_config(tmp_path):
 def test_polygon_distance_matches_box_and_rasterised_inside():
     g = np.meshgrid(np.linspace(-2, 2, 41), np.linspace(-2, 2, 41))
     square = [(-1.0, -0.5), (1.0, -0.5), (1.0, 0.5), (-1.0, 0.5)]
-    np.testing.assert_allclose(syn._polygon(g, square),
-                               syn._box(g, 0.0, 0.0, 1.0, 0.5), atol=1e-12)
+    np.testing.assert_allclose(shapes._polygon(g, square),
+                               shapes._box(g, 0.0, 0.0, 1.0, 0.5), atol=1e-12)
     tri = [(-1.5, 1.5), (1.5, 1.2), (0.1, -1.7)]
-    inside = syn._polygon(g, tri) < 0
+    inside = shapes._polygon(g, tri) < 0
     from skimage.draw import polygon2mask  # the independent reference
 
     pix = [((y + 2) * 10, (x + 2) * 10) for x, y in tri]
     ref = polygon2mask((41, 41), pix)
     # Pixel centres on an edge may go either way: compare off the edges.
-    far = np.abs(syn._polygon(g, tri)) > 0.15
+    far = np.abs(shapes._polygon(g, tri)) > 0.15
     np.testing.assert_array_equal(inside[far], ref[far])
 
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from ssr_jax import logs, metrics
+from ssr_jax import data_sources, logs, metrics
 from ssr_jax.data import voc
 from ssr_jax.evaluators import common
 from tests import data_fixtures
@@ -17,7 +17,7 @@ def test_strict_false_prints_the_skip_count(tmp_path, capsys):
     tree = data_fixtures.write_voc_tree(
         str(tmp_path / "voc"), broken=("missing_image", "truncated_jpeg"))
     c = data_fixtures.fixture_config(tree, **{"data.strict": False})
-    data = voc.load_split(c, "train_aug")
+    data = data_sources.load_split(c, "train_aug")
     err = capsys.readouterr().err
     assert "ssr_jax: warning: skipped 2 of 6 examples of split 'train_aug' " \
            "(data.strict=False)" in err

@@ -42,6 +42,7 @@ from PIL import Image
 # Runnable as `python tools/coco_masks.py` from a checkout without install.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ssr_jax.data import voc  # noqa: E402
+from ssr_jax.io_utils import atomic_write  # noqa: E402
 
 SPLITS = {"train2014": "train", "val2014": "val"}
 IGNORE = 255
@@ -92,9 +93,8 @@ def _save_mask(path: str, mask: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     im = Image.fromarray(mask, mode="P")
     im.putpalette(voc_palette())
-    tmp = path + ".tmp"
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        im.save(f, format="PNG")
 
 
 def _link_images(src: str, dst: str, copy: bool) -> None:

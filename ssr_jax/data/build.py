@@ -5,7 +5,8 @@ r"""Builds a dataset as TFDS (array_record, superpixels included), once.
         --config.data.tfds_dir=/data/tfds [--workers 16] [--splits a,b]
 
 writes `<tfds_dir>/<builder>/<slic tag>/1.0.0/` (`tfds_source` describes
-it): `voc_aug` for configs/voc.py, `coco_seg` for configs/coco.py (after
+it): the builder is the dataset spec's (`data.specs`): `voc_aug` for
+configs/voc.py, `coco_seg` for configs/coco.py (after
 `tools/coco_masks.py`), `synthetic_world` for configs/synthetic.py (the
 world is generated first when `data.root` is empty). The splits are the
 config's train, val and seed splits. The SLIC settings are the config's
@@ -66,20 +67,27 @@ def _size(path: str) -> int:
 
 
 def _check(config) -> None:
-    from ssr_jax.data import slic, tfds_source
+    from ssr_jax import data_sources
+    from ssr_jax.data import DataError, slic, specs
 
     d = config.data
-    if d.name not in tfds_source.BUILDERS:
+    try:
+        spec = specs.get(d.name)
+    except DataError as e:
+        _fail(str(e))
+    if spec.tfds_builder is None:
+        have = [n for n in specs.names() if specs.get(n).tfds_builder]
         _fail(f"data.name={d.name!r} has no builder; one of "
-              f"{', '.join(tfds_source.BUILDERS)}")
+              f"{', '.join(have)}")
     if not d.tfds_dir:
         _fail("--config.data.tfds_dir is empty: the directory to write the "
               "dataset into")
     if "://" in d.tfds_dir:
         _fail(f"data.tfds_dir={d.tfds_dir!r}: build into a local directory "
               "and copy it to the bucket (gsutil -m cp -r DIR gs://...)")
-    if config.sgc.max_segments > slic.MAX_CACHEABLE_SEGMENTS:
-        _fail(f"sgc.max_segments={config.sgc.max_segments}: stored "
+    params = data_sources.slic_params(config)
+    if params.max_segments > slic.MAX_CACHEABLE_SEGMENTS:
+        _fail(f"sgc.max_segments={params.max_segments}: stored "
               f"superpixels are 16-bit, at most {slic.MAX_CACHEABLE_SEGMENTS}")
 
 
@@ -116,17 +124,18 @@ def summary_text(meta: dict, report: dict, directory: str,
 
 
 def builder_class(name: str):
-    """The builder class of `data.name` (imports TFDS)."""
-    from ssr_jax.data import tfds_source
+    """The builder class of `data.name`: its spec's `tfds_class`, a
+    "module:Class" path (imports TFDS)."""
+    import importlib
+
+    from ssr_jax.data import DataError, specs, tfds_source
 
     tfds_source.require_tfds()
-    if name == "voc":
-        from ssr_jax.data.tfds_voc import VocAug as cls
-    elif name == "coco":
-        from ssr_jax.data.tfds_coco import CocoSeg as cls
-    else:
-        from ssr_jax.data.tfds_synthetic import SyntheticWorld as cls
-    return cls
+    spec = specs.get(name)
+    if spec.tfds_class is None:
+        raise DataError(f"data.name={name!r} has no TFDS builder")
+    module, _, cls = spec.tfds_class.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build(config, *, workers: int = 0, splits: list[str] | None = None,
@@ -138,17 +147,20 @@ def build(config, *, workers: int = 0, splits: list[str] | None = None,
     (incomplete directories of killed builds that were deleted)}`. Raises
     `DataError` for bad data (with `data.strict`) and a missing root.
     """
-    from ssr_jax.data import DataError, tfds_builder, tfds_source, voc
+    from ssr_jax import data_sources
+    from ssr_jax.data import DataError, specs, tfds_builder, tfds_source, voc
 
     d = config.data
-    if d.name == "synthetic" and not d.root:
+    if specs.get(d.name).synthetic and not d.root:
         from ssr_jax import pretrain
 
         d.root = pretrain.ensure_world(config)
     voc.check_root(d.root)
     cls = builder_class(d.name)
     workers = workers or os.cpu_count() or 1
-    builder = cls(ssr_config=config, splits=splits, workers=workers)
+    builder = cls(ssr_config=config,
+                  slic_params=data_sources.slic_params(config),
+                  splits=splits, workers=workers)
     directory = os.fspath(builder.data_path)
     if os.path.isfile(os.path.join(directory, "dataset_info.json")):
         meta = tfds_source._read_metadata_file(directory)  # noqa: SLF001

@@ -21,15 +21,42 @@ the GIL.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from ssr_jax import io_utils
+
 # A 16-bit PNG stores the cached ids.
 MAX_CACHEABLE_SEGMENTS = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicParams:
+    """The SLIC settings the data layer needs, as plain values.
+
+    Built once from the run config (`sgc.slic_segments`,
+    `sgc.slic_compactness`, `sgc.max_segments`, `sgc.slic_cache`,
+    `data.crop_size`) by `ssr_jax.data_sources.slic_params`; nothing in
+    `ssr_jax/data/` reads the method's `config.sgc`.
+    """
+
+    segments: int
+    compactness: float
+    max_segments: int
+    crop_size: int
+    cache: bool = True  # whole-image SLIC, ids transformed with the image
+
+    def settings(self) -> dict:
+        """The record stored superpixels depend on (TFDS metadata, tags)."""
+        return {"slic_segments": int(self.segments),
+                "slic_compactness": float(self.compactness),
+                "max_segments": int(self.max_segments),
+                "crop_size": int(self.crop_size),
+                "mode": "whole_image"}
 
 
 def reindex(ids: np.ndarray) -> tuple[np.ndarray, int]:
@@ -216,11 +243,5 @@ class SlicCache:
     def _write(self, path: str, ids: np.ndarray) -> None:
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.png")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(ids.astype(np.uint16)).save(f, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with io_utils.atomic_write(path, suffix=".tmp.png") as f:
+            Image.fromarray(ids.astype(np.uint16)).save(f, format="PNG")

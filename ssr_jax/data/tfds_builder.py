@@ -9,7 +9,7 @@ generated). Run them through `python -m ssr_jax.data.build`.
 What a build does, per split (`data.train_split`, `val_split`,
 `seed_split` unless `--splits` says otherwise):
 
-1. `voc.load_folder_split`: the folder path's start-up scan (labels from
+1. `splits.load_folder_split`: the folder path's start-up scan (labels from
    the masks or XML, problems per id, `data.strict`: stop, or skip and
    count). Its `Split` becomes the split's metadata (ids, sizes, labels,
    mask flags, summary).
@@ -17,8 +17,8 @@ What a build does, per split (`data.train_split`, `val_split`,
    order: image bytes as stored, the mask re-encoded as a greyscale PNG
    (palette PNGs decode to colours in OpenCV, which TFDS uses when
    installed), SLIC of the whole image (`slic.cached_n_segments` segments,
-   the `sgc.slic_cache` mode) as a 16-bit PNG, from a content-addressed
-   SLIC cache that makes an interrupted build resumable.
+   the `sgc.slic_cache` mode, `slic.SlicParams`) as a 16-bit PNG, from a
+   content-addressed SLIC cache that makes an interrupted build resumable.
 3. TFDS writes the records in that order (`disable_shuffling`) to
    array_record files, and `metadata.json` last; the dataset directory
    appears only when everything is written (TFDS's `incomplete.*` rename).
@@ -40,7 +40,8 @@ import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
 
-from ssr_jax.data import DataError, tfds_source, voc
+from ssr_jax.data import DataError, slic, tfds_source, voc
+from ssr_jax.data.splits import load_folder_split
 
 Feats = tfds.features
 
@@ -49,8 +50,10 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A VOC-layout dataset with stored superpixels (see module docstring).
 
     Args:
-      ssr_config: the run config (`data.*`, `sgc.slic_*`); `data.tfds_dir`
-        is the TFDS data_dir.
+      ssr_config: the run config (`data.*`); `data.tfds_dir` is the TFDS
+        data_dir.
+      slic_params: the SLIC settings of the stored superpixels
+        (`data_sources.slic_params(config)`).
       splits: list names to build; None = the config's train, val and seed
         splits that have a list file.
       workers: processes of the encode pool; <= 1 encodes in this process.
@@ -63,10 +66,11 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     HOMEPAGE = ""
     CITATION = ""
 
-    def __init__(self, *, ssr_config, splits: list[str] | None = None,
-                 workers: int = 1, **kwargs):
+    def __init__(self, *, ssr_config, slic_params: slic.SlicParams,
+                 splits: list[str] | None = None, workers: int = 1,
+                 **kwargs):
         self.ssr_config = ssr_config
-        self.settings = tfds_source.slic_settings(ssr_config)
+        self.settings = slic_params.settings()
         self.workers = int(workers)
         self.classes = voc.folder_class_names(ssr_config)
         self.split_names = splits or self.default_splits(ssr_config)
@@ -130,7 +134,7 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         }
         out = {}
         for name in self.split_names:
-            split = voc.load_folder_split(cfg, name)
+            split = load_folder_split(cfg, name)
             logging.info("%s", split.summary)
             out[name] = self._generate_examples(name, split)
         return out

@@ -7,12 +7,12 @@ ssr_jax.data.build --config configs/coco.py --config.data.root=<coco2014>
 --config.data.tfds_dir=<dir>`.
 """
 
-from ssr_jax.data import tfds_source
+from ssr_jax.data import specs
 from ssr_jax.data.tfds_builder import LayoutBuilder
 
 
 class CocoSeg(LayoutBuilder, skip_registration=True):
-    name = tfds_source.BUILDERS["coco"]
+    name = specs.COCO.tfds_builder
     DESCRIPTION = (
         "MS COCO 2014 semantic segmentation as used in WSSS: masks rendered "
         "from the instance annotations by ssr_jax tools/coco_masks.py (80 "

@@ -14,13 +14,15 @@ Layout (one directory per dataset and SLIC setting, TFDS's own layout):
         dataset_info.json, features.json, metadata.json,
         <builder>-<split>.array_record-0000i-of-0000n
 
-`<builder>` is `voc_aug`, `coco_seg` or `synthetic_world` (`BUILDERS`),
+`<builder>` is the dataset spec's `tfds_builder` (`voc_aug`, `coco_seg`,
+`synthetic_world`; `data.specs`),
 `<slic tag>` names the SLIC settings the superpixels were computed with
-(`slic_tag`, as the folder path's SLIC cache). `metadata.json` holds the
-`ssr_jax` block: SLIC settings, classes, and per split the listed ids,
-their sizes, labels and mask flags, the record of each stored id, and the
-start-up summary of the build. A split is rebuilt into a `voc.Split` from
-it without reading any record, so start-up costs one small JSON read.
+(`slic_tag` of a `slic.SlicParams`, as the folder path's SLIC cache).
+`metadata.json` holds the `ssr_jax` block: SLIC settings, classes, and
+per split the listed ids, their sizes, labels and mask flags, the record of
+each stored id, and the start-up summary of the build. A split is rebuilt
+into a `voc.Split` from it without reading any record, so start-up costs
+one small JSON read.
 
 Record features (see `tfds_builder.py`): `image` (the JPEG/PNG bytes of
 `JPEGImages/`, byte for byte), `mask` (greyscale PNG of class indices, 255
@@ -51,12 +53,11 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from ssr_jax.data import DataError, slic, voc
+from ssr_jax.data import DataError, slic, specs, voc
 
-# data.name -> TFDS builder name (TFDS's catalog has `voc` and `coco`
-# builders without segmentation masks: these names keep clear of them).
-BUILDERS = {"voc": "voc_aug", "coco": "coco_seg",
-            "synthetic": "synthetic_world"}
+# The TFDS builder name of a dataset is its spec's `tfds_builder`
+# (`voc_aug`, `coco_seg`, `synthetic_world`: TFDS's catalog has `voc` and
+# `coco` builders without segmentation masks; these names keep clear).
 VERSION = "1.0.0"
 FORMAT_VERSION = 1
 METADATA_KEY = "ssr_jax"
@@ -80,14 +81,9 @@ def require_tfds():
 # --- settings and paths ------------------------------------------------------
 
 
-def slic_settings(config) -> dict:
+def slic_settings(params: slic.SlicParams) -> dict:
     """The SLIC settings stored superpixels depend on (metadata record)."""
-    s, d = config.sgc, config.data
-    return {"slic_segments": int(s.slic_segments),
-            "slic_compactness": float(s.slic_compactness),
-            "max_segments": int(s.max_segments),
-            "crop_size": int(d.crop_size),
-            "mode": "whole_image"}
+    return params.settings()
 
 
 def slic_tag(settings: dict) -> str:
@@ -98,11 +94,13 @@ def slic_tag(settings: dict) -> str:
 
 
 def builder_name(config) -> str:
-    name = config.data.name
-    if name not in BUILDERS:
-        raise DataError(f"data.name={name!r} has no TFDS builder; one of "
-                        f"{', '.join(BUILDERS)}")
-    return BUILDERS[name]
+    """The TFDS builder name of `config.data.name` (its spec's)."""
+    spec = specs.get(config.data.name)
+    if spec.tfds_builder is None:
+        have = [n for n in specs.names() if specs.get(n).tfds_builder]
+        raise DataError(f"data.name={spec.name!r} has no TFDS builder; one "
+                        f"of {', '.join(have)}")
+    return spec.tfds_builder
 
 
 def _join(base: str, *parts: str) -> str:
@@ -111,16 +109,14 @@ def _join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def dataset_dir(config) -> str:
+def dataset_dir(config, params: slic.SlicParams) -> str:
     """`<tfds_dir>/<builder>/<slic tag>/<version>` for `config`."""
     return _join(config.data.tfds_dir, builder_name(config),
-                 slic_tag(slic_settings(config)), VERSION)
+                 slic_tag(params.settings()), VERSION)
 
 
 def build_command(config) -> str:
-    cfg = {"voc": "configs/voc.py", "coco": "configs/coco.py",
-           "synthetic": "configs/synthetic.py"}.get(config.data.name,
-                                                    "configs/voc.py")
+    cfg = specs.get(config.data.name).config_hint
     root = config.data.root or "<dataset root>"
     return (f"python -m ssr_jax.data.build --config {cfg} "
             f"--config.data.root={root} "
@@ -142,17 +138,21 @@ def _read_metadata_file(directory: str) -> dict | None:
         return None
 
 
-def problems(config) -> list[str]:
+def problems(config, params: slic.SlicParams) -> list[str]:
     """Config problems of `data.source="tfds"` (for `config_check`)."""
     d = config.data
     out = []
+    if d.name not in specs.names():
+        return out  # reported by the data.name check
     if not d.tfds_dir:
         return ["data.source='tfds' needs data.tfds_dir: the directory (or "
                 "gs:// bucket) the dataset was built into with `"
                 + build_command(config) + "`"]
-    if d.name not in BUILDERS:
-        return out  # reported by the data.name check
-    if not config.sgc.slic_cache:
+    if specs.get(d.name).tfds_builder is None:
+        return [f"data.source='tfds': data.name={d.name!r} has no TFDS "
+                "builder (its spec's tfds_builder); use data.source="
+                "'folders'"]
+    if not params.cache:
         out.append("data.source='tfds' reads the superpixels stored at build "
                    "time, which are whole-image SLIC maps (the "
                    "sgc.slic_cache=True mode); set sgc.slic_cache=True, or "
@@ -165,12 +165,12 @@ def problems(config) -> list[str]:
     if _is_remote(d.tfds_dir):
         return out  # checked when opened (needs the bucket's credentials)
     try:
-        meta = _open_metadata(config)
+        meta = _open_metadata(config, params)
     except DataError as e:
         out.append(str(e))
         return out
     if meta["num_classes"] != int(d.num_classes):
-        out.append(f"the TFDS dataset at {dataset_dir(config)} has "
+        out.append(f"the TFDS dataset at {dataset_dir(config, params)} has "
                    f"{meta['num_classes']} classes but data.num_classes="
                    f"{d.num_classes}")
     return out
@@ -190,10 +190,10 @@ def _built_settings(config) -> list[tuple[str, dict]]:
     return found
 
 
-def _open_metadata(config) -> dict:
+def _open_metadata(config, params: slic.SlicParams) -> dict:
     """The `ssr_jax` metadata of the dataset `config` reads; checked."""
-    directory = dataset_dir(config)
-    want = slic_settings(config)
+    directory = dataset_dir(config, params)
+    want = params.settings()
     if _is_remote(directory):
         meta = _builder(directory).info.metadata
         meta = None if meta is None else meta.get(METADATA_KEY)
@@ -249,26 +249,26 @@ def _metadata_cached(directory: str, mtime: float) -> dict:
     return meta
 
 
-def metadata(config) -> dict:
+def metadata(config, params: slic.SlicParams) -> dict:
     """The checked `ssr_jax` metadata block of the dataset (cached)."""
-    directory = dataset_dir(config)
+    directory = dataset_dir(config, params)
     if _is_remote(directory):
-        return _open_metadata(config)
+        return _open_metadata(config, params)
     path = os.path.join(directory, "metadata.json")
     if not os.path.isfile(path):
-        _open_metadata(config)  # raises the right message
+        _open_metadata(config, params)  # raises the right message
     meta = _metadata_cached(directory, os.stat(path).st_mtime)
-    if meta.get("slic") != slic_settings(config):
-        _open_metadata(config)  # raises the mismatch message
+    if meta.get("slic") != params.settings():
+        _open_metadata(config, params)  # raises the mismatch message
     return meta
 
 
-def class_names(config) -> tuple[str, ...]:
-    names = tuple(metadata(config)["class_names"])
+def class_names(config, params: slic.SlicParams) -> tuple[str, ...]:
+    names = tuple(metadata(config, params)["class_names"])
     if len(names) != config.data.num_classes:
         raise DataError(f"data.num_classes={config.data.num_classes} but the "
-                        f"TFDS dataset {dataset_dir(config)} has {len(names)}"
-                        " classes")
+                        f"TFDS dataset {dataset_dir(config, params)} has "
+                        f"{len(names)} classes")
     return names
 
 
@@ -399,18 +399,19 @@ def split_from_metadata(config, directory: str, split: str,
         usable=np.array(stored, np.int64), summary=summary, store=store)
 
 
-def load_split(config, split: str) -> voc.Split:
-    """`voc.load_split` for `data.source="tfds"`."""
-    meta = metadata(config)
+def load_split(config, split: str, params: slic.SlicParams) -> voc.Split:
+    """`data_sources.load_split` for `data.source="tfds"`."""
+    meta = metadata(config, params)
+    directory = dataset_dir(config, params)
     if meta["num_classes"] != int(config.data.num_classes):
-        raise DataError(f"the TFDS dataset {dataset_dir(config)} has "
+        raise DataError(f"the TFDS dataset {directory} has "
                         f"{meta['num_classes']} classes but data.num_classes="
                         f"{config.data.num_classes}")
-    data = split_from_metadata(config, dataset_dir(config), split, meta)
+    data = split_from_metadata(config, directory, split, meta)
     logging.info("split %r: %d records of the TFDS dataset %s", split,
-                 data.usable.size, dataset_dir(config))
+                 data.usable.size, directory)
     if not data.usable.size:
-        raise DataError(f"split {split!r} of {dataset_dir(config)} stores "
+        raise DataError(f"split {split!r} of {directory} stores "
                         "no example")
     return data
 

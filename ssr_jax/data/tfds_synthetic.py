@@ -7,12 +7,12 @@ configs/synthetic.py --config.data.tfds_dir=<dir>` (generates the world
 first when `data.root` is empty, as the embedded default does).
 """
 
-from ssr_jax.data import tfds_source
+from ssr_jax.data import specs
 from ssr_jax.data.tfds_builder import LayoutBuilder
 
 
 class SyntheticWorld(LayoutBuilder, skip_registration=True):
-    name = tfds_source.BUILDERS["synthetic"]
+    name = specs.SYNTHETIC.tfds_builder
     DESCRIPTION = (
         "ssr_jax's procedurally generated world (docs/synthetic_world.md): "
         "JPEG scenes, class masks, image-level labels and SLIC superpixels "

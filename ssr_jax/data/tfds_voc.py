@@ -7,12 +7,12 @@ has none). Build: `python -m ssr_jax.data.build --config configs/voc.py
 --config.data.root=<VOC2012> --config.data.tfds_dir=<dir>`.
 """
 
-from ssr_jax.data import tfds_source
+from ssr_jax.data import specs
 from ssr_jax.data.tfds_builder import LayoutBuilder
 
 
 class VocAug(LayoutBuilder, skip_registration=True):
-    name = tfds_source.BUILDERS["voc"]
+    name = specs.VOC.tfds_builder
     DESCRIPTION = (
         "PASCAL VOC 2012 with the SBD augmented masks (SegmentationClassAug):"
         " JPEG images as stored, class masks (21 classes, 255 ignore), "

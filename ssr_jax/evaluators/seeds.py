@@ -20,8 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssr_jax import build, cam, input_pipeline, metrics, ssr
-from ssr_jax.data import voc
+from ssr_jax import build, cam, data_sources, input_pipeline, metrics, ssr
 from ssr_jax.evaluators import common
 
 # Seed-score entries (`ssr.seed_labels`): the paper's Table 4 pair, Table 3
@@ -159,10 +158,10 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
         if on_batch is not None:
             on_batch(local, {k: common.local_rows(maps[k])
                              for k in label_entries if k in maps})
-    names = voc.class_names(config)
+    names = data_sources.class_names(config)
     entries = {k: metrics.scores(accs[k].result(), names)
                for k in SEED_ENTRIES if k in accs}
-    data = voc.load_split(config, split)
+    data = data_sources.load_split(config, split)
     with_mask = [i for i in data.usable if data.mask_paths[i] is not None]
     pool = with_mask if require_masks else list(data.usable)
     taken = pool[:max_images] if max_images > 0 else pool

@@ -57,7 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ssr_jax import build, crf, logs, metrics, ssr
+from ssr_jax import build, crf, data_sources, logs, metrics, ssr
 from ssr_jax.data import DataError, voc
 from ssr_jax.evaluators import common
 from ssr_jax.models.resize import resize, resize_matrix
@@ -219,11 +219,13 @@ class _HostPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def save_label_png(path: str, labels: np.ndarray) -> None:
-    """Writes uint8 [H, W] class ids as a VOC-palette PNG (indices kept)."""
+def save_label_png(path: str, labels: np.ndarray,
+                   palette: tuple[int, ...] | None = None) -> None:
+    """Writes uint8 [H, W] class ids as a palette PNG (indices kept), in
+    the dataset spec's `palette` (default VOC's)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     im = Image.fromarray(np.asarray(labels, np.uint8))
-    im.putpalette(voc.palette())
+    im.putpalette(palette or voc.palette())
     im.save(path)
 
 
@@ -364,7 +366,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     if use_crf:
         crf.require_densecrf()
     patch = _clip_patch(clip)
-    data = voc.load_split(config, split)
+    data = data_sources.load_split(config, split)
     examples = data.usable[:max_images] if max_images > 0 else data.usable
     batch_size = common.global_batch_size(ev.batch_size)
     plan = plan_batches(data.sizes, examples, int(ev.long_side), patch,
@@ -394,6 +396,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     pool = _HostPool(_num_workers(config), processes=use_crf)
     pred_dir = os.path.join(out_dir, "predictions") if save else ""
     counts = {"scored": 0, "written": 0}
+    palette = data_sources.spec(config).palette
 
     def finish(meta, pred):
         if meta["mask"] is not None:
@@ -402,7 +405,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
         if save and (max_predictions <= 0
                      or counts["written"] < max_predictions):
             save_label_png(os.path.join(pred_dir, meta["name"] + ".png"),
-                           pred)
+                           pred, palette)
             counts["written"] += 1
 
     def post(items, logits):
@@ -455,7 +458,7 @@ def evaluate_segmentation(config, clip, model: ssr.SSRModel, split: str,
     has_masks = any(data.mask_paths[i] is not None for i in examples)
     result: dict[str, Any] = {}
     if has_masks:
-        result = metrics.scores(conf, voc.class_names(config))
+        result = metrics.scores(conf, data_sources.class_names(config))
     result.update(num_images=int(len(examples)),
                   num_scored=int(common.sum_over_processes(counts["scored"])),
                   num_shapes=num_shapes)

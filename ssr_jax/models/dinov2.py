@@ -46,7 +46,6 @@ from ssr_jax.models.clip import (
     LayerNorm,
     Out,
     check_act,
-    normal_init,
     patch_grid,
     pick_fields,
     run_blocks,
@@ -54,6 +53,7 @@ from ssr_jax.models.clip import (
 )
 from ssr_jax.models.layout import TokenLayout
 from ssr_jax.models.resize import resize
+from ssr_jax.models.vit import embed_patches, init_stem
 
 Array = jax.Array
 MODEL_TYPES = {"dinov2": "Dinov2Model",
@@ -199,15 +199,9 @@ class Dinov2(nnx.Module):
 
     def __init__(self, config: Dinov2Config, *, dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        d, p = config.hidden_size, config.patch_size
+        d = config.hidden_size
         self.config = config
-        self.patch_embedding = nnx.Conv(
-            config.num_channels, d, (p, p), strides=(p, p), padding="VALID",
-            use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        # HF shapes [1, 1, D], [1, 1 + n, D], [1, R, D] are kept as stored.
-        self.cls_token = nnx.Param(normal_init(rngs, (1, 1, d), dtype))
-        self.position_embeddings = nnx.Param(
-            normal_init(rngs, (1, config.grid ** 2 + 1, d), dtype))
+        init_stem(self, config, dtype, rngs)  # ViT's; registers [1, R, D]
         self.register_tokens = (
             nnx.Param(jnp.zeros((1, config.num_register_tokens, d), dtype))
             if config.num_register_tokens else None)
@@ -235,13 +229,9 @@ class Dinov2(nnx.Module):
     def embed(self, pixels: Array) -> Array:
         """pixels [B, H, W, C] float, normalised → x [B, 1 + R + h·w, D] with
         (h, w) = (H // p, W // p)."""
-        grid = patch_grid(pixels, self.config.patch_size)
-        dtype = self.cls_token.dtype
-        x = self.patch_embedding(pixels.astype(dtype))
+        x, grid = embed_patches(self, pixels)
         b, d = x.shape[0], x.shape[-1]
-        x = x.reshape(b, grid[0] * grid[1], d)
-        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
-        x = jnp.concatenate([cls, x], axis=1) + self.positions(grid)[None]
+        x = x + self.positions(grid)[None]
         if self.register_tokens is None:
             return x
         reg = jnp.broadcast_to(self.register_tokens[...],

@@ -81,21 +81,43 @@ class ViTConfig:
                 **dataclasses.asdict(self)}
 
 
+def init_stem(module: nnx.Module, config: Any, dtype: Any,
+              rngs: nnx.Rngs) -> None:
+    """Sets the stem HF's `ViTModel` and `Dinov2Model` share on `module`,
+    initialised in this order: `patch_embedding` (p×p conv with bias),
+    `cls_token` [1, 1, D] and `position_embeddings` [1, 1 + n, D] (HF
+    shapes, kept as stored; n = `config.grid`²)."""
+    d, p = config.hidden_size, config.patch_size
+    module.patch_embedding = nnx.Conv(
+        config.num_channels, d, (p, p), strides=(p, p), padding="VALID",
+        use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    module.cls_token = nnx.Param(normal_init(rngs, (1, 1, d), dtype))
+    module.position_embeddings = nnx.Param(
+        normal_init(rngs, (1, config.grid ** 2 + 1, d), dtype))
+
+
+def embed_patches(module: nnx.Module, pixels: Array,
+                  ) -> tuple[Array, tuple[int, int]]:
+    """The stem of `init_stem` on pixels [B, H, W, C] → ([CLS, patches]
+    [B, 1 + h·w, D] without positions, (h, w) = (H // p, W // p))."""
+    h, w = patch_grid(pixels, module.config.patch_size)
+    dtype = module.cls_token.dtype
+    x = module.patch_embedding(pixels.astype(dtype))
+    b, d = x.shape[0], x.shape[-1]
+    x = x.reshape(b, h * w, d)
+    cls = jnp.broadcast_to(module.cls_token[...], (b, 1, d))
+    return jnp.concatenate([cls, x], axis=1), (h, w)
+
+
 class ViT(nnx.Module):
     """ViT encoder: patch conv (with bias), CLS, bicubic-resized positions,
     pre-LN blocks, final LayerNorm."""
 
     def __init__(self, config: ViTConfig, *, dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        d, p = config.hidden_size, config.patch_size
+        d = config.hidden_size
         self.config = config
-        self.patch_embedding = nnx.Conv(
-            config.num_channels, d, (p, p), strides=(p, p), padding="VALID",
-            use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        # HF shapes [1, 1, D] and [1, 1 + n, D] are kept as stored.
-        self.cls_token = nnx.Param(normal_init(rngs, (1, 1, d), dtype))
-        self.position_embeddings = nnx.Param(
-            normal_init(rngs, (1, config.grid ** 2 + 1, d), dtype))
+        init_stem(self, config, dtype, rngs)
         self.blocks = make_blocks(config, dtype, rngs,
                                   qkv_bias=config.qkv_bias)
         self.layernorm = LayerNorm(d, config.layer_norm_eps, dtype=dtype)
@@ -108,13 +130,7 @@ class ViT(nnx.Module):
     def embed(self, pixels: Array) -> Array:
         """pixels [B, H, W, C] float, normalised → x [B, 1 + h·w, D] with
         (h, w) = (H // p, W // p) and bicubic-resized positions."""
-        h, w = patch_grid(pixels, self.config.patch_size)
-        dtype = self.cls_token.dtype
-        x = self.patch_embedding(pixels.astype(dtype))
-        b = x.shape[0]
-        x = x.reshape(b, h * w, -1)
-        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1)
+        x, (h, w) = embed_patches(self, pixels)
         pos = self.position_embeddings[0]
         grid = resize_grid(pos[1:], self.config.grid, (h, w), "bicubic")
         return x + jnp.concatenate([pos[:1], grid], axis=0)[None]
