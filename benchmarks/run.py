@@ -146,8 +146,9 @@ class Shapes:
             "dino": f"ViT width {self.dino_width}, {self.dino_layers} "
                     f"blocks, {self.dino_heads} heads, patch 16",
             "batch": self.batch, "crop": self.crop,
-            "classes_per_image": f"1, 2, 3, 1, ... (padded to {self.kmax} "
-                                 "slots in JAX)",
+            "classes_per_image": "1, 2, 3, 1, ... (JAX: padded to the "
+                                 "class-slot bucket, 3 with the default "
+                                 f"buckets, at most {self.kmax})",
             "superpixels": f"SLIC n_segments {self.n_segments}, padded to "
                            f"{self.max_segments}",
             "par_iters": self.par_iters,
@@ -356,6 +357,8 @@ def _jax_config(spec: dict, batch: int, dtype: str = "float32"):
     c.model.decoder.num_layers_in = s.clip_layers - 1
     c.data.crop_size = s.crop
     c.data.max_classes_per_image = s.kmax
+    if spec.get("buckets") is not None:  # --buckets; else the default
+        c.data.class_slot_buckets = tuple(spec["buckets"])
     c.train.batch_size = batch
     c.train.progress = False
     c.sgc.clip_layers = s.clip_layers_attn
@@ -436,7 +439,7 @@ def _jax_pseudo_labels_cell(spec: dict, dtype: str) -> dict[str, Any]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from ssr_jax import ssr
+    from ssr_jax import cam, ssr
 
     s = _shapes(spec)
     config = _jax_config(spec, s.batch, dtype)
@@ -447,11 +450,15 @@ def _jax_pseudo_labels_cell(spec: dict, dtype: str) -> dict[str, Any]:
                          strict=True)
     host = shapes_batch(s)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in host.items()})
+    # The class-slot bucket of this batch, as train.py picks it.
+    slots = cam.batch_slots(host["labels"], cam.slot_buckets(
+        config.data.class_slot_buckets, config.data.max_classes_per_image))
 
     def fn(states, batch, fg, bg):
         c, d, h = (nnx.merge(g, st) for g, st in zip(graphs, states,
                                                       strict=True))
-        path = ssr.pseudo_label_path(c, d, h, batch, fg, bg, config)
+        path = ssr.pseudo_label_path(c, d, h, batch, fg, bg, config,
+                                     slots=slots)
         return {k: path[k] for k in ("labels", "cams", "refined", "hidden",
                                      "tokens")}
 
@@ -460,8 +467,9 @@ def _jax_pseudo_labels_cell(spec: dict, dtype: str) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     timing = _timed(lambda: jax.block_until_ready(
         compiled(states, batch, fg, bg)), spec["repeats"])
-    return {"dtype": dtype, "batch": s.batch, "compile_s": compile_s,
-            **timing, "peak_device_mb": _jax_peak_mb()}
+    return {"dtype": dtype, "batch": s.batch, "class_slots": slots,
+            "compile_s": compile_s, **timing,
+            "peak_device_mb": _jax_peak_mb()}
 
 
 def _jax_train_cells(spec: dict, batches: Sequence[int],
@@ -484,9 +492,10 @@ def _jax_train_cells(spec: dict, batches: Sequence[int],
             setup = train.setup(config, work, devices)
             host = shapes_batch(s, b)
             batch = setup.batch(host)
+            slots = setup.slots_for(host["labels"])  # as train.py does
             t0 = time.perf_counter()
-            compiled = setup.update.lower(setup.state, setup.frozen, batch,
-                                          setup.bank).compile()
+            compiled = setup.update_for(slots).lower(
+                setup.state, setup.frozen, batch, setup.bank).compile()
             compile_s = time.perf_counter() - t0
             box = {"state": setup.state}
 
@@ -498,7 +507,7 @@ def _jax_train_cells(spec: dict, batches: Sequence[int],
             timing = _timed(step, spec["repeats"])
             cells.append(_emit({
                 "dtype": dtype, "batch": b, "devices": setup.mesh.size,
-                "compile_s": compile_s, **timing,
+                "class_slots": slots, "compile_s": compile_s, **timing,
                 "images_per_s": b / timing["median_s"],
                 "peak_device_mb": _jax_peak_mb()}))
             del setup, compiled, box
@@ -1056,6 +1065,7 @@ class Runner:
             "dino_path": os.path.join(enc, "dino"),
             "data_root": os.path.join(workdir, "voc"),
             "dtypes": args.dtypes, "cpus": args.cpus,
+            "buckets": getattr(args, "buckets", None),
         }
 
     def prepare(self) -> dict[str, Any]:
@@ -1673,6 +1683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kmax", type=int, default=0,
                    help="class slots of the jitted path (data."
                         "max_classes_per_image; default 6, VOC's maximum)")
+    p.add_argument("--buckets", default=None,
+                   help="data.class_slot_buckets of the JAX side, e.g. "
+                        "1,2,3,6 (the default); 'kmax' = always --kmax "
+                        "slots (the padded path before issue 15)")
     p.add_argument("--eval-images", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting cells after this many seconds")
@@ -1734,6 +1748,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = QUICK if args.quick else FULL
     if args.kmax:
         shapes = dataclasses.replace(shapes, kmax=args.kmax)
+    if args.buckets is not None:
+        try:
+            args.buckets = ([] if args.buckets.strip() == "kmax" else
+                            [int(b) for b in args.buckets.split(",")
+                             if b.strip()])
+        except ValueError:
+            p.error(f"--buckets {args.buckets!r}: comma-separated slot "
+                    "counts, e.g. 1,2,3,6, or 'kmax'")
+        if any(b < 1 for b in args.buckets):
+            p.error(f"--buckets {args.buckets}: counts must be >= 1")
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssr_bench_")
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
@@ -1786,6 +1810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "xla_threads": 1 if args.threads == 1 else "default (every core)",
         "cpus": args.cpus, "cores_tolerance": CORES_TOLERANCE,
         "repeats": args.repeats, "shapes": dataclasses.asdict(shapes),
+        "class_slot_buckets": ("config default" if args.buckets is None
+                               else args.buckets or "kmax"),
         "versions": _versions(), "total_s": time.perf_counter() - started,
         "prepare_s": prep.get("prepare_s"),
     }

@@ -9,17 +9,23 @@ class:
   softmax over that set only; the target is the softmax probability of a
   present class (`ClipOutputTarget` on `forward_last_layer` in the
   reference);
-- block 12 runs once inside one `jax.vjp`; the backward pass is `vmap`ped
-  over K one-hot cotangents (slot k set for every image at once, which is
-  exact because images do not interact), so there is no Python loop over
-  images or classes and the traced program does not grow with K;
+- block 12 runs once inside one `jax.vjp`; the backward pass runs over K
+  one-hot cotangents (slot k set for every image at once, which is exact
+  because images do not interact), `vmap`ped on accelerators and one slot
+  at a time in a `lax.map` on CPU (`default_slot_chunk`: same FLOPs, 1/K
+  of the backward's temporaries), so there is no Python loop over images
+  or classes and the traced program does not grow with K;
 - channel weights are the mean gradient over the patch tokens (CLS dropped,
   as the reference's `reshape_transform`), cam = ReLU(Σ_d w_d · a_d), then
   pytorch_grad_cam's `scale_cam_image` twice (once per target layer, once
   after aggregating layers), exactly: (x − min) / (1e-7 + max(x − min)).
 
-Classes are padded to a static `kmax` per dataset (VOC 6, COCO 18, config
-`data.max_classes_per_image`); padded slots (`cls_ids == -1`) are masked to
+Classes are padded to a static slot count K: at most `kmax` per dataset
+(VOC 6, COCO 18, config `data.max_classes_per_image`), and per batch the
+smallest of `data.class_slot_buckets` that holds the batch's largest class
+count (`slot_buckets`, `batch_slots`: chosen on the host, one compilation
+per bucket; K only changes how many all-zero padded slots there are);
+padded slots (`cls_ids == -1`) are masked to
 −inf in the softmax, so an absent class has exactly no effect, as in the
 reference where its text is not in the matrix at all. Padded slots give
 all-zero CAMs.
@@ -112,6 +118,62 @@ def check_max_classes(labels: np.ndarray, kmax: int) -> int:
     return over
 
 
+def slot_buckets(buckets, kmax: int) -> tuple[int, ...]:
+    """The class-slot counts the steps are compiled for (issue 15).
+
+    Args:
+      buckets: `data.class_slot_buckets`, e.g. (1, 2, 3, 6); () = always
+        `kmax` (one compilation, the padded path).
+      kmax: `data.max_classes_per_image`, the largest count and always a
+        bucket (entries above it are dropped, so one field serves VOC's 6
+        and COCO's 18).
+
+    Returns:
+      Sorted unique slot counts, the last one `kmax`.
+    """
+    if kmax < 1:
+        raise ValueError(f"kmax={kmax}: need at least one class slot")
+    bad = [b for b in buckets if int(b) != b or b < 1]
+    if bad:
+        raise ValueError(f"data.class_slot_buckets={tuple(buckets)}: every "
+                         f"entry must be a positive integer, got {bad}")
+    return tuple(sorted({int(b) for b in buckets if b < kmax} | {kmax}))
+
+
+def choose_slots(count: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `count` classes (the largest bucket,
+    kmax, when none does: the extra classes are dropped as before, see
+    `check_max_classes`). `buckets` from `slot_buckets`."""
+    for b in buckets:
+        if b >= count:
+            return b
+    return buckets[-1]
+
+
+def max_class_count(labels: np.ndarray) -> int:
+    """Host-side: the most classes any image of `labels` [B, C] has."""
+    counts = (np.asarray(labels) > 0.5).sum(-1)
+    return int(counts.max(initial=0))
+
+
+def batch_slots(labels: np.ndarray, buckets: tuple[int, ...]) -> int:
+    """Host-side bucket choice for a batch whose rows are split over
+    processes: `labels` are this process's rows; with several processes
+    the largest count is gathered from all of them (every process must
+    call this, in the same order), so all compile and run the same program.
+
+    The gather is one small collective per batch, and it waits for the
+    device work queued before it (the previous step). Single-process runs
+    (and every test) skip it.
+    """
+    count = max_class_count(labels)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        count = int(np.max(multihost_utils.process_allgather(
+            np.asarray(count, np.int32))))
+    return choose_slots(count, buckets)
+
+
 def scale_cam(cam: Array) -> Array:
     """pytorch_grad_cam `scale_cam_image` over the last two axes.
 
@@ -158,13 +220,26 @@ def weighted_cam(weights: Array, acts: Array, slot_valid: Array,
     return jnp.where(slot_valid[:, :, None, None], cam, 0.0)
 
 
+def default_slot_chunk(k: int) -> int:
+    """How many class slots GradCAM's backward runs at once by default.
+
+    CPU: one at a time (`lax.map`): the same FLOPs, which bound the time on
+    a CPU, with the backward's temporaries (attention-sized, per image) held
+    for one slot instead of K (issue 15: peak memory). Accelerators: all K
+    in one `vmap`, where the parallelism is worth the memory.
+    """
+    return 1 if jax.default_backend() == "cpu" else k
+
+
 def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
-            grid: tuple[int, int]) -> tuple[Array, Any]:
+            grid: tuple[int, int], *, slot_chunk: int | None = None
+            ) -> tuple[Array, Any]:
     """Vectorised GradCAM w.r.t. `h` for K slots of every image (SPEC 1.4).
 
-    One `jax.vjp` of `logits_fn` at `h`; its backward pass is `vmap`ped over
-    the K one-hot cotangents (cotangent k selects slot k of every image;
-    exact because images are independent in `logits_fn`).
+    One `jax.vjp` of `logits_fn` at `h`; its backward pass runs for the K
+    one-hot cotangents (cotangent k selects slot k of every image; exact
+    because images are independent in `logits_fn`), `slot_chunk` at a time:
+    `vmap` over a chunk, `lax.map` over chunks (neither unrolls over K).
 
     Args:
       logits_fn: h -> (probs [B, K + M], aux); the first K columns are the
@@ -173,6 +248,8 @@ def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
         cams), T = 1 + gh·gw.
       slot_valid: [B, K] bool.
       grid: (gh, gw) patch grid.
+      slot_chunk: slots per backward pass; None = `default_slot_chunk`
+        (1 on CPU, K elsewhere). The results agree to rounding.
 
     Returns:
       (cams [B, K, gh, gw] in [0, 1] (float32, or h's dtype if wider), 0
@@ -190,8 +267,19 @@ def gradcam(logits_fn: LogitsFn, h: Array, slot_valid: Array,
                          f"[{h.shape[0]}, >= {k}]")
     eye = jnp.eye(k, probs.shape[1], dtype=probs.dtype)  # [K, K + M]
     cotangents = jnp.broadcast_to(eye[:, None, :], (k,) + probs.shape)
-    (grads,) = jax.vmap(vjp_fn)(cotangents)  # [K, B, T, D]
-    weights = grads[:, :, 1:, :].astype(_float(grads)).mean(axis=2)
+
+    def channel_weights(ct):  # [B, K + M] -> [B, D]
+        (g,) = vjp_fn(ct)  # [B, T, D]
+        return g[:, 1:, :].astype(_float(g)).mean(axis=1)
+
+    chunk = default_slot_chunk(k) if slot_chunk is None else slot_chunk
+    if chunk < 1:
+        raise ValueError(f"slot_chunk={chunk}: need >= 1")
+    if chunk >= k:
+        weights = jax.vmap(channel_weights)(cotangents)  # [K, B, D]
+    else:  # a loop over chunks of slots (lax.map: a scan, not unrolled)
+        weights = jax.lax.map(channel_weights, cotangents,
+                              batch_size=chunk if chunk > 1 else None)
     cams = weighted_cam(jnp.swapaxes(weights, 0, 1), h[:, 1:, :],
                         slot_valid, grid)
     return jax.lax.stop_gradient(cams), aux
@@ -266,7 +354,8 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
                  grid: tuple[int, int], *, target: str = "ln1_output",
                  logit_scale: float = 100.0,
                  heads: tuple[Callable[[Array], Array],
-                              Callable[[Array], Array]] | None = None
+                              Callable[[Array], Array]] | None = None,
+                 slot_chunk: int | None = None
                  ) -> tuple[Array, dict[str, Array]]:
     """Initial CAMs of every present class of every image (SPEC 1.4).
 
@@ -286,6 +375,8 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
       target: `cam.target`, "ln1_output" (reference hook) | "ln1_input".
       logit_scale: `cam.logit_scale`.
       heads: (isa_fn, tsa_fn) when `cam.projected`, else None.
+      slot_chunk: `gradcam`'s (None = 1 slot at a time on CPU, all K
+        elsewhere).
 
     Returns:
       (cams [B, K, gh, gw] in [0, 1] (float32 or wider), 0 in padded slots;
@@ -305,7 +396,7 @@ def initial_cams(ln1_fn: Callable[[Array], Array],
         raise ValueError(f"cam.target={target!r}: choose one of {TARGETS}")
     logits_fn = clip_logits_fn(run_block, project_fn, text_fg, text_bg,
                                cls_ids, logit_scale=logit_scale, heads=heads)
-    return gradcam(logits_fn, a, cls_ids >= 0, grid)
+    return gradcam(logits_fn, a, cls_ids >= 0, grid, slot_chunk=slot_chunk)
 
 
 def _float(*xs: Array) -> jnp.dtype:

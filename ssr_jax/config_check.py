@@ -9,6 +9,7 @@ JAX; everything else is plain Python.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 
 from ml_collections import config_dict
@@ -79,6 +80,14 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
         e.append(f"data.rescale_range={tuple(d.rescale_range)}: need "
                  "0 < low <= high")
     _positive(e, "data.max_classes_per_image", d.max_classes_per_image)
+    buckets = d.get("class_slot_buckets", ())
+    if not isinstance(buckets, (tuple, list)) or any(
+            isinstance(x, bool) or not isinstance(x, numbers.Integral)
+            or x < 1
+            for x in buckets):
+        e.append(f"data.class_slot_buckets={buckets!r}: need a tuple of "
+                 "positive integers, e.g. (1, 2, 3, 6), or () for always "
+                 "data.max_classes_per_image")
     _positive(e, "data.num_workers", d.num_workers, allow_zero=True)
 
     _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))

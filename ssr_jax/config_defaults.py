@@ -39,6 +39,12 @@ def base_config() -> config_dict.ConfigDict:
     d.hflip = True  # [WeCLIP] random horizontal flip
     d.normalization = "imagenet"  # [WeCLIP quirk] imagenet | clip mean/std
     d.max_classes_per_image = voc.max_classes_per_image  # static padding
+    # Class-slot counts the train step is compiled for (issue 15): each
+    # batch runs GradCAM/SGC/PAR on the smallest that holds its largest
+    # class count (entries above max_classes_per_image are dropped, which
+    # is always added: VOC (1, 2, 3, 6), COCO (1, 2, 3, 6, 18)); one
+    # compilation per bucket used. () = always max_classes_per_image.
+    d.class_slot_buckets = (1, 2, 3, 6)
     d.label_source = "auto"  # auto | mask | xml: where image labels come from
     d.num_workers = 4  # input-pipeline threads (SLIC runs there)
     d.prefetch = 8  # batches prefetched per process

@@ -224,7 +224,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
                       text_bg: Array, config, *, all_steps: bool = False,
                       step: Array | None = None,
                       rfm_feat_fn: Callable[[Array, tuple[int, int]], Array]
-                      | None = None) -> dict[str, Any]:
+                      | None = None, slots: int | None = None
+                      ) -> dict[str, Any]:
     """The online pseudo-label path, all inside jit (SPEC 1.1–1.7).
 
     Args:
@@ -244,6 +245,9 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
         `loss.rfm_start`); None = after the switch (evaluation).
       rfm_feat_fn: (hidden [L, B, N, D], grid) -> decoder feature F
         [B, N, E]; needed when `loss.rfm` (WeCLIP's refinement module).
+      slots: the static class-slot count K (a bucket from
+        `cam.batch_slots`, >= the batch's largest class count); None =
+        `data.max_classes_per_image`.
 
     Returns:
       dict with "labels" [B, H, W] int32 pseudo labels (255 on padding),
@@ -265,8 +269,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
             + ": add them to the batch, or use sgc.mask='box' / 'none'")
     pixels = normalise(image, config.data.normalization)
     x11, out, grid = clip_trunk(clip, pixels)
-    cls_ids = cam_lib.present_classes(batch["labels"],
-                                      config.data.max_classes_per_image)
+    cls_ids = cam_lib.present_classes(
+        batch["labels"], slots or config.data.max_classes_per_image)
     slot_valid = cls_ids >= 0
     cams, aux = initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
                              config, heads if config.cam.projected else None)
@@ -317,7 +321,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
 
 
 def initial_cam(clip, heads, batch: Batch, text_fg: Array, text_bg: Array,
-                config, *, projected: bool) -> Array:
+                config, *, projected: bool, slots: int | None = None
+                ) -> Array:
     """The initial GradCAM with (`projected`) or without the CMPA heads.
 
     The paper's Table 4 compares the two; `pseudo_label_path` computes
@@ -329,15 +334,16 @@ def initial_cam(clip, heads, batch: Batch, text_fg: Array, text_bg: Array,
     """
     pixels = normalise(batch["image"], config.data.normalization)
     x11, _, grid = clip_trunk(clip, pixels)
-    cls_ids = cam_lib.present_classes(batch["labels"],
-                                      config.data.max_classes_per_image)
+    cls_ids = cam_lib.present_classes(
+        batch["labels"], slots or config.data.max_classes_per_image)
     cams, _ = initial_cams(clip, x11, cls_ids, grid, text_fg, text_bg,
                            config, heads if projected else None)
     return cams
 
 
 def seed_labels(clip, dino, model: SSRModel, batch: Batch, text_fg: Array,
-                text_bg: Array, config) -> dict[str, Array]:
+                text_bg: Array, config, *, slots: int | None = None
+                ) -> dict[str, Array]:
     """Label maps of every seed entry (`SEED_ENTRIES`) for one batch.
 
     CAM entries become labels with `par.cams_to_labels` (background =
@@ -351,24 +357,26 @@ def seed_labels(clip, dino, model: SSRModel, batch: Batch, text_fg: Array,
       batch: a seed batch (docs/DESIGN.md "The batch", with masks).
       text_fg, text_bg: the text bank.
       config: the run config.
+      slots: class slots (`pseudo_label_path`); None = kmax.
 
     Returns:
       {entry: int32 [B, S, S]} (0 background, class c → c + 1).
     """
     path = pseudo_label_path(clip, dino, model.heads, batch, text_fg,
-                             text_bg, config, all_steps=True)
+                             text_bg, config, all_steps=True, slots=slots)
     cams = dict(path["steps"])
     cmpa_on = config.cmpa.variant != "none"
     if config.cam.projected and cmpa_on:
         cams["cam_cmpa"] = cams["initial_cam"]
         cams["cam_plain"] = initial_cam(clip, model.heads, batch, text_fg,
-                                        text_bg, config, projected=False)
+                                        text_bg, config, projected=False,
+                                        slots=slots)
     else:
         cams["cam_plain"] = cams["initial_cam"]
         if cmpa_on:
             cams["cam_cmpa"] = initial_cam(clip, model.heads, batch,
                                            text_fg, text_bg, config,
-                                           projected=True)
+                                           projected=True, slots=slots)
     out_hw = batch["image"].shape[1:3]
     labels = {k: par_lib.cams_to_labels(v, path["cls_ids"], out_hw,
                                         config.par.bg_power)[1]

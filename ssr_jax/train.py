@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssr_jax import (
     build,
+    cam,
     checkpointing,
     cmpa,
     config_check,
@@ -105,10 +106,13 @@ def _tree_norm(tree: PyTree) -> jax.Array:
 
 
 # --- the train step ----------------------------------------------------------
-def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
-    """The jitted update step: pseudo labels → losses → AdamW.
+def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx,
+                   slots: int | None = None):
+    """The update step: pseudo labels → losses → AdamW.
 
-    update_fn(state, frozen, batch, text) -> (state, measurements)
+    update_fn(state, frozen, batch, text) -> (state, measurements), with
+    `slots` static class slots (a bucket of `cam.slot_buckets`; None =
+    `data.max_classes_per_image`).
     """
     lr_fn = create_learning_rate_fn(config)
 
@@ -120,7 +124,7 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx):
         path = ssr.pseudo_label_path(
             clip, dino, model.heads, batch, bank["fg"], bank["bg"], config,
             step=state["step"], rfm_feat_fn=lambda hidden, grid: model.decoder(
-                hidden, grid, deterministic=True)[1])
+                hidden, grid, deterministic=True)[1], slots=slots)
 
         key = jax.random.fold_in(jax.random.key(config.seed + 1),
                                  state["step"])
@@ -161,9 +165,36 @@ class Setup:
     bank: dict[str, jax.Array]
     frozen: dict[str, Any]
     state: dict[str, Any]
-    update: Any  # jitted (state, frozen, batch, bank) -> (state, meas)
+    update: Any  # jitted (state, frozen, batch, bank) -> (state, meas), kmax
     recluster: Any  # jitted (bank, key) -> protos
     model_graphdef: Any
+    # Class-slot buckets (`cam.slot_buckets`) and the update per bucket
+    # used so far (`update_for`; `jit_update(slots)` builds one, `update`
+    # is the kmax one).
+    buckets: tuple[int, ...] = ()
+    jit_update: Callable[[int], Any] | None = None
+    updates: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+    def slots_for(self, local_labels: np.ndarray) -> int:
+        """The bucket for a batch, from this process's label rows (all
+        processes agree: `cam.batch_slots`)."""
+        return cam.batch_slots(local_labels, self.buckets)
+
+    def update_for(self, slots: int):
+        """The jitted update step with `slots` class slots, one per bucket
+        (each compiles once, on its first call; logged once here)."""
+        fn = self.updates.get(slots)
+        if fn is None:
+            if slots not in self.buckets:
+                raise ValueError(f"{slots} class slots is not one of the "
+                                 f"buckets {self.buckets}")
+            logging.info("class-slot bucket %d of %s: the update step "
+                         "compiles for it on this call", slots,
+                         self.buckets)
+            fn = (self.update if slots == self.buckets[-1]
+                  else self.jit_update(slots))
+            self.updates[slots] = fn
+        return fn
 
     def batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Process-local numpy batch → global arrays sharded on "data"."""
@@ -220,19 +251,26 @@ def setup(config, workdir: str, devices=None) -> Setup:
     # --- sharding: parameters and state replicated, batch on "data" ---
     state = jax.jit(init_state, out_shardings=repl)()
 
-    # --- update step ---
-    update_fn = make_update_fn(config, model_graphdef, clip_graphdef,
-                               dino_graphdef, tx)
-    update = jax.jit(update_fn, donate_argnums=(0,),
-                     in_shardings=(repl, repl, data_sh, repl),
-                     out_shardings=(repl, repl))
+    # --- update step, one jit per class-slot bucket ---
+    kmax = config.data.max_classes_per_image
+    buckets = cam.slot_buckets(config.data.get("class_slot_buckets", ()),
+                               kmax)
+
+    def jit_update(slots):
+        update_fn = make_update_fn(config, model_graphdef, clip_graphdef,
+                                   dino_graphdef, tx, slots)
+        return jax.jit(update_fn, donate_argnums=(0,),
+                       in_shardings=(repl, repl, data_sh, repl),
+                       out_shardings=(repl, repl))
+
+    update = jit_update(kmax)
     recluster = jax.jit(
         lambda b, key: cmpa.recluster(b, k=k_protos,
                                       iters=config.cmpa.kmeans_iters,
                                       key=key, num_classes=num_fg),
         out_shardings=repl)
     return Setup(config, mesh, clip, dino, model, bank, frozen, state,
-                 update, recluster, model_graphdef)
+                 update, recluster, model_graphdef, buckets, jit_update)
 
 
 # --- main entry --------------------------------------------------------------
@@ -317,8 +355,10 @@ def train_and_evaluate(config, workdir: str, devices=None,
             if step > 0 and step % config.cmpa.recluster_every == 0:
                 s.state["protos"] = s.recluster(
                     s.state["bank"], jax.random.fold_in(rng, step))
-            s.state, meas = s.update(s.state, s.frozen,
-                                     s.batch(next(train_iter)), s.bank)
+            local = next(train_iter)
+            update = s.update_for(s.slots_for(local["labels"]))
+            s.state, meas = update(s.state, s.frozen, s.batch(local),
+                                   s.bank)
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
                 scalars = {k: float(v)

@@ -132,15 +132,17 @@ def _reference(model, x11, text_fg, text_bg, labels, target, k,
     return out
 
 
-def _run(model, x11, text_fg, text_bg, cls_ids, target, heads=None):
+def _run(model, x11, text_fg, text_bg, cls_ids, target, heads=None,
+         slot_chunk=None):
     return cam.initial_cams(model.ln1_fn, model.block_fn, model.project_fn,
                             x11, text_fg, text_bg, cls_ids, GRID,
-                            target=target, heads=heads)
+                            target=target, heads=heads, slot_chunk=slot_chunk)
 
 
 # One compiled program per (model, target, shapes), shared by the tests:
 # compiling dominates their run time (LLVM at -O0 halves it).
-_jit_run = jax.jit(_run, static_argnames=("model", "target", "heads"),
+_jit_run = jax.jit(_run, static_argnames=("model", "target", "heads",
+                                          "slot_chunk"),
                    compiler_options=FAST_COMPILE)
 
 
@@ -183,6 +185,69 @@ def test_present_classes_matches_loop():
             assert list(got[i]) == ids + [-1] * (kmax - len(ids))
     with pytest.warns(UserWarning, match="more than 3 classes"):
         assert cam.check_max_classes(labels, 3) >= 1
+
+
+def test_slot_buckets_and_choice():
+    """Bucket normalisation and the host-side choice (issue 15)."""
+    assert cam.slot_buckets((1, 2, 3, 6), 6) == (1, 2, 3, 6)
+    assert cam.slot_buckets((6, 2, 2, 1, 3), 6) == (1, 2, 3, 6)
+    assert cam.slot_buckets((1, 2, 3, 6), 18) == (1, 2, 3, 6, 18)  # COCO
+    assert cam.slot_buckets((1, 2, 3, 6), 4) == (1, 2, 3, 4)
+    assert cam.slot_buckets((), 6) == (6,)  # the always-kmax path
+    with pytest.raises(ValueError, match="positive integer"):
+        cam.slot_buckets((0, 2), 6)
+    buckets = (1, 2, 3, 6)
+    want = {0: 1, 1: 1, 2: 2, 3: 3, 4: 6, 5: 6, 6: 6, 9: 6}
+    for count, slots in want.items():
+        assert cam.choose_slots(count, buckets) == slots, count
+    labels = np.zeros((4, 20), np.float32)
+    assert cam.max_class_count(labels) == 0
+    assert cam.batch_slots(labels, buckets) == 1
+    labels[0, [3]] = 1
+    labels[2, [1, 5, 7]] = 1
+    assert cam.max_class_count(labels) == 3
+    assert cam.batch_slots(labels, buckets) == 3
+    labels[3, :4] = 1
+    assert cam.batch_slots(labels, buckets) == 6
+    assert cam.batch_slots(labels, (6,)) == 6
+
+
+@pytest.mark.parametrize("target", cam.TARGETS)
+def test_bucket_cams_equal_the_kmax_cams(target):
+    """K slots >= every image's class count give the first K slots of the
+    kmax-padded CAMs: the padded slots are −inf in the softmax (probability
+    exactly 0) and their cotangents are separate vmap lanes, so the
+    arithmetic is the same. Not bitwise: XLA blocks the vmapped backward's
+    matmuls by the number of lanes, so sums run in another order (1.8e-15
+    seen in float64); atol 1e-12 is rounding, a change of method is O(1)."""
+    with jax.enable_x64(True):
+        model = ToyClip(dtype=jnp.float64)
+        x11, text_fg, text_bg, labels, _ = _inputs(dtype=jnp.float64)
+        out = {}
+        for k in (4, 6):  # image 1 has 4 classes
+            cls_ids = cam.present_classes(jnp.asarray(labels), k)
+            out[k] = np.asarray(_jit_run(model, x11, text_fg, text_bg,
+                                         cls_ids, target)[0])
+    assert np.abs(out[6][:, 4:]).max() == 0
+    np.testing.assert_allclose(out[4], out[6][:, :4], rtol=0, atol=1e-12)
+
+
+def test_slot_chunks_agree():
+    """The backward one slot at a time (`lax.map`, the CPU default), in
+    chunks of 3 (vmap inside, map over chunks, a ragged last chunk) and all
+    4 at once (vmap, the accelerator default): the same CAMs in float64 up
+    to rounding (XLA sums in another blocking), and the reference holds for
+    each (test_vectorised_matches_per_class_loop checks the default)."""
+    assert cam.default_slot_chunk(4) == 1  # tests run on CPU
+    with jax.enable_x64(True):
+        model = ToyClip(dtype=jnp.float64)
+        x11, text_fg, text_bg, _, cls_ids = _inputs(dtype=jnp.float64)
+        out = {c: np.asarray(_jit_run(model, x11, text_fg, text_bg, cls_ids,
+                                      "ln1_output", slot_chunk=c)[0])
+               for c in (1, 3, 4)}
+    np.testing.assert_allclose(out[3], out[1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out[4], out[1], rtol=0, atol=1e-12)
+    assert out[1].max() > 0.99
 
 
 @pytest.mark.parametrize("target", cam.TARGETS)
@@ -285,6 +350,11 @@ def test_projected_path_through_heads():
     want = _reference(model, x11, text_fg, text_bg, labels, "ln1_output", 4,
                       heads=(isa_fn, tsa_fn))
     np.testing.assert_allclose(got, want, atol=1e-4)  # float32
+    # kmax 6 instead of the bucket 4: the same CAMs in the present slots
+    six = cam.present_classes(jnp.asarray(labels), 6)
+    got6 = np.asarray(_jit_run(model, x11, text_fg, text_bg, six,
+                               "ln1_output", heads=(isa_fn, tsa_fn))[0])
+    np.testing.assert_allclose(got6[:, :4], got, atol=1e-4)
     plain = np.asarray(_jit_run(model, x11, text_fg, text_bg, cls_ids,
                                 "ln1_output")[0])
     assert np.abs(got - plain).max() > 1e-2

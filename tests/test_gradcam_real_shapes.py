@@ -102,10 +102,13 @@ def _labels(b, k):
 
 
 def _vectorised(clip, x11, fg, bg, cls_ids):
+    """All K slots in one vmap (`slot_chunk=K`): the accelerator default
+    and the program the XLA:CPU fault hits (CPU's default, one slot at a
+    time, is checked against the reference in test_reference_parity)."""
     block = clip.vision.blocks[len(clip.vision.blocks) - 1]
     cams, _ = cam_lib.initial_cams(block.ln_1, block.from_ln1,
                                    clip.vision.project, x11, fg, bg, cls_ids,
-                                   GRID)
+                                   GRID, slot_chunk=cls_ids.shape[1])
     return cams
 
 

@@ -56,6 +56,7 @@ def test_missing_config_flag():
     ("--config.mode=predict", "mode='predict'"),
     ("--config.sgc.mask=boxes", "sgc.mask"),
     ("--config.cmpa.variant=both", "cmpa.variant"),
+    ("--config.data.class_slot_buckets=(0,2)", "data.class_slot_buckets"),
 ])
 def test_invalid_values_are_listed(override, needle):
     _short_error(_main("--config", VOC, override), needle)

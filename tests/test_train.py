@@ -2,6 +2,8 @@
 
 - the loss decreases on a fixed batch through the real update step;
 - the update step compiles once for batches with different class sets;
+- class-slot buckets: one compilation per bucket seen, and bucket k equals
+  kmax on a batch of at most k classes per image (issue 15);
 - no unrolling: the pseudo-label path's jaxpr does not grow with the class
   padding;
 - 8 devices = 1 device on the same global batch;
@@ -26,7 +28,7 @@ import pytest
 import ssr_fixtures
 from flax import nnx
 
-from ssr_jax import build, checkpointing, input_pipeline, ssr, text, train
+from ssr_jax import build, cam, checkpointing, input_pipeline, ssr, text, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,6 +140,72 @@ def test_compiles_once_for_different_class_sets(world, tmp_path):
     assert s.update._cache_size() == 1
 
 
+@pytest.mark.slow  # ~50 s CPU, ~100 s on the shared 2 cores (3 compiles)
+def test_class_slot_buckets(world, tmp_path, caplog):
+    """Issue 15: each batch runs the update compiled for the smallest
+    bucket holding its largest class count, picked on the host; one
+    compilation per bucket seen, logged once.
+
+    And bucket 2 equals kmax = 6 on a batch of at most 2 classes per
+    image (two steps from the same state): the padded slots carry nothing
+    (−inf in the softmax, zero CAMs, masked in SGC, PAR, the CMPA loss and
+    the bank), so the pseudo labels are equal; the rest is equal to
+    rounding only, not bitwise, since XLA blocks the sums over the slot
+    axis and the vmapped backward by the slot count (test_cam: 1.8e-15 in
+    float64): rtol 1e-5 on the measurements (grad_norm included). The
+    parameters get atol 1e-6 as in test_eight_devices_equal_one_device:
+    with the warmup learning rates Adam moves every weight by <= ~4e-7 in
+    two steps, and weights whose gradient is 0 in exact arithmetic (biases
+    before BatchNorm) move by the sign of rounding noise.
+    """
+    c = _config(world)
+    c.train.batch_size = 2
+    c.model.decoder.dropout = 0.0
+    c.data.class_slot_buckets = (1, 2)
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:1])
+    assert s.buckets == (1, 2, 6)
+    keys = ("loss", "loss_proto", "loss_seg", "grad_norm",
+            "pseudo_fg_fraction")
+    seen, compared = [], None
+    with caplog.at_level("INFO"):
+        for labels in ([[0], [1]], [[0, 14], [6]], [[5], [19]]):
+            local = _batch(c, labels)
+            slots = s.slots_for(local["labels"])
+            seen.append(slots)
+            batch = s.batch(local)
+            if slots == 2:
+                out = []
+                for update in (s.update_for(2), s.update_for(6)):
+                    state = jax.tree.map(jnp.copy, s.state)
+                    meas_list = []
+                    for _ in range(2):
+                        state, meas = update(state, s.frozen, batch, s.bank)
+                        meas_list.append({k: float(meas[k]) for k in keys})
+                    out.append((meas_list, jax.device_get(state)))
+                compared = out
+            s.state, meas = s.update_for(slots)(s.state, s.frozen, batch,
+                                                s.bank)
+            assert np.isfinite(float(meas["loss"]))
+    assert seen == [1, 2, 1]
+    sizes = {k: f._cache_size() for k, f in s.updates.items()}
+    assert sizes == {1: 1, 2: 1, 6: 1}, sizes
+    assert caplog.text.count("class-slot bucket") == 3
+    with pytest.raises(ValueError, match="not one of the buckets"):
+        s.update_for(4)
+
+    (m2, st2), (m6, st6) = compared
+    for a, b in zip(m2, m6, strict=True):
+        assert a["pseudo_fg_fraction"] == b["pseudo_fg_fraction"]
+        for k in keys:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(st2["params"]),
+                    jax.tree_util.tree_leaves(st6["params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(st2["bank"]["cls"], st6["bank"]["cls"])
+    np.testing.assert_allclose(st2["bank"]["feats"], st6["bank"]["feats"],
+                               rtol=1e-5, atol=1e-6)
+
+
 def _path_eqns(world, tmp_path, kmax, mask="superpixel",
                superpixels=True):
     c = _config(world)
@@ -206,7 +274,7 @@ def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_eight_devices_equal_one_device(world, tmp_path):
+def test_eight_devices_equal_one_device(world, tmp_path, monkeypatch):
     """Two steps on the same global batch: the sharded run computes the
     same thing as the unsharded one.
 
@@ -236,6 +304,14 @@ def test_eight_devices_equal_one_device(world, tmp_path):
     c = _config(world)
     c.train.batch_size = 8
     c.model.decoder.dropout = 0.0
+    # GradCAM's backward over all slots in one vmap (the accelerator
+    # default), not one slot at a time (CPU's): this fixture's PAR labels
+    # are chaotic in the refined CAMs (measured: noise of 1e-7 on them
+    # flips 8.7% of the pixels), and with the per-slot loop the 1- and
+    # 8-device CAMs differ by the same rounding as with the vmap (9.0e-6
+    # vs 8.6e-6 max) yet flip 3.4% of the pixels instead of 0.1%, beyond
+    # the bounds below. What this test checks, the sharding, is the same.
+    monkeypatch.setattr(cam, "default_slot_chunk", lambda k: k)
     host = _batch(c, [[0], [1, 2], [3], [4, 5, 6], [7], [8], [9], [10, 11]])
     results = []
     keys = ("loss", "loss_proto", "grad_norm", "pseudo_fg_fraction")

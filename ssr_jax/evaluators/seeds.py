@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssr_jax import build, data_sources, input_pipeline, metrics, ssr
+from ssr_jax import build, cam, data_sources, input_pipeline, metrics, ssr
 from ssr_jax.evaluators import common
 
 # Seed-score entries (`ssr.seed_labels`): the paper's Table 4 pair, Table 3
@@ -37,12 +37,14 @@ SEED_DESCRIPTIONS = {
 }
 
 
-@functools.lru_cache(maxsize=8)
-def _seed_step(clip_def, dino_def, model_def, mesh, config: Any):
+@functools.lru_cache(maxsize=16)
+def _seed_step(clip_def, dino_def, model_def, mesh, config: Any,
+               slots: int):
     """jit(states, bank, batch) → (confusion counts per entry, number of
-    real examples, label maps per entry). `config` is the hashable
-    `_method_config`, so that the cache survives across calls; label maps
-    stay on device unless the caller fetches them."""
+    real examples, label maps per entry), with `slots` class slots (a
+    bucket, `cam.batch_slots`). `config` is the hashable `_method_config`,
+    so that the cache survives across calls; label maps stay on device
+    unless the caller fetches them."""
     num_classes = int(config.data.num_classes)
     ignore = int(config.data.ignore_index)
 
@@ -51,7 +53,8 @@ def _seed_step(clip_def, dino_def, model_def, mesh, config: Any):
         dino = (nnx.merge(dino_def, dino_state) if dino_def is not None
                 else None)
         model = nnx.merge(model_def, params, rest)
-        labels = ssr.seed_labels(clip, dino, model, batch, fg, bg, config)
+        labels = ssr.seed_labels(clip, dino, model, batch, fg, bg, config,
+                                 slots=slots)
         keep = batch["example_valid"][:, None, None]
         gt = jnp.where(keep, batch["mask"].astype(jnp.int32), ignore)
         counts = {k: metrics.confusion_matrix_jnp(v, gt, num_classes, ignore)
@@ -126,8 +129,9 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
     if unknown:
         raise ValueError(f"unknown seed entries {sorted(unknown)}; choose "
                          f"from {SEED_ENTRIES}")
-    step = _seed_step(clip_def, dino_def, model_def, mesh,
-                      _method_config(config))
+    method = _method_config(config)
+    buckets = cam.slot_buckets(config.data.get("class_slot_buckets", ()),
+                               config.data.max_classes_per_image)
     data_sh = NamedSharding(mesh, P("data"))
     accs: dict[str, metrics.ConfusionAccumulator] = {}
     num = 0
@@ -141,6 +145,9 @@ def score_seeds(config, clip, dino, model: ssr.SSRModel, split: str, *,
                            disable=not show):
         batch = {k: jax.make_array_from_process_local_data(data_sh, v)
                  for k, v in local.items() if k != "index"}
+        # One compilation per class-slot bucket used (as in training).
+        step = _seed_step(clip_def, dino_def, model_def, mesh, method,
+                          cam.batch_slots(local["labels"], buckets))
         counts, valid, maps = step(clip_state, dino_state, params, rest, fg,
                                    bg, batch)
         for k, c in counts.items():
