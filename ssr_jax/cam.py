@@ -64,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssr_jax.models.normalize import l2_normalize
+
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 TARGETS = ("ln1_output", "ln1_input")
@@ -325,7 +327,7 @@ def clip_logits_fn(run_block: Callable[[Array], tuple[Array, Array]],
     if heads is not None:
         isa_fn, tsa_fn = heads
         texts = tsa_fn(texts)
-    texts = _l2_normalize(texts.astype(_float(texts)))
+    texts = l2_normalize(texts.astype(_float(texts)))
     fg = texts[jnp.where(valid, cls_ids, 0)]  # [B, K, E']
     bg = texts[num_fg:]  # [M, E']
 
@@ -336,7 +338,7 @@ def clip_logits_fn(run_block: Callable[[Array], tuple[Array, Array]],
         if heads is not None:
             patches = isa_fn(patches)
         image = patches.astype(_float(patches)).mean(axis=1)
-        image = _l2_normalize(image)
+        image = l2_normalize(image)
         fg_logits = jnp.einsum("be,bke->bk", image, fg, precision=HIGHEST)
         bg_logits = jnp.einsum("be,me->bm", image, bg, precision=HIGHEST)
         fg_logits = jnp.where(valid, fg_logits, -jnp.inf)
@@ -404,6 +406,3 @@ def _float(*xs: Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *xs)
 
 
-def _l2_normalize(x: Array) -> Array:
-    return x * jax.lax.rsqrt(
-        jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))

@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssr_jax.models.normalize import l2_normalize
+
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = ("none", "feature", "intra", "cross")
@@ -65,12 +67,6 @@ POSITIVE_MODES = ("kmeans", "class")
 # Finite "−inf" for masked logits: a true −inf gives NaN gradients through
 # `where` when a whole row is masked.
 _NEG = -1e30
-
-
-def l2_normalize(x: Array, axis: int = -1) -> Array:
-    """x / ||x||, 0 for a zero vector, with finite gradients everywhere."""
-    return x * jax.lax.rsqrt(
-        jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 
 class ProjectionHead(nnx.Module):

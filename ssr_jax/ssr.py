@@ -29,24 +29,11 @@ from ssr_jax import params as params_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import decoder as decoder_lib
 from ssr_jax.models import encoders
+from ssr_jax.models.normalize import normalise
 from ssr_jax.models.resize import resize
 
 Array = jax.Array
 Batch = dict[str, Array]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalise(image: Array, kind: str = "imagenet") -> Array:
-    """uint8 [B, H, W, 3] → float32, mean/std normalised (SPEC 1.11)."""
-    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if kind == "imagenet"
-                 else (CLIP_MEAN, CLIP_STD))
-    x = image.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean)) / jnp.asarray(std)
-
 
 class SSRModel(nnx.Module):
     """Trainable parts of SSR: the decoder and the CMPA heads (with log τ).
