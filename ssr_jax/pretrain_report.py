@@ -56,8 +56,11 @@ ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
                     "oracle_cam_clip_dino", "oracle_cam_sgc")
 # The initial CAM through CMPA heads trained on ground-truth-masked pooled
 # features (`diagnostics.train_heads_on_pools`, the oracle CMPA), and
-# through the same heads untrained (step 0), beside "initial" (plain CLIP).
-CMPA_STEPS = ("cmpa_oracle", "cmpa_untrained")
+# through the same heads untrained (step 0), beside "initial" (plain CLIP);
+# "bn_only": the same training at lr 0 (only BatchNorm's running statistics
+# move); "bgneg": with the background prompts as extra InfoNCE negatives.
+CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
+              "cmpa_untrained")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -331,9 +334,11 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
     at a constant `optim.lr`), the image's class as the positive.
 
     Returns:
-      ({"cmpa_oracle": trained heads, "cmpa_untrained": the same heads at
-      step 0}, {"first_loss", "last_loss", "first_acc", "last_acc", "tau",
-      "steps", "lr", "batch"}).
+      ({"cmpa_oracle": trained heads, "cmpa_oracle_bn_only": trained at lr
+      0, "cmpa_oracle_bgneg": trained with `cmpa.background_negatives`,
+      "cmpa_untrained": the same heads at step 0}, {"first_loss",
+      "last_loss", "first_acc", "last_acc", "tau", "steps", "lr",
+      "batch", "variant", "positive", "bgneg_last_loss"}).
     """
     p = config.cmpa
     kw = dict(steps=int(config.train.num_steps),
@@ -350,14 +355,22 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
         *args, token_valid=pool["token_valid"], **kw)
     untrained, _ = diagnostics.train_heads_on_pools(
         *args, token_valid=pool["token_valid"], **{**kw, "steps": 0})
+    bn_only, _ = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **{**kw, "lr": 0.0})
+    bgneg, log_bg = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"],
+        **{**kw, "bg_negatives": True})
     info = {"first_loss": log["loss"][0] if log["loss"] else None,
             "last_loss": log["loss"][-1] if log["loss"] else None,
             "first_acc": log["acc"][0] if log["acc"] else None,
             "last_acc": log["acc"][-1] if log["acc"] else None,
             "tau": log["tau"], "steps": kw["steps"], "lr": kw["lr"],
             "batch": kw["batch"], "variant": kw["variant"],
-            "positive": "class"}
-    return {"cmpa_oracle": trained, "cmpa_untrained": untrained}, info
+            "positive": "class",
+            "bgneg_last_loss": log_bg["loss"][-1] if log_bg["loss"]
+            else None}
+    return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
+            "cmpa_oracle_bgneg": bgneg, "cmpa_untrained": untrained}, info
 
 
 def seed_report(config: config_dict.ConfigDict, clip_path: str,
@@ -576,7 +589,10 @@ def format_table3(miou: dict[str, float]) -> str:
     if all(k in miou for k in CMPA_STEPS):
         out.append(f"initial CAM: plain CLIP {cell('initial').strip()}, "
                    f"CMPA heads untrained {cell('cmpa_untrained').strip()}, "
-                   f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()}")
+                   f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
+                   f"(BN statistics only "
+                   f"{cell('cmpa_oracle_bn_only').strip()}, background "
+                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
     return "\n".join(out)
 
 
