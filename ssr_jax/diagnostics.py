@@ -99,6 +99,36 @@ def oracle_affinity(labels: Array) -> Array:
     return (same | eye).astype(jnp.float32)
 
 
+def oracle_cams(mask: Array, cls_ids: Array, grid: tuple[int, int],
+                ) -> Array:
+    """The initial CAM replaced by the ground truth at the patch grid.
+
+    For every class slot, the share of each patch's pixels whose label is
+    that class (a soft map in [0, 1]: 1 inside the object, fractional on
+    its rim, 0 elsewhere). Void / padding pixels count as "not the class".
+    Fed to the Table 3 refinement steps, it measures each step's effect
+    with the initial CAM held ideal (issue 10, "oracle initial CAM").
+
+    Args:
+      mask: [B, H, W] int ground-truth labels (0 background, class c of
+        `cls_ids` is label c + 1).
+      cls_ids: [B, K] int 0-based foreground class per slot, −1 = padded.
+      grid: (h, w) patch grid; H, W must be multiples of it.
+
+    Returns:
+      [B, K, h, w] float32, 0 in padded slots.
+    """
+    b, hh, ww = mask.shape
+    h, w = grid
+    if hh % h or ww % w:
+        raise ValueError(f"mask {hh}x{ww} is not a whole number of "
+                         f"{h}x{w} patches: crop or pad it to a multiple")
+    m = mask.astype(jnp.int32).reshape(b, 1, h, hh // h, w, ww // w)
+    ids = cls_ids.astype(jnp.int32)[:, :, None, None, None, None]
+    share = jnp.mean((m == ids + 1).astype(jnp.float32), axis=(3, 5))
+    return jnp.where((cls_ids >= 0)[:, :, None, None], share, 0.0)
+
+
 # --- CAM precision / recall and where the false positives fall ---------------
 
 
@@ -423,6 +453,110 @@ def projected_cam_miou(problem: CMPAProblem,
     return cams_miou(projected_cams(problem, heads, logit_scale), problem)
 
 
+@functools.lru_cache(maxsize=16)
+def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool):
+    """One Adam step of the CMPA loss as `ssr.loss_fn` computes it: ISA
+    (batch BatchNorm statistics over `token_mask`, all tokens if None),
+    `masked_average_pool` under `masks`, TSA of the texts, `cmpa_loss`."""
+
+    @nnx.jit
+    def step(heads, opt, tokens, token_mask, masks, cls_ids, protos, text_fg,
+             text_bg):
+        def loss_fn(heads):
+            v = heads.isa(tokens, mask=token_mask)
+            f_img = cmpa_lib.masked_average_pool(v, masks, cls_ids >= 0)
+            f_text = heads.tsa(text_fg)
+            extra = heads.tsa(text_bg) if bg_negatives else None
+            loss, aux = cmpa_lib.cmpa_loss(
+                variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
+                heads.tau(), positive, extra_negatives=extra)
+            return loss, (aux, f_img)
+        (loss, (aux, f_img)), grads = nnx.value_and_grad(
+            loss_fn, has_aux=True)(heads)
+        opt.update(heads, grads)
+        return loss, aux["acc"], f_img
+
+    return step
+
+
+def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
+                         cls_ids: np.ndarray, text_fg: Array,
+                         text_bg: Array, *, token_valid: np.ndarray | None
+                         = None, steps: int = 300, batch: int = 16,
+                         lr: float = 2e-4, hidden_dim: int = 512,
+                         dim: int = 256, tau_init: float = 0.05,
+                         tau_min: float = 0.01, tied_init: bool = True,
+                         identity_init: bool = False,
+                         variant: str = "cross",
+                         bg_negatives: bool = False, seed: int = 0,
+                         ) -> tuple[cmpa_lib.CMPAHeads, dict[str, Any]]:
+    """CMPA heads trained on given pooling masks (the oracle CMPA).
+
+    The "GT pools" reading of tools/cmpa_probe.py on real tokens: with
+    `pools` = `oracle_cams` of the ground truth, f_image (Eq. 2) pools the
+    object's own tokens only, so the heads learn from clean pooled
+    features; the projected CAM through them, scored beside plain CLIP's,
+    says what CMPA can give when the pooling is not at fault. Each step
+    draws `batch` images, runs ISA (training-mode BatchNorm over the valid
+    tokens), `masked_average_pool` under their pools, TSA of the texts and
+    `cmpa_loss` with the image's own class as the positive
+    (`positive="class"`: no bank or K-means), then Adam at `lr`.
+
+    Args:
+      tokens: [S, N, E] projected patch tokens (CLIP's, no CLS).
+      pools: [S, K, N] non-negative pooling masks per class slot.
+      cls_ids: [S, K] int 0-based class per slot, −1 = padded.
+      text_fg: [C, E] foreground text bank; text_bg: [M, E] background
+        bank (read only with `bg_negatives`).
+      token_valid: [S, N] bool tokens that enter BatchNorm's statistics
+        (None: all).
+      steps, batch, lr: the training budget (the embedded run's
+        `train.num_steps`, `train.batch_size`, `optim.lr` by default in
+        pretrain_report).
+      Others: `cmpa.*` head and loss settings.
+
+    Returns:
+      (heads, {"loss": [steps], "acc": [steps], "tau": final τ}).
+    """
+    tokens = np.asarray(tokens, np.float32)
+    pools = np.asarray(pools, np.float32)
+    cls_ids = np.asarray(cls_ids, np.int32)
+    s, n, e = tokens.shape
+    if pools.shape[0] != s or pools.shape[2] != n or cls_ids.shape != \
+            pools.shape[:2]:
+        raise ValueError(f"tokens {tokens.shape}, pools {pools.shape} and "
+                         f"cls_ids {cls_ids.shape} do not match: need "
+                         "[S, N, E], [S, K, N] and [S, K]")
+    if not (cls_ids >= 0).any():
+        raise ValueError("no image has a labelled class slot: nothing to "
+                         "train the heads on")
+    if token_valid is None:
+        token_valid = np.ones((s, n), bool)
+    text_fg = jnp.asarray(text_fg, jnp.float32)
+    text_bg = jnp.asarray(text_bg, jnp.float32)
+    c = text_fg.shape[0]
+    heads = cmpa_lib.CMPAHeads(e, text_fg.shape[1], hidden_dim=hidden_dim,
+                               dim=dim, tau_init=tau_init, tau_min=tau_min,
+                               tied_init=tied_init,
+                               identity_init=identity_init,
+                               rngs=nnx.Rngs(seed))
+    opt = nnx.Optimizer(heads, optax.adam(lr), wrt=nnx.Param)
+    protos = cmpa_lib.init_protos(c, dim, c)
+    step = _cmpa_train_step(variant, "class", bg_negatives)
+    rng = np.random.default_rng(seed)
+    batch = min(batch, s)
+    losses, accs = [], []
+    for _ in range(steps):
+        idx = rng.choice(s, batch, replace=False)
+        loss, acc, _ = step(heads, opt, jnp.asarray(tokens[idx]),
+                            jnp.asarray(token_valid[idx]),
+                            jnp.asarray(pools[idx]), jnp.asarray(cls_ids[idx]),
+                            protos, text_fg, text_bg)
+        losses.append(float(loss))
+        accs.append(float(acc))
+    return heads, {"loss": losses, "acc": accs, "tau": float(heads.tau())}
+
+
 POOLS = ("gt", "plain_cam", "plain_label", "self_cam", "ema_cam")
 
 
@@ -484,21 +618,7 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
     bank = cmpa_lib.init_bank(bank_size, dim)
     protos = cmpa_lib.init_protos(k, dim, c)
 
-    @nnx.jit
-    def step(heads, opt, tokens, masks, cls_ids, protos):
-        def loss_fn(heads):
-            v = heads.isa(tokens)
-            f_img = cmpa_lib.masked_average_pool(v, masks, cls_ids >= 0)
-            f_text = heads.tsa(text_fg)
-            extra = heads.tsa(text_bg) if bg_negatives else None
-            loss, aux = cmpa_lib.cmpa_loss(
-                variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
-                heads.tau(), positive, extra_negatives=extra)
-            return loss, (aux, f_img)
-        (loss, (aux, f_img)), grads = nnx.value_and_grad(
-            loss_fn, has_aux=True)(heads)
-        opt.update(heads, grads)
-        return loss, aux["acc"], f_img
+    step = _cmpa_train_step(variant, positive, bg_negatives)
 
     rng = np.random.default_rng(seed)
     losses, accs = [], []
@@ -516,8 +636,8 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
             masks = projected_cams(
                 sub, heads if pool == "self_cam" else ema_heads,
                 logit_scale).reshape(batch, 1, -1)
-        loss, acc, f_img = step(heads, opt, tokens_all[idx], masks, cls_ids,
-                                protos)
+        loss, acc, f_img = step(heads, opt, tokens_all[idx], None, masks,
+                                cls_ids, protos, text_fg, text_bg)
         bank = cmpa_lib.update_bank(bank, f_img, cls_ids)
         if ema_heads is not None:
             nnx.update(ema_heads, jax.tree_util.tree_map(

@@ -321,7 +321,8 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
     if diag is not None:
         results["diagnostics"] = {k: diag[k] for k in (
             "miou", "purity", "initial_cam_errors", "boundary_recall",
-            "logit_scale", "num_images", "seconds")}
+            "logit_scale", "num_images", "seconds", "oracle_cmpa")
+            if k in diag}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

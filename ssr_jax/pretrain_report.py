@@ -19,6 +19,7 @@ the world and the encoders (cached) and prints both reports.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -56,6 +57,18 @@ STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
 # (`diagnostics.oracle_affinity` of the patch labels): propagation with a
 # perfect affinity, box mask / superpixel mask (issue 10).
 ORACLE_STEPS = ("oracle_attn", "oracle_attn_sgc")
+# Table 3 rows with the initial CAM replaced by the ground truth at the
+# patch grid (`diagnostics.oracle_cams`, a soft map), then refined by the
+# learned affinities as usual: each step's effect with the CAM held ideal.
+ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
+                    "oracle_cam_clip_dino", "oracle_cam_sgc")
+# The initial CAM through CMPA heads trained on ground-truth-masked pooled
+# features (`diagnostics.train_heads_on_pools`, the oracle CMPA), and
+# through the same heads untrained (step 0), beside "initial" (plain CLIP);
+# "bn_only": the same training at lr 0 (only BatchNorm's running statistics
+# move); "bgneg": with the background prompts as extra InfoNCE negatives.
+CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
+              "cmpa_untrained")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -188,7 +201,9 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
-    initial-CAM `diagnostics.cam_error_counts`)."""
+    initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
+    oracle CMPA: projected patch tokens, GT pools, class ids, valid
+    tokens)."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -237,9 +252,24 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 superpixels=batch["superpixels"], valid=batch["valid"],
                 use_clip_attn=True, use_dino_attn=False, clip_weight=1.0,
                 mask_kind=mask_kind)
+        ocams = diagnostics.oracle_cams(gt, cls_ids, grid)
+        osteps = ssr.table3_steps(
+            ocams, ssr.refine_fn(ocams, slot_valid, s, clip_attn=attn,
+                                 dino_aff=dino_aff, image=image,
+                                 superpixels=batch["superpixels"],
+                                 valid=batch["valid"]),
+            has_dino=True, base_mask="box")
+        for name, key in zip(ORACLE_CAM_STEPS, ssr.TABLE3_STEPS,
+                             strict=True):
+            steps[name] = osteps[key]
+        pool = {"tokens": aux["tokens"][:, 1:],
+                "pools": ocams.reshape(ocams.shape[:2] + (-1,)),
+                "cls_ids": cls_ids,
+                "token_valid": ssr.token_valid(batch["valid"], grid)
+                & batch["example_valid"][:, None]}
         confs = []
         errors = None
-        for name in STEPS + ORACLE_STEPS:
+        for name in STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS:
             _, labels = par_lib.cams_to_labels(steps[name], cls_ids,
                                                (hp, wp))
             confs.append(metrics.confusion_matrix_jnp(
@@ -262,15 +292,99 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 "transition": sgc_lib.transition_matrix(fused,
                                                         s.sinkhorn_iters)}
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
-        return jnp.stack(confs), purity, errors
+        return jnp.stack(confs), purity, errors, pool
 
     return lambda batch: fn(cs, ds, batch)
+
+
+def _cmpa_cam_fn(clip: CLIP, config: config_dict.ConfigDict,
+                 text_fg: Array, text_bg: Array, logit_scale: float):
+    """Jitted (heads state, batch) → confusion [C, C] of the initial CAM
+    projected through CMPA heads (running BN statistics, as
+    `ssr.initial_cams` reads them in the run)."""
+    cg, cs = nnx.split(clip)
+    num_classes = config.data.num_classes
+    kmax = config.data.max_classes_per_image
+    clip_norm = config.pretrain.clip.normalization
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def fn(hg, hs, cs, batch):
+        clip = nnx.merge(cg, cs)
+        heads = nnx.merge(hg, hs)
+        image = batch["image"]
+        x11, _, grid = ssr.clip_trunk(
+            clip, pretrain.normalise(image.astype(jnp.float32), clip_norm))
+        cls_ids = cam_lib.present_classes(batch["labels"], kmax)
+        cams, _ = ssr.initial_cams(clip, x11, cls_ids, grid, text_fg,
+                                   text_bg, config, heads,
+                                   logit_scale=logit_scale)
+        _, labels = par_lib.cams_to_labels(cams, cls_ids, image.shape[1:3])
+        gt = jnp.where(batch["example_valid"][:, None, None],
+                       batch["mask"].astype(jnp.int32),
+                       config.data.ignore_index)
+        return metrics.confusion_matrix_jnp(labels, gt, num_classes,
+                                            config.data.ignore_index)
+
+    def run(heads, batch):
+        hg, hs = nnx.split(heads)
+        return fn(hg, hs, cs, batch)
+    return run
+
+
+def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
+                      text_fg: Array, text_bg: Array,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The oracle CMPA: heads trained on GT-masked pooled features.
+
+    `diagnostics.train_heads_on_pools` on the seed images' projected patch
+    tokens pooled under `diagnostics.oracle_cams`, with the run's head
+    settings (`cmpa.*`) and budget (`train.num_steps` × `train.batch_size`
+    at a constant `optim.lr`), the image's class as the positive.
+
+    Returns:
+      ({"cmpa_oracle": trained heads, "cmpa_oracle_bn_only": trained at lr
+      0, "cmpa_oracle_bgneg": trained with `cmpa.background_negatives`,
+      "cmpa_untrained": the same heads at step 0}, {"first_loss",
+      "last_loss", "first_acc", "last_acc", "tau", "steps", "lr",
+      "batch", "variant", "positive", "bgneg_last_loss"}).
+    """
+    p = config.cmpa
+    kw = dict(steps=int(config.train.num_steps),
+              batch=int(config.train.batch_size), lr=float(config.optim.lr),
+              hidden_dim=p.hidden_dim, dim=p.dim, tau_init=p.tau_init,
+              tau_min=p.tau_min, tied_init=p.get("tied_init", True),
+              identity_init=p.get("identity_init", False),
+              variant=p.variant if p.variant != "none" else "cross",
+              bg_negatives=p.get("background_negatives", False),
+              seed=int(config.get("seed", 0)))
+    args = (pool["tokens"], pool["pools"], pool["cls_ids"], text_fg,
+            text_bg)
+    trained, log = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **kw)
+    untrained, _ = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **{**kw, "steps": 0})
+    bn_only, _ = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **{**kw, "lr": 0.0})
+    bgneg, log_bg = diagnostics.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"],
+        **{**kw, "bg_negatives": True})
+    info = {"first_loss": log["loss"][0] if log["loss"] else None,
+            "last_loss": log["loss"][-1] if log["loss"] else None,
+            "first_acc": log["acc"][0] if log["acc"] else None,
+            "last_acc": log["acc"][-1] if log["acc"] else None,
+            "tau": log["tau"], "steps": kw["steps"], "lr": kw["lr"],
+            "batch": kw["batch"], "variant": kw["variant"],
+            "positive": "class",
+            "bgneg_last_loss": log_bg["loss"][-1] if log_bg["loss"]
+            else None}
+    return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
+            "cmpa_oracle_bgneg": bgneg, "cmpa_untrained": untrained}, info
 
 
 def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 dino_path: str, root: str, max_images: int = 0,
                 batch_size: int = 20, logit_scale: str | float = "config",
-                ) -> dict[str, Any]:
+                oracle_cmpa: bool = True) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
     Args:
@@ -283,11 +397,15 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       logit_scale: the GradCAM softmax scale: "config" (`cam.logit_scale`),
         "model" (the CLIP's own learned exp(logit_scale), which for the
         real CLIP is the 100 that CLIP-ES uses) or a number.
+      oracle_cmpa: also train the oracle CMPA heads on the scored images
+        (`oracle_cmpa_heads`) and score the initial CAM through them and
+        through the untrained heads (rows `CMPA_STEPS`, a second pass).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
       "purity": {affinity: [background, foreground] same-label share},
-      "num_images", "seconds"}. Steps: STEPS + "sgc_par".
+      "num_images", "seconds", "oracle_cmpa": training log}. Steps:
+      STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + "sgc_par" (+ CMPA_STEPS).
     """
     start = time.perf_counter()
     config = config_dict.ConfigDict(config.to_dict())
@@ -310,11 +428,12 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
                   home)
     num_classes = config.data.num_classes
-    keys = STEPS + ORACLE_STEPS + ("sgc_par",)
+    keys = STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + ("sgc_par",)
     conf = np.zeros((len(keys), num_classes, num_classes), np.int64)
     pur: dict[str, np.ndarray] = {}
     err: dict[str, np.ndarray] = {}
     bnd = {1: [0, 0], 2: [0, 0]}
+    pools: dict[str, list] = {}
     n = 0
     size = config.data.crop_size
     meta = json.load(open(os.path.join(root, "meta.json")))
@@ -326,8 +445,13 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     for batch in batches:
         batch = dict(batch)
         batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
-        c, purity, errors = fn({k: jnp.asarray(v) for k, v in batch.items()
-                                if k not in ("name",)})
+        c, purity, errors, pool = fn({k: jnp.asarray(v)
+                                      for k, v in batch.items()
+                                      if k not in ("name",)})
+        if oracle_cmpa:
+            real = np.asarray(batch["example_valid"])
+            for k, v in pool.items():
+                pools.setdefault(k, []).append(np.asarray(v)[real])
         conf += np.asarray(c, np.int64)
         for k, (sums, counts) in purity.items():
             pur[k] = pur.get(k, 0) + np.stack([np.asarray(sums),
@@ -344,6 +468,25 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 bnd[tol][0] += hits
                 bnd[tol][1] += total
         n += int(np.asarray(batch["example_valid"]).sum())
+    cmpa_info = None
+    if oracle_cmpa:
+        heads, cmpa_info = oracle_cmpa_heads(
+            config, {k: np.concatenate(v) for k, v in pools.items()},
+            text_fg, text_bg)
+        del pools
+        cmpa_fn = _cmpa_cam_fn(clip, config, text_fg, text_bg,
+                               float(logit_scale))
+        cmpa_conf = np.zeros((len(CMPA_STEPS), num_classes, num_classes),
+                             np.int64)
+        for batch in input_pipeline.seed_batches(
+                config, config.data.seed_split, batch_size, size,
+                max_images=max_images, process_index=0, process_count=1):
+            b = {k: jnp.asarray(v) for k, v in batch.items()
+                 if k not in ("name",)}
+            for i, k in enumerate(CMPA_STEPS):
+                cmpa_conf[i] += np.asarray(cmpa_fn(heads[k], b), np.int64)
+        conf = np.concatenate([conf, cmpa_conf])
+        keys = keys + CMPA_STEPS
     sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
     return {"miou": {k: sc[k]["miou"] for k in keys}, "scores": sc,
             "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
@@ -352,6 +495,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
             "boundary_recall": {f"tol{t}": h / max(tot, 1)
                                 for t, (h, tot) in bnd.items()},
             "logit_scale": float(logit_scale), "num_images": n,
+            "oracle_cmpa": cmpa_info,
             "seconds": time.perf_counter() - start}
 
 
@@ -418,10 +562,47 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
             f"{e['recall']:.3f}; false positives on the class's home "
             f"background {fp['home_bg'] or 0:.3f}, other background "
             f"{fp['other_bg'] or 0:.3f}, other objects {fp['object'] or 0:.3f}")
+    table = format_table3(seeds["miou"])
+    if table:
+        lines.append(table)
+    o = seeds.get("oracle_cmpa")
+    if o:
+        lines.append(
+            f"oracle CMPA heads ({o['steps']} steps, batch {o['batch']}, "
+            f"lr {o['lr']:g}, GT pools): loss {o['first_loss']:.3f} -> "
+            f"{o['last_loss']:.3f}, acc {o['first_acc']:.2f} -> "
+            f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
     if "boundary_recall" in seeds:
         lines.append("superpixel boundary recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
     return "\n".join(lines)
+
+
+def format_table3(miou: dict[str, float]) -> str:
+    """Table 3 rows (mIoU %) with the affinity or the initial CAM held
+    ideal, and the initial CAM with / without the oracle CMPA; "" when the
+    rows are absent."""
+    rows = [("learned (as the run)", ("initial",) + STEPS[1:]),
+            ("oracle initial CAM", ORACLE_CAM_STEPS)]
+    if not all(k in miou for _, ks in rows for k in ks):
+        return ""
+
+    def cell(k):
+        return f"{100 * miou[k]:6.1f}" if k in miou else "     -"
+    out = ["Table 3 rows, mIoU %:     initial  +CLIP  +DINO   +SGC",
+           *(f"  {name:<22} " + " ".join(cell(k) for k in ks)
+             for name, ks in rows),
+           f"  {'oracle affinity':<22}      -      - "
+           + cell("oracle_attn") + " " + cell("oracle_attn_sgc")
+           + "   (box / SGC mask, no DINO)"]
+    if all(k in miou for k in CMPA_STEPS):
+        out.append(f"initial CAM: plain CLIP {cell('initial').strip()}, "
+                   f"CMPA heads untrained {cell('cmpa_untrained').strip()}, "
+                   f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
+                   f"(BN statistics only "
+                   f"{cell('cmpa_oracle_bn_only').strip()}, background "
+                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -187,3 +187,94 @@ def test_config_check_names_the_new_fields():
     errors = config_check.validate(c)
     assert any("sgc.kmeans_init" in e for e in errors), errors
     assert any("eval.diagnostics" in e for e in errors), errors
+
+
+def test_oracle_cams_vs_loops():
+    rng = np.random.default_rng(0)
+    b, k, (h, w), ph = 2, 3, (3, 4), 4
+    mask = rng.integers(0, 4, (b, h * ph, w * ph))
+    mask[0, :ph] = 255  # void: not the class
+    cls_ids = np.array([[0, 2, -1], [1, -1, -1]])
+    got = np.asarray(diagnostics.oracle_cams(
+        jnp.asarray(mask), jnp.asarray(cls_ids), (h, w)))
+    want = np.zeros((b, k, h, w))
+    for i in range(b):
+        for s in range(k):
+            if cls_ids[i, s] < 0:
+                continue
+            for y in range(h):
+                for x in range(w):
+                    cell = mask[i, y * ph:(y + 1) * ph, x * ph:(x + 1) * ph]
+                    want[i, s, y, x] = np.mean(cell == cls_ids[i, s] + 1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert 0 < want.max() and want[0, 0, 0].max() == 0  # void row
+    # Broken input: 1-based class ids (the label itself) pick another class.
+    off = np.asarray(diagnostics.oracle_cams(
+        jnp.asarray(mask), jnp.asarray(np.where(cls_ids >= 0, cls_ids + 1,
+                                                -1)), (h, w)))
+    assert np.abs(off - want).max() > 0.2
+    with pytest.raises(ValueError, match="whole number"):
+        diagnostics.oracle_cams(jnp.asarray(mask[:, :-1]),
+                                jnp.asarray(cls_ids), (h, w))
+
+
+def test_oracle_cams_scored_as_seeds_recover_the_mask():
+    from ssr_jax import par as par_lib
+
+    mask = np.zeros((1, 16, 16), np.int32)
+    mask[0, 4:12, 8:16] = 3  # class 2 (0-based), patch-aligned
+    cls_ids = jnp.asarray([[2, -1]])
+    cams = diagnostics.oracle_cams(jnp.asarray(mask), cls_ids, (4, 4))
+    _, labels = par_lib.cams_to_labels(cams, cls_ids, (16, 16))
+    pred, gt = np.asarray(labels) == 3, mask == 3
+    # bilinear upsampling of the patch grid softens the rim only
+    assert (pred & gt).sum() / (pred | gt).sum() > 0.7
+    assert pred[0, 6:10, 10:14].all() and not pred[0, :2].any()
+
+
+def test_train_heads_on_pools_matches_probe_training_and_needs_clean_pools():
+    # The reference: the probe's `train_cmpa_heads(pool="gt")`, the same
+    # training written on the constructed problem's own arrays.
+    p = diagnostics.cmpa_problem(num_images=64, confound=0.5, noise=0.1,
+                                 text_overlap=0.7, seed=0)
+    kw = dict(steps=40, batch=16, lr=1e-3, hidden_dim=64, dim=32,
+              tau_init=0.05, seed=0)
+    ref, ref_log = diagnostics.train_cmpa_heads(p, "gt", positive="class",
+                                                **kw)
+    tokens = p.tokens[:, 1:]
+    pools = p.obj[:, None].astype(np.float32)
+    cls_ids = p.cls[:, None]
+    heads, log = diagnostics.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, **kw)
+    np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-4,
+                               atol=1e-5)
+    plain = diagnostics.projected_cam_miou(p, None)
+    clean = diagnostics.projected_cam_miou(p, heads)
+    # masked vs unmasked BatchNorm statistics differ in rounding only
+    assert abs(clean - diagnostics.projected_cam_miou(p, ref)) < 0.01
+    assert clean > plain + 0.05, (plain, clean)
+    # Broken input: pooled under the inverted mask (background as class).
+    bad, _ = diagnostics.train_heads_on_pools(
+        tokens, 1 - pools, cls_ids, p.text_fg, p.text_bg, **kw)
+    assert diagnostics.projected_cam_miou(p, bad) < clean - 0.05
+    untrained, log0 = diagnostics.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, **{**kw, "steps": 0})
+    assert log0["loss"] == [] and diagnostics.projected_cam_miou(
+        p, untrained) < clean
+    with pytest.raises(ValueError, match="do not match"):
+        diagnostics.train_heads_on_pools(tokens, pools[:, :, :-1], cls_ids,
+                                         p.text_fg, p.text_bg, **kw)
+
+
+def test_format_table3_rows():
+    from ssr_jax import pretrain_report as pr
+
+    keys = (pr.STEPS + pr.ORACLE_STEPS + pr.ORACLE_CAM_STEPS
+            + pr.CMPA_STEPS)
+    miou = {k: 0.01 * i for i, k in enumerate(keys)}
+    table = pr.format_table3(miou)
+    assert "oracle initial CAM" in table and "oracle CMPA" in table
+    line = next(x for x in table.splitlines() if "oracle initial" in x)
+    assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
+                                 for k in pr.ORACLE_CAM_STEPS]
+    assert pr.format_table3({"initial": 0.3}) == ""
