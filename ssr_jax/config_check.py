@@ -134,6 +134,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "optim.lr", o.lr)
     _positive(e, "optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive(e, "optim.decoder_lr_mult", o.decoder_lr_mult)
+    _positive(e, "optim.heads_lr_mult", o.get("heads_lr_mult", 1.0))
     _positive(e, "optim.warmup_steps", o.warmup_steps, allow_zero=True)
 
     t = config.train

@@ -171,6 +171,11 @@ def base_config() -> config_dict.ConfigDict:
     o.lr = 1e-5  # [paper]
     o.weight_decay = 2e-3  # [paper]
     o.decoder_lr_mult = 1.0  # [WeCLIP] 10 in the weclip preset
+    # [choice] the CMPA heads (ISA, TSA, log τ) at lr × heads_lr_mult. 1.0 in
+    # both presets; the synthetic default uses 0.1 (docs/diagnostics.md: at
+    # WeCLIP's 2e-4 the heads lower the CAM even on ground-truth pools).
+    # ssr_paper.md §9.3: the paper's lr 1e-5 may be the CMPA part's only.
+    o.heads_lr_mult = 1.0
     o.b1 = 0.9
     o.b2 = 0.999
     o.eps = 1e-8

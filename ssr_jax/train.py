@@ -65,10 +65,11 @@ def create_learning_rate_fn(config) -> optax.Schedule:
 
 
 def _param_labels(params: PyTree) -> PyTree:
-    """"decoder" for decoder params (×decoder_lr_mult), "base" otherwise."""
+    """"decoder" for decoder params (×decoder_lr_mult), "heads" for the rest
+    of SSRModel: the CMPA heads and their log τ (×heads_lr_mult)."""
     def label(path, _):
         keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-        return "decoder" if "decoder" in keys else "base"
+        return "decoder" if "decoder" in keys else "heads"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -81,7 +82,8 @@ def _decay_mask(params: PyTree) -> PyTree:
 
 
 def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
-    """AdamW with the decoder group at lr × decoder_lr_mult (SPEC 1.10)."""
+    """AdamW with the decoder group at lr × decoder_lr_mult (SPEC 1.10) and
+    the CMPA heads (with log τ) at lr × heads_lr_mult."""
     o = config.optim
     base = create_learning_rate_fn(config)
 
@@ -91,7 +93,8 @@ def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
             weight_decay=o.weight_decay, mask=_decay_mask)
 
     tx = optax.multi_transform(
-        {"base": adamw(1.0), "decoder": adamw(o.decoder_lr_mult)},
+        {"heads": adamw(o.get("heads_lr_mult", 1.0)),
+         "decoder": adamw(o.decoder_lr_mult)},
         _param_labels(params))
     if o.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)

@@ -434,3 +434,44 @@ def test_weclip_switches_affinity_loss_and_rfm(world, tmp_path):
         s.state, meas = s.update(s.state, s.frozen, batch, s.bank)
         assert np.isfinite(float(meas["loss"]))
         assert float(meas["loss_aff"]) > 0
+
+
+@pytest.mark.parametrize("heads_mult,decoder_mult", [(1.0, 10.0),
+                                                      (0.1, 10.0)])
+def test_optimizer_groups_take_their_lr_multipliers(heads_mult, decoder_mult):
+    """AdamW's first step moves each parameter by lr·mult·sign(grad) (bias
+    corrected, eps ≪ |g|): decoder params by lr·decoder_lr_mult, everything
+    else in SSRModel (the CMPA heads, log τ) by lr·heads_lr_mult."""
+    from ssr_jax import config_defaults
+    c = config_defaults.base_config()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.poly_power = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.decoder_lr_mult = decoder_mult
+    c.optim.heads_lr_mult = heads_mult
+    params = {"decoder": {"w": jnp.ones((3,))},
+              "heads": {"isa": {"w": jnp.ones((2,))},
+                        "log_tau": jnp.zeros(())}}
+    grads = jax.tree.map(lambda p: -2.0 * jnp.ones_like(p), params)
+    tx = train.create_optimizer(c, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["decoder"]["w"], 1e-3 * decoder_mult,
+                               rtol=1e-5)
+    np.testing.assert_allclose(updates["heads"]["isa"]["w"],
+                               1e-3 * heads_mult, rtol=1e-5)
+    np.testing.assert_allclose(updates["heads"]["log_tau"], 1e-3 * heads_mult,
+                               rtol=1e-5)
+
+
+def test_synthetic_default_slows_the_heads_only():
+    """configs/synthetic.py: the heads at a tenth of WeCLIP's rate, the
+    decoder at WeCLIP's ×10 (docs/diagnostics.md, issue 10)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_cfg", os.path.join(ROOT, "configs", "synthetic.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("")
+    assert (c.optim.lr, c.optim.decoder_lr_mult, c.optim.heads_lr_mult) == (
+        2e-4, 10.0, 0.1)
