@@ -38,6 +38,7 @@ from ssr_jax import cam as cam_lib
 from ssr_jax import (
     data_sources,
     diagnostics,
+    diagnostics_cmpa,
     input_pipeline,
     metrics,
     params,
@@ -63,7 +64,7 @@ ORACLE_STEPS = ("oracle_attn", "oracle_attn_sgc")
 ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
                     "oracle_cam_clip_dino", "oracle_cam_sgc")
 # The initial CAM through CMPA heads trained on ground-truth-masked pooled
-# features (`diagnostics.train_heads_on_pools`, the oracle CMPA), and
+# features (`diagnostics_cmpa.train_heads_on_pools`, the oracle CMPA), and
 # through the same heads untrained (step 0), beside "initial" (plain CLIP);
 # "bn_only": the same training at lr 0 (only BatchNorm's running statistics
 # move); "bgneg": with the background prompts as extra InfoNCE negatives.
@@ -336,8 +337,8 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The oracle CMPA: heads trained on GT-masked pooled features.
 
-    `diagnostics.train_heads_on_pools` on the seed images' projected patch
-    tokens pooled under `diagnostics.oracle_cams`, with the run's head
+    `diagnostics_cmpa.train_heads_on_pools` on the seed images' projected
+    patch tokens pooled under `diagnostics.oracle_cams`, with the run's head
     settings (`cmpa.*`) and budget (`train.num_steps` × `train.batch_size`
     at a constant `optim.lr`), the image's class as the positive.
 
@@ -359,13 +360,13 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
               seed=int(config.get("seed", 0)))
     args = (pool["tokens"], pool["pools"], pool["cls_ids"], text_fg,
             text_bg)
-    trained, log = diagnostics.train_heads_on_pools(
+    trained, log = diagnostics_cmpa.train_heads_on_pools(
         *args, token_valid=pool["token_valid"], **kw)
-    untrained, _ = diagnostics.train_heads_on_pools(
+    untrained, _ = diagnostics_cmpa.train_heads_on_pools(
         *args, token_valid=pool["token_valid"], **{**kw, "steps": 0})
-    bn_only, _ = diagnostics.train_heads_on_pools(
+    bn_only, _ = diagnostics_cmpa.train_heads_on_pools(
         *args, token_valid=pool["token_valid"], **{**kw, "lr": 0.0})
-    bgneg, log_bg = diagnostics.train_heads_on_pools(
+    bgneg, log_bg = diagnostics_cmpa.train_heads_on_pools(
         *args, token_valid=pool["token_valid"],
         **{**kw, "bg_negatives": True})
     info = {"first_loss": log["loss"][0] if log["loss"] else None,
