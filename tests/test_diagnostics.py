@@ -267,14 +267,14 @@ def test_train_heads_on_pools_matches_probe_training_and_needs_clean_pools():
 
 
 def test_format_table3_rows():
-    from ssr_jax import pretrain_report as pr
+    from ssr_jax import report_format as rf
 
-    keys = (pr.STEPS + pr.ORACLE_STEPS + pr.ORACLE_CAM_STEPS
-            + pr.CMPA_STEPS)
+    keys = (rf.STEPS + rf.ORACLE_STEPS + rf.ORACLE_CAM_STEPS
+            + rf.CMPA_STEPS)
     miou = {k: 0.01 * i for i, k in enumerate(keys)}
-    table = pr.format_table3(miou)
+    table = rf.format_table3(miou)
     assert "oracle initial CAM" in table and "oracle CMPA" in table
     line = next(x for x in table.splitlines() if "oracle initial" in x)
     assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
-                                 for k in pr.ORACLE_CAM_STEPS]
-    assert pr.format_table3({"initial": 0.3}) == ""
+                                 for k in rf.ORACLE_CAM_STEPS]
+    assert rf.format_table3({"initial": 0.3}) == ""
