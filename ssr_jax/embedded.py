@@ -115,10 +115,10 @@ def _table(results: dict[str, Any]) -> str:
     lines += [f"{'holds' if ok else 'FAILS'}: {k}"
               for k, ok in results["orderings"].items()]
     if "diagnostics" in results:
-        from ssr_jax import pretrain_report  # noqa: PLC0415
+        from ssr_jax import report_format  # noqa: PLC0415
 
         lines += ["", "diagnostics (plain CLIP, pretrain_report):",
-                  pretrain_report.format_seed_diagnostics(
+                  report_format.format_seed_diagnostics(
                       results["diagnostics"])]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in results["time_s"].items())
     lines.append(f"wall time: {times}")

@@ -13,13 +13,15 @@
   also measures each affinity directly: the share of a patch's attention
   that lands on patches of its own ground-truth label (`affinity_purity`).
 
+The oracle CMPA rows are trained and scored by `pretrain_report_cmpa`; the
+row names and the printed text are in `report_format`.
+
 `python -m ssr_jax.pretrain_report --config configs/synthetic.py` prepares
 the world and the encoders (cached) and prints both reports.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -42,6 +44,7 @@ from ssr_jax import (
     metrics,
     params,
     pretrain,
+    pretrain_report_cmpa,
     ssr,
 )
 from ssr_jax import par as par_lib
@@ -50,25 +53,15 @@ from ssr_jax import text as text_lib
 from ssr_jax.data import specs, synthetic
 from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
+from ssr_jax.report_format import (
+    CMPA_STEPS,
+    ORACLE_CAM_STEPS,
+    ORACLE_STEPS,
+    STEPS,
+    format_report,
+)
 
 Array = jax.Array
-STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
-# Table 3 rows with the affinity replaced by the ground-truth oracle
-# (`diagnostics.oracle_affinity` of the patch labels): propagation with a
-# perfect affinity, box mask / superpixel mask (issue 10).
-ORACLE_STEPS = ("oracle_attn", "oracle_attn_sgc")
-# Table 3 rows with the initial CAM replaced by the ground truth at the
-# patch grid (`diagnostics.oracle_cams`, a soft map), then refined by the
-# learned affinities as usual: each step's effect with the CAM held ideal.
-ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
-                    "oracle_cam_clip_dino", "oracle_cam_sgc")
-# The initial CAM through CMPA heads trained on ground-truth-masked pooled
-# features (`diagnostics.train_heads_on_pools`, the oracle CMPA), and
-# through the same heads untrained (step 0), beside "initial" (plain CLIP);
-# "bn_only": the same training at lr 0 (only BatchNorm's running statistics
-# move); "bgneg": with the background prompts as extra InfoNCE negatives.
-CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
-              "cmpa_untrained")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -297,90 +290,6 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
     return lambda batch: fn(cs, ds, batch)
 
 
-def _cmpa_cam_fn(clip: CLIP, config: config_dict.ConfigDict,
-                 text_fg: Array, text_bg: Array, logit_scale: float):
-    """Jitted (heads state, batch) → confusion [C, C] of the initial CAM
-    projected through CMPA heads (running BN statistics, as
-    `ssr.initial_cams` reads them in the run)."""
-    cg, cs = nnx.split(clip)
-    num_classes = config.data.num_classes
-    kmax = config.data.max_classes_per_image
-    clip_norm = config.pretrain.clip.normalization
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def fn(hg, hs, cs, batch):
-        clip = nnx.merge(cg, cs)
-        heads = nnx.merge(hg, hs)
-        image = batch["image"]
-        x11, _, grid = ssr.clip_trunk(
-            clip, pretrain.normalise(image.astype(jnp.float32), clip_norm))
-        cls_ids = cam_lib.present_classes(batch["labels"], kmax)
-        cams, _ = ssr.initial_cams(clip, x11, cls_ids, grid, text_fg,
-                                   text_bg, config, heads,
-                                   logit_scale=logit_scale)
-        _, labels = par_lib.cams_to_labels(cams, cls_ids, image.shape[1:3])
-        gt = jnp.where(batch["example_valid"][:, None, None],
-                       batch["mask"].astype(jnp.int32),
-                       config.data.ignore_index)
-        return metrics.confusion_matrix_jnp(labels, gt, num_classes,
-                                            config.data.ignore_index)
-
-    def run(heads, batch):
-        hg, hs = nnx.split(heads)
-        return fn(hg, hs, cs, batch)
-    return run
-
-
-def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
-                      text_fg: Array, text_bg: Array,
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The oracle CMPA: heads trained on GT-masked pooled features.
-
-    `diagnostics.train_heads_on_pools` on the seed images' projected patch
-    tokens pooled under `diagnostics.oracle_cams`, with the run's head
-    settings (`cmpa.*`) and budget (`train.num_steps` × `train.batch_size`
-    at a constant `optim.lr`), the image's class as the positive.
-
-    Returns:
-      ({"cmpa_oracle": trained heads, "cmpa_oracle_bn_only": trained at lr
-      0, "cmpa_oracle_bgneg": trained with `cmpa.background_negatives`,
-      "cmpa_untrained": the same heads at step 0}, {"first_loss",
-      "last_loss", "first_acc", "last_acc", "tau", "steps", "lr",
-      "batch", "variant", "positive", "bgneg_last_loss"}).
-    """
-    p = config.cmpa
-    kw = dict(steps=int(config.train.num_steps),
-              batch=int(config.train.batch_size), lr=float(config.optim.lr),
-              hidden_dim=p.hidden_dim, dim=p.dim, tau_init=p.tau_init,
-              tau_min=p.tau_min, tied_init=p.get("tied_init", True),
-              identity_init=p.get("identity_init", False),
-              variant=p.variant if p.variant != "none" else "cross",
-              bg_negatives=p.get("background_negatives", False),
-              seed=int(config.get("seed", 0)))
-    args = (pool["tokens"], pool["pools"], pool["cls_ids"], text_fg,
-            text_bg)
-    trained, log = diagnostics.train_heads_on_pools(
-        *args, token_valid=pool["token_valid"], **kw)
-    untrained, _ = diagnostics.train_heads_on_pools(
-        *args, token_valid=pool["token_valid"], **{**kw, "steps": 0})
-    bn_only, _ = diagnostics.train_heads_on_pools(
-        *args, token_valid=pool["token_valid"], **{**kw, "lr": 0.0})
-    bgneg, log_bg = diagnostics.train_heads_on_pools(
-        *args, token_valid=pool["token_valid"],
-        **{**kw, "bg_negatives": True})
-    info = {"first_loss": log["loss"][0] if log["loss"] else None,
-            "last_loss": log["loss"][-1] if log["loss"] else None,
-            "first_acc": log["acc"][0] if log["acc"] else None,
-            "last_acc": log["acc"][-1] if log["acc"] else None,
-            "tau": log["tau"], "steps": kw["steps"], "lr": kw["lr"],
-            "batch": kw["batch"], "variant": kw["variant"],
-            "positive": "class",
-            "bgneg_last_loss": log_bg["loss"][-1] if log_bg["loss"]
-            else None}
-    return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
-            "cmpa_oracle_bgneg": bgneg, "cmpa_untrained": untrained}, info
-
-
 def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 dino_path: str, root: str, max_images: int = 0,
                 batch_size: int = 20, logit_scale: str | float = "config",
@@ -398,8 +307,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         "model" (the CLIP's own learned exp(logit_scale), which for the
         real CLIP is the 100 that CLIP-ES uses) or a number.
       oracle_cmpa: also train the oracle CMPA heads on the scored images
-        (`oracle_cmpa_heads`) and score the initial CAM through them and
-        through the untrained heads (rows `CMPA_STEPS`, a second pass).
+        (`pretrain_report_cmpa.oracle_cmpa_heads`) and score the initial
+        CAM through them and through the untrained heads (rows
+        `CMPA_STEPS`, a second pass).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -470,12 +380,12 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         n += int(np.asarray(batch["example_valid"]).sum())
     cmpa_info = None
     if oracle_cmpa:
-        heads, cmpa_info = oracle_cmpa_heads(
+        heads, cmpa_info = pretrain_report_cmpa.oracle_cmpa_heads(
             config, {k: np.concatenate(v) for k, v in pools.items()},
             text_fg, text_bg)
         del pools
-        cmpa_fn = _cmpa_cam_fn(clip, config, text_fg, text_bg,
-                               float(logit_scale))
+        cmpa_fn = pretrain_report_cmpa.cmpa_cam_fn(
+            clip, config, text_fg, text_bg, float(logit_scale))
         cmpa_conf = np.zeros((len(CMPA_STEPS), num_classes, num_classes),
                              np.int64)
         for batch in input_pipeline.seed_batches(
@@ -533,76 +443,6 @@ def _bg_kinds(batch: dict, meta: dict, split_names: Sequence[str],
             continue
         out[i] = diagnostics.background_kind_map(m, kinds, size, size)
     return out
-
-
-def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
-    """A short text summary of both reports."""
-    return "\n".join([
-        f"CLIP zero-shot AUC on val ({zs['num_images']} images): "
-        f"classes {zs['fg_auc_cls']:.3f} (CLS) / {zs['fg_auc_patch']:.3f} "
-        f"(patch mean), backgrounds {zs['bg_auc_cls']:.3f} / "
-        f"{zs['bg_auc_patch']:.3f}", format_seed_diagnostics(seeds)])
-
-
-def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
-    """The seed report's lines (mIoU per step, purity, CAM errors,
-    boundary recall)."""
-    lines = [
-        f"CAM seeds on train ({seeds['num_images']} images), mIoU %: "
-        + ", ".join(f"{k} {100 * v:.1f}" for k, v in seeds["miou"].items()),
-        "same-label attention share [bg, fg query patches]: "
-        + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]"
-                    for k, v in seeds["purity"].items()),
-    ]
-    e = seeds.get("initial_cam_errors")
-    if e and e["precision"] is not None:
-        fp = e["fp_share"]
-        lines.append(
-            f"initial CAM precision {e['precision']:.3f} / recall "
-            f"{e['recall']:.3f}; false positives on the class's home "
-            f"background {fp['home_bg'] or 0:.3f}, other background "
-            f"{fp['other_bg'] or 0:.3f}, other objects {fp['object'] or 0:.3f}")
-    table = format_table3(seeds["miou"])
-    if table:
-        lines.append(table)
-    o = seeds.get("oracle_cmpa")
-    if o:
-        lines.append(
-            f"oracle CMPA heads ({o['steps']} steps, batch {o['batch']}, "
-            f"lr {o['lr']:g}, GT pools): loss {o['first_loss']:.3f} -> "
-            f"{o['last_loss']:.3f}, acc {o['first_acc']:.2f} -> "
-            f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
-    if "boundary_recall" in seeds:
-        lines.append("superpixel boundary recall: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
-    return "\n".join(lines)
-
-
-def format_table3(miou: dict[str, float]) -> str:
-    """Table 3 rows (mIoU %) with the affinity or the initial CAM held
-    ideal, and the initial CAM with / without the oracle CMPA; "" when the
-    rows are absent."""
-    rows = [("learned (as the run)", ("initial",) + STEPS[1:]),
-            ("oracle initial CAM", ORACLE_CAM_STEPS)]
-    if not all(k in miou for _, ks in rows for k in ks):
-        return ""
-
-    def cell(k):
-        return f"{100 * miou[k]:6.1f}" if k in miou else "     -"
-    out = ["Table 3 rows, mIoU %:     initial  +CLIP  +DINO   +SGC",
-           *(f"  {name:<22} " + " ".join(cell(k) for k in ks)
-             for name, ks in rows),
-           f"  {'oracle affinity':<22}      -      - "
-           + cell("oracle_attn") + " " + cell("oracle_attn_sgc")
-           + "   (box / SGC mask, no DINO)"]
-    if all(k in miou for k in CMPA_STEPS):
-        out.append(f"initial CAM: plain CLIP {cell('initial').strip()}, "
-                   f"CMPA heads untrained {cell('cmpa_untrained').strip()}, "
-                   f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
-                   f"(BN statistics only "
-                   f"{cell('cmpa_oracle_bn_only').strip()}, background "
-                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
-    return "\n".join(out)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -451,7 +451,7 @@ def test_identity_init_starts_at_plain_clip():
     dim) at step 0, so the projected GradCAM is plain CLIP's up to the
     per-token normalisation (max difference 0.025 measured on unit tokens);
     the default tied random start is a different CAM (max difference ~1)."""
-    from ssr_jax import diagnostics  # noqa: PLC0415
+    from ssr_jax import diagnostics_cmpa  # noqa: PLC0415
 
     e = 16
     heads = cmpa.CMPAHeads(e, e, hidden_dim=40, dim=24, identity_init=True,
@@ -462,11 +462,11 @@ def test_identity_init_starts_at_plain_clip():
     for head in (heads.isa, heads.tsa):
         np.testing.assert_allclose(
             np.asarray(head(x, use_running_average=True)), want, atol=1e-6)
-    p = diagnostics.cmpa_problem(num_images=16, confound=0.5,
-                                 text_overlap=0.7, seed=0)
-    plain = np.asarray(diagnostics.projected_cams(p, None))
-    ident = np.asarray(diagnostics.projected_cams(p, heads))
-    tied = np.asarray(diagnostics.projected_cams(
+    p = diagnostics_cmpa.cmpa_problem(num_images=16, confound=0.5,
+                                      text_overlap=0.7, seed=0)
+    plain = np.asarray(diagnostics_cmpa.projected_cams(p, None))
+    ident = np.asarray(diagnostics_cmpa.projected_cams(p, heads))
+    tied = np.asarray(diagnostics_cmpa.projected_cams(
         p, cmpa.CMPAHeads(e, e, hidden_dim=40, dim=24, rngs=nnx.Rngs(0))))
     assert np.abs(ident - plain).max() < 0.05
     assert np.abs(tied - plain).max() > 0.3

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssr_jax import diagnostics
+from ssr_jax import diagnostics, diagnostics_cmpa
 from ssr_jax.data import synthetic
 
 
@@ -235,46 +235,46 @@ def test_oracle_cams_scored_as_seeds_recover_the_mask():
 def test_train_heads_on_pools_matches_probe_training_and_needs_clean_pools():
     # The reference: the probe's `train_cmpa_heads(pool="gt")`, the same
     # training written on the constructed problem's own arrays.
-    p = diagnostics.cmpa_problem(num_images=64, confound=0.5, noise=0.1,
-                                 text_overlap=0.7, seed=0)
+    p = diagnostics_cmpa.cmpa_problem(num_images=64, confound=0.5,
+                                      noise=0.1, text_overlap=0.7, seed=0)
     kw = dict(steps=40, batch=16, lr=1e-3, hidden_dim=64, dim=32,
               tau_init=0.05, seed=0)
-    ref, ref_log = diagnostics.train_cmpa_heads(p, "gt", positive="class",
-                                                **kw)
+    ref, ref_log = diagnostics_cmpa.train_cmpa_heads(
+        p, "gt", positive="class", **kw)
     tokens = p.tokens[:, 1:]
     pools = p.obj[:, None].astype(np.float32)
     cls_ids = p.cls[:, None]
-    heads, log = diagnostics.train_heads_on_pools(
+    heads, log = diagnostics_cmpa.train_heads_on_pools(
         tokens, pools, cls_ids, p.text_fg, p.text_bg, **kw)
     np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-4,
                                atol=1e-5)
-    plain = diagnostics.projected_cam_miou(p, None)
-    clean = diagnostics.projected_cam_miou(p, heads)
+    plain = diagnostics_cmpa.projected_cam_miou(p, None)
+    clean = diagnostics_cmpa.projected_cam_miou(p, heads)
     # masked vs unmasked BatchNorm statistics differ in rounding only
-    assert abs(clean - diagnostics.projected_cam_miou(p, ref)) < 0.01
+    assert abs(clean - diagnostics_cmpa.projected_cam_miou(p, ref)) < 0.01
     assert clean > plain + 0.05, (plain, clean)
     # Broken input: pooled under the inverted mask (background as class).
-    bad, _ = diagnostics.train_heads_on_pools(
+    bad, _ = diagnostics_cmpa.train_heads_on_pools(
         tokens, 1 - pools, cls_ids, p.text_fg, p.text_bg, **kw)
-    assert diagnostics.projected_cam_miou(p, bad) < clean - 0.05
-    untrained, log0 = diagnostics.train_heads_on_pools(
+    assert diagnostics_cmpa.projected_cam_miou(p, bad) < clean - 0.05
+    untrained, log0 = diagnostics_cmpa.train_heads_on_pools(
         tokens, pools, cls_ids, p.text_fg, p.text_bg, **{**kw, "steps": 0})
-    assert log0["loss"] == [] and diagnostics.projected_cam_miou(
+    assert log0["loss"] == [] and diagnostics_cmpa.projected_cam_miou(
         p, untrained) < clean
     with pytest.raises(ValueError, match="do not match"):
-        diagnostics.train_heads_on_pools(tokens, pools[:, :, :-1], cls_ids,
-                                         p.text_fg, p.text_bg, **kw)
+        diagnostics_cmpa.train_heads_on_pools(
+            tokens, pools[:, :, :-1], cls_ids, p.text_fg, p.text_bg, **kw)
 
 
 def test_format_table3_rows():
-    from ssr_jax import pretrain_report as pr
+    from ssr_jax import report_format as rf
 
-    keys = (pr.STEPS + pr.ORACLE_STEPS + pr.ORACLE_CAM_STEPS
-            + pr.CMPA_STEPS)
+    keys = (rf.STEPS + rf.ORACLE_STEPS + rf.ORACLE_CAM_STEPS
+            + rf.CMPA_STEPS)
     miou = {k: 0.01 * i for i, k in enumerate(keys)}
-    table = pr.format_table3(miou)
+    table = rf.format_table3(miou)
     assert "oracle initial CAM" in table and "oracle CMPA" in table
     line = next(x for x in table.splitlines() if "oracle initial" in x)
     assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
-                                 for k in pr.ORACLE_CAM_STEPS]
-    assert pr.format_table3({"initial": 0.3}) == ""
+                                 for k in rf.ORACLE_CAM_STEPS]
+    assert rf.format_table3({"initial": 0.3}) == ""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssr_jax import diagnostics, par, sgc, sgc_mask
+from ssr_jax import diagnostics, diagnostics_cmpa, par, sgc, sgc_mask
 
 # --- helpers ------------------------------------------------------------------
 
@@ -210,14 +210,14 @@ def test_cmpa_heads_on_clean_pools_raise_projected_cam():
     Measured (docs/diagnostics.md, seeds 0/1/2, 80 steps): plain .583 /
     .563 / .507, GT pools .743 / .624 / .697, inverted .478 / .535 / .590.
     """
-    p = diagnostics.cmpa_problem(num_images=64, confound=0.5, noise=0.1,
-                                 text_overlap=0.7, seed=0)
-    plain = diagnostics.projected_cam_miou(p, None)
-    heads, info = diagnostics.train_cmpa_heads(p, "gt", steps=80)
-    clean = diagnostics.projected_cam_miou(p, heads)
+    p = diagnostics_cmpa.cmpa_problem(num_images=64, confound=0.5,
+                                      noise=0.1, text_overlap=0.7, seed=0)
+    plain = diagnostics_cmpa.projected_cam_miou(p, None)
+    heads, info = diagnostics_cmpa.train_cmpa_heads(p, "gt", steps=80)
+    clean = diagnostics_cmpa.projected_cam_miou(p, heads)
     inv = dataclasses.replace(p, obj=~p.obj)
-    heads_inv, _ = diagnostics.train_cmpa_heads(inv, "gt", steps=80)
-    broken = diagnostics.projected_cam_miou(p, heads_inv)
+    heads_inv, _ = diagnostics_cmpa.train_cmpa_heads(inv, "gt", steps=80)
+    broken = diagnostics_cmpa.projected_cam_miou(p, heads_inv)
     assert np.isfinite(info["loss"]).all()
     assert clean > plain + 0.05, (plain, clean)
     assert broken < clean - 0.1, (clean, broken)

@@ -17,7 +17,7 @@ import os
 import pytest
 import ssr_fixtures
 
-from ssr_jax import pretrain_report, text
+from ssr_jax import pretrain_report, report_format, text
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 
@@ -55,3 +55,7 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     fg_pred = sum(r["pred_pixels"] for r in
                   got["scores"]["initial"]["per_class"][1:])
     assert fg_pred > 0
+    # The printed report (report_format) reads every row it scored.
+    printed = report_format.format_seed_diagnostics(got)
+    assert "Table 3 rows" in printed and "oracle CMPA heads" in printed
+    assert all(k in printed for k in got["miou"])

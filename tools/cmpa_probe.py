@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ssr_jax import diagnostics as d
+from ssr_jax import diagnostics_cmpa as d
 
 READINGS = {
     # name: (pool, train_cmpa_heads kwargs); None = no training

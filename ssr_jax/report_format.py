@@ -1,0 +1,100 @@
+"""The seed report's rows and its text (`pretrain_report.seed_report`).
+
+The Table 3 row names the seed report scores (`STEPS`, `ORACLE_STEPS`,
+`ORACLE_CAM_STEPS`, `CMPA_STEPS`) and the printing of both reports:
+`format_report` (zero-shot AUC + seeds), `format_seed_diagnostics` (also
+printed by the embedded default's `eval.diagnostics`) and `format_table3`.
+Plain functions of the report dicts; nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STEPS = ("initial", "clip_attn", "clip_dino", "sgc")
+# Table 3 rows with the affinity replaced by the ground-truth oracle
+# (`diagnostics.oracle_affinity` of the patch labels): propagation with a
+# perfect affinity, box mask / superpixel mask (issue 10).
+ORACLE_STEPS = ("oracle_attn", "oracle_attn_sgc")
+# Table 3 rows with the initial CAM replaced by the ground truth at the
+# patch grid (`diagnostics.oracle_cams`, a soft map), then refined by the
+# learned affinities as usual: each step's effect with the CAM held ideal.
+ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
+                    "oracle_cam_clip_dino", "oracle_cam_sgc")
+# The initial CAM through CMPA heads trained on ground-truth-masked pooled
+# features (`diagnostics_cmpa.train_heads_on_pools`, the oracle CMPA), and
+# through the same heads untrained (step 0), beside "initial" (plain CLIP);
+# "bn_only": the same training at lr 0 (only BatchNorm's running statistics
+# move); "bgneg": with the background prompts as extra InfoNCE negatives.
+CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
+              "cmpa_untrained")
+
+
+def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
+    """A short text summary of both reports."""
+    return "\n".join([
+        f"CLIP zero-shot AUC on val ({zs['num_images']} images): "
+        f"classes {zs['fg_auc_cls']:.3f} (CLS) / {zs['fg_auc_patch']:.3f} "
+        f"(patch mean), backgrounds {zs['bg_auc_cls']:.3f} / "
+        f"{zs['bg_auc_patch']:.3f}", format_seed_diagnostics(seeds)])
+
+
+def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
+    """The seed report's lines (mIoU per step, purity, CAM errors,
+    boundary recall)."""
+    lines = [
+        f"CAM seeds on train ({seeds['num_images']} images), mIoU %: "
+        + ", ".join(f"{k} {100 * v:.1f}" for k, v in seeds["miou"].items()),
+        "same-label attention share [bg, fg query patches]: "
+        + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]"
+                    for k, v in seeds["purity"].items()),
+    ]
+    e = seeds.get("initial_cam_errors")
+    if e and e["precision"] is not None:
+        fp = e["fp_share"]
+        lines.append(
+            f"initial CAM precision {e['precision']:.3f} / recall "
+            f"{e['recall']:.3f}; false positives on the class's home "
+            f"background {fp['home_bg'] or 0:.3f}, other background "
+            f"{fp['other_bg'] or 0:.3f}, other objects {fp['object'] or 0:.3f}")
+    table = format_table3(seeds["miou"])
+    if table:
+        lines.append(table)
+    o = seeds.get("oracle_cmpa")
+    if o:
+        lines.append(
+            f"oracle CMPA heads ({o['steps']} steps, batch {o['batch']}, "
+            f"lr {o['lr']:g}, GT pools): loss {o['first_loss']:.3f} -> "
+            f"{o['last_loss']:.3f}, acc {o['first_acc']:.2f} -> "
+            f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
+    if "boundary_recall" in seeds:
+        lines.append("superpixel boundary recall: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
+    return "\n".join(lines)
+
+
+def format_table3(miou: dict[str, float]) -> str:
+    """Table 3 rows (mIoU %) with the affinity or the initial CAM held
+    ideal, and the initial CAM with / without the oracle CMPA; "" when the
+    rows are absent."""
+    rows = [("learned (as the run)", ("initial",) + STEPS[1:]),
+            ("oracle initial CAM", ORACLE_CAM_STEPS)]
+    if not all(k in miou for _, ks in rows for k in ks):
+        return ""
+
+    def cell(k):
+        return f"{100 * miou[k]:6.1f}" if k in miou else "     -"
+    out = ["Table 3 rows, mIoU %:     initial  +CLIP  +DINO   +SGC",
+           *(f"  {name:<22} " + " ".join(cell(k) for k in ks)
+             for name, ks in rows),
+           f"  {'oracle affinity':<22}      -      - "
+           + cell("oracle_attn") + " " + cell("oracle_attn_sgc")
+           + "   (box / SGC mask, no DINO)"]
+    if all(k in miou for k in CMPA_STEPS):
+        out.append(f"initial CAM: plain CLIP {cell('initial').strip()}, "
+                   f"CMPA heads untrained {cell('cmpa_untrained').strip()}, "
+                   f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
+                   f"(BN statistics only "
+                   f"{cell('cmpa_oracle_bn_only').strip()}, background "
+                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
+    return "\n".join(out)
