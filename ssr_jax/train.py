@@ -65,11 +65,13 @@ def create_learning_rate_fn(config) -> optax.Schedule:
 
 
 def _param_labels(params: PyTree) -> PyTree:
-    """"decoder" for decoder params (×decoder_lr_mult), "heads" for the rest
-    of SSRModel: the CMPA heads and their log τ (×heads_lr_mult)."""
+    """"decoder" for decoder params (×decoder_lr_mult), "base" for the rest
+    of SSRModel: the CMPA heads and their log τ (×heads_lr_mult). The label
+    is "base", not "heads", so that optimiser states in checkpoints written
+    before heads_lr_mult existed still restore."""
     def label(path, _):
         keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-        return "decoder" if "decoder" in keys else "heads"
+        return "decoder" if "decoder" in keys else "base"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -93,7 +95,7 @@ def create_optimizer(config, params: PyTree) -> optax.GradientTransformation:
             weight_decay=o.weight_decay, mask=_decay_mask)
 
     tx = optax.multi_transform(
-        {"heads": adamw(o.get("heads_lr_mult", 1.0)),
+        {"base": adamw(o.get("heads_lr_mult", 1.0)),
          "decoder": adamw(o.decoder_lr_mult)},
         _param_labels(params))
     if o.grad_clip > 0:
