@@ -426,12 +426,13 @@ def sweep_table(summary: dict[str, Any]) -> str:
     row, then each ordering's margin against its spread."""
     seeds = summary["training_seeds"]
     width = max(len(label) for label in summary["rows"])
-    head = " / ".join(f"seed {s}" for s in seeds)
-    lines = [f"{'':{width}}  mIoU %: {head}  |  mean ± sd",
-             "-" * (width + 24 + 9 * len(seeds))]
+    col = max(7, *(len(f"seed {s}") + 1 for s in seeds))
+    head = "".join(f"{f'seed {s}':>{col}}" for s in seeds)
+    lines = [f"{'mIoU %':{width}}{head}     mean ± sd",
+             "-" * (width + col * len(seeds) + 17)]
     for label, r in summary["rows"].items():
-        vals = " / ".join(f"{100 * v:6.1f}" for v in r["values"])
-        lines.append(f"{label:{width}}  {vals}  |  {_pm(r['mean'], r['sd'])}")
+        vals = "".join(f"{100 * v:{col}.1f}" for v in r["values"])
+        lines.append(f"{label:{width}}{vals}   {_pm(r['mean'], r['sd'])}")
     lines.append("")
     for name, o in summary["orderings"].items():
         diffs = " / ".join(f"{100 * d:+.1f}" for d in o["differences"])
