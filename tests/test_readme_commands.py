@@ -12,7 +12,8 @@ here is substituted:
   path, seconds instead of minutes);
 - dataset roots and weights (`/data/...`, `/weights/...`, `...`) -> the
   fixture trees of tests/data_fixtures.py and tiny random snapshots;
-- a checkpoint step (`30000`, `.../checkpoints/100`) -> the step trained.
+- a checkpoint step (`30000`, `.../checkpoints/100`) -> the step trained;
+- a seed sweep (`--config.seeds=0,1,2`) -> its first two seeds.
 
 The embedded default is also preempted (SIGTERM after its first step):
 it must exit 75 without evaluating, and the same command must resume and
@@ -163,6 +164,8 @@ def plan(cmd: str) -> Case:
         elif key in ("--config.data.root", "--config.model.clip_path",
                      "--config.model.dino_path"):
             a = f"{key}={{{key.rsplit('.', 1)[1]}}}"
+        elif key == "--config.seeds":
+            a = f"{key}={','.join(value.split(',')[:2])}"
         elif key == "--config.eval.checkpoint":
             a = key + "=" + re.sub(r"\d+$", "{step}", value)
         elif a == "...":
@@ -199,6 +202,7 @@ def test_every_readme_command_is_covered():
     assert keys <= {
         ("synthetic", "train", "runs/synth", f),
         ("synthetic", "train", "runs/smoke", f),
+        ("synthetic", "train", "runs/synth_seeds", f),
         ("synthetic", "eval", "runs/synth", f),
         ("synthetic", "pseudo_labels", "runs/synth", f),
         ("voc", "train", "runs/voc", f),
@@ -362,6 +366,72 @@ def test_readme_embedded_commands(tmp_path):
         assert sorted(fx) == sorted(fy) and fx
         differ = [k for k in fx if fx[k] != fy[k]]
         assert not differ, (x, differ[:10])
+
+
+@pytest.mark.slow
+def test_readme_seed_sweep_command(tmp_path):
+    """The README's seed sweep (2 tiny seeds): seed<N>/ workdirs and
+    sweep.json with mean ± sd and verdicts; seed 1's results equal a single
+    `--config.seed=1` run's but for timings; the same command again reuses
+    both seeds; a changed config refuses the old results."""
+    cases = _cases("synthetic")
+    sweep = cases.get(("train", "runs/synth_seeds"))
+    assert sweep is not None, "README lost the seed-sweep command"
+    assert "--config.seeds=0,1" in sweep.argv, sweep.argv
+    cwd = _user_dir(tmp_path)
+    # The session's cache: tiny world and encoders of other tests reused.
+    env = _env(os.environ["XDG_CACHE_HOME"])
+    workdir = os.path.join(cwd, "runs", "synth_seeds")
+    r = _run(sweep, cwd, env)
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        summary = json.load(f)
+    assert summary["training_seeds"] == [0, 1] and summary["reused"] == []
+    per_seed = []
+    for s in (0, 1):
+        with open(os.path.join(workdir, f"seed{s}", "results.json")) as f:
+            per_seed.append(json.load(f))
+        assert per_seed[-1]["seed"] == s
+    row = summary["rows"]["CAM seeds (train): + superpixel mask (SGC)"]
+    assert row["values"] == [p["seeds"]["sgc"] for p in per_seed]
+    assert set(summary["orderings"]) == set(per_seed[0]["orderings"])
+    for name, o in summary["orderings"].items():
+        assert o["holds_per_seed"] == [p["orderings"][name]
+                                       for p in per_seed]
+        assert o["verdict"] in ("holds", "fails", "undecided")
+    assert "mean ± sd" in r.stdout and "per-seed differences" in r.stdout
+
+    # Seed 1 of the sweep is exactly a single run with --config.seed=1.
+    single = dataclasses.replace(sweep, argv=[
+        a for a in sweep.argv if not a.startswith(("--config.seeds",
+                                                   "--workdir"))]
+        + ["--config.seed=1", "--workdir=runs/single1"])
+    _run(single, cwd, env)
+    with open(os.path.join(cwd, "runs", "single1", "results.json")) as f:
+        alone = json.load(f)
+
+    def untimed(res):
+        res = dict(res, time_s=None, xla=dict(res["xla"]))
+        res["xla"]["self_check"] = dict(res["xla"]["self_check"],
+                                        seconds=None)
+        return res
+
+    assert untimed(alone) == untimed(per_seed[1])
+
+    # The same command again: both seeds reused, nothing trained.
+    r2 = _run(sweep, cwd, env)
+    assert "reusing" in r2.stdout and "== train" not in r2.stdout
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        again = json.load(f)
+    assert again["reused"] == [0, 1]
+    assert again["rows"] == summary["rows"]
+
+    # Another config on the same workdir: refused, nothing overwritten.
+    other = subprocess.run(_argv(sweep) + ["--config.train.num_steps=3"],
+                           cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "exists from another config" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def _check_results(res: dict, stdout: str, workdir: str) -> None:
