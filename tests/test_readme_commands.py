@@ -290,7 +290,7 @@ def _steps(workdir: str) -> list[int]:
 def test_readme_embedded_commands(tmp_path):
     """The embedded default as the README shows it (relative workdir),
     preempted and resumed; eval and pseudo labels on its checkpoint; the
-    smoke variant."""
+    smoke variant; the seed sweep."""
     import preemption_utils  # noqa: PLC0415 - tests/ on sys.path
 
     cases = _cases("synthetic")
@@ -355,6 +355,11 @@ def test_readme_embedded_commands(tmp_path):
         assert res2["time_s"]["pretrain"] < 5.0
         assert res2["encoders"] == res["encoders"]
 
+    # The seed sweep (2 seeds): seed 0 equals the run above.
+    sweep = cases.get(("train", "runs/synth_seeds"))
+    assert sweep is not None, "README lost the seed-sweep command"
+    _check_seed_sweep(sweep, cwd, env, res)
+
     # Deterministic across processes: a fresh process (another hash seed,
     # an empty cache) generates the same world and pretrains bitwise-equal
     # encoders (issue 14: two runs of the full default disagreed).
@@ -368,20 +373,15 @@ def test_readme_embedded_commands(tmp_path):
         assert not differ, (x, differ[:10])
 
 
-@pytest.mark.slow
-def test_readme_seed_sweep_command(tmp_path):
-    """The README's seed sweep (2 tiny seeds): seed<N>/ workdirs and
-    sweep.json with mean ± sd and verdicts; seed 1's results equal a single
-    `--config.seed=1` run's but for timings; the same command again reuses
-    both seeds; a changed config refuses the old results."""
-    cases = _cases("synthetic")
-    sweep = cases.get(("train", "runs/synth_seeds"))
-    assert sweep is not None, "README lost the seed-sweep command"
+def _check_seed_sweep(sweep: Case, cwd: str, env: dict[str, str],
+                      reference: dict) -> None:
+    """The README's seed sweep (2 tiny seeds, the cache of the runs
+    above): seed<N>/ workdirs and sweep.json with mean ± sd and verdicts;
+    seed 0's results equal `reference` (the default run, seed 0) but for
+    timings; the same command again reuses both seeds; a changed config
+    refuses the old results."""
     assert "--config.seeds=0,1" in sweep.argv, sweep.argv
-    cwd = _user_dir(tmp_path)
-    # The session's cache: tiny world and encoders of other tests reused.
-    env = _env(os.environ["XDG_CACHE_HOME"])
-    workdir = os.path.join(cwd, "runs", "synth_seeds")
+    workdir = os.path.join(cwd, sweep.effective_workdir)
     r = _run(sweep, cwd, env)
     with open(os.path.join(workdir, "sweep.json")) as f:
         summary = json.load(f)
@@ -400,22 +400,14 @@ def test_readme_seed_sweep_command(tmp_path):
         assert o["verdict"] in ("holds", "fails", "undecided")
     assert "mean ± sd" in r.stdout and "per-seed differences" in r.stdout
 
-    # Seed 1 of the sweep is exactly a single run with --config.seed=1.
-    single = dataclasses.replace(sweep, argv=[
-        a for a in sweep.argv if not a.startswith(("--config.seeds",
-                                                   "--workdir"))]
-        + ["--config.seed=1", "--workdir=runs/single1"])
-    _run(single, cwd, env)
-    with open(os.path.join(cwd, "runs", "single1", "results.json")) as f:
-        alone = json.load(f)
-
+    # Seed 0 of the sweep is exactly the single run (seed 0 by default).
     def untimed(res):
         res = dict(res, time_s=None, xla=dict(res["xla"]))
         res["xla"]["self_check"] = dict(res["xla"]["self_check"],
                                         seconds=None)
         return res
 
-    assert untimed(alone) == untimed(per_seed[1])
+    assert untimed(per_seed[0]) == untimed(reference)
 
     # The same command again: both seeds reused, nothing trained.
     r2 = _run(sweep, cwd, env)
