@@ -11,6 +11,10 @@
 5. writes `results.json`, `metrics.jsonl`, PNGs (CAM overlays, pseudo
    labels, predictions, loss curves) and prints a table.
 
+`--config.seeds=0,1,2` runs all of it once per training seed in
+`<workdir>/seed<N>/` and writes `sweep.json` (mean ± sd per row, each
+ordering's margin judged against its spread: `sweep`).
+
 Every number in results.json is measured in this run; val scores use only
 val masks, seed scores the train masks (the paper's CAM-seed protocol);
 training sees image-level labels only.

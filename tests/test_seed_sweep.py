@@ -1,8 +1,9 @@
 """The embedded default's seed sweep (`--config.seeds`, ssr_jax/embedded.py):
 mean ± sd, margins and verdicts against hand-computed values, the config
-check, and the table. The sweep end to end (2 tiny seeds, reuse on re-run,
-a seed's results equal to a single run's) is
-tests/test_readme_commands.py::test_readme_seed_sweep_command."""
+check, and the table. The sweep end to end (the README command, 2 tiny
+seeds, reuse on re-run, seed 0's results equal to the single default run's,
+another config refused) is in
+tests/test_readme_commands.py::test_readme_embedded_commands."""
 
 from __future__ import annotations
 
