@@ -185,3 +185,49 @@ def test_seed_config_is_a_single_run_with_that_seed():
 
     assert checkpointing.config_hash(one) == checkpointing.config_hash(
         single)
+
+
+def test_preempted_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Control flow of `sweep` with `run` replaced (the real run is tested
+    in test_readme_commands): a preemption in seed 1 propagates (exit 75
+    in main); the re-run reuses seed 0 and trains seeds 1 and 2 only."""
+    import json  # noqa: PLC0415
+
+    from ssr_jax import checkpointing  # noqa: PLC0415
+
+    calls = []
+    preempt = {1}
+
+    def fake_run(cfg, wd):
+        calls.append(int(cfg.seed))
+        assert tuple(cfg.seeds) == () and wd.endswith(f"seed{cfg.seed}")
+        if cfg.seed in preempt:
+            preempt.discard(cfg.seed)
+            raise checkpointing.PreemptedError("stopped by SIGTERM")
+        v = 0.3 + 0.01 * cfg.seed
+        res = dict(_results(0.3, v, v - 0.1, v - 0.05, v - 0.06),
+                   seed=int(cfg.seed),
+                   config_hash=checkpointing.config_hash(cfg))
+        with open(f"{wd}/results.json", "w") as f:
+            json.dump(res, f)
+        return res
+
+    monkeypatch.setattr(embedded, "run", fake_run)
+    monkeypatch.setattr(embedded, "prepare", lambda config: None)
+    c = _config(seeds=(0, 1, 2))
+    with pytest.raises(checkpointing.PreemptedError):
+        embedded.sweep(c, str(tmp_path))
+    assert calls == [0, 1]
+    assert not (tmp_path / "sweep.json").exists()
+    summary = embedded.sweep(c, str(tmp_path))
+    assert calls == [0, 1, 1, 2]
+    assert summary["reused"] == [0]
+    assert summary["rows"]["CAM seeds (train): initial CAM, with CMPA"][
+        "values"] == pytest.approx([0.30, 0.31, 0.32])
+    assert json.loads((tmp_path / "sweep.json").read_text())["reused"] == [0]
+    # Results of another config are refused, not reused.
+    c2 = _config(seeds=(0, 1, 2))
+    c2.train.num_steps = 7
+    with pytest.raises(config_check.ConfigError, match="another config"):
+        embedded.sweep(c2, str(tmp_path))
+    assert calls == [0, 1, 1, 2]
