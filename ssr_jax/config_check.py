@@ -58,6 +58,31 @@ def _unit(errors, name, value):
         errors.append(f"{name}={value!r}: must lie in [0, 1]")
 
 
+def _seeds(errors, config, spec) -> None:
+    """`seeds`: a sweep of distinct non-negative int training seeds, for
+    the embedded default's training only."""
+    seeds = tuple(config.get("seeds", ()) or ())
+    if not seeds:
+        return
+    bad = [s for s in seeds
+           if isinstance(s, bool) or not isinstance(s, numbers.Integral)
+           or s < 0]
+    if bad:
+        errors.append(f"seeds={seeds!r}: need non-negative integers, "
+                      "comma-separated, e.g. --config.seeds=0,1,2")
+    elif len(set(seeds)) != len(seeds):
+        errors.append(f"seeds={seeds!r}: a seed is listed twice")
+    if spec is not None and not spec.synthetic:
+        errors.append(f"seeds={seeds!r}: a seed sweep is the embedded "
+                      f"default's ({specs.SYNTHETIC.config_file}); for "
+                      "other data run one --config.seed=N per --workdir")
+    elif config.mode != "train":
+        errors.append(f"seeds={seeds!r} with mode={config.mode!r}: a sweep "
+                      "trains; to evaluate one seed pass "
+                      "--workdir <sweep workdir>/seed<N> --config.seed=N "
+                      "without --config.seeds")
+
+
 def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     """Returns a list of problems with `config` (empty if none)."""
     e: list[str] = []
@@ -171,6 +196,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
                  "`pip install -e .[crf]` (pydensecrf2==1.1, built from "
                  "source with a C++ compiler), or set eval.crf=False")
 
+    _seeds(e, config, spec)
     _choice(e, "distributed.initialize", config.distributed.initialize,
             ("auto", "yes", "no"))
 

@@ -22,6 +22,10 @@ def base_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.mode = "train"  # train | eval | pseudo_labels
     c.seed = 0
+    # Training seeds of a sweep, e.g. --config.seeds=0,1,2: () = one run
+    # with `seed`. Embedded default only (ssr_jax/embedded.py `sweep`):
+    # <workdir>/seed<N>/ each, sweep.json with mean ± sd.
+    c.seeds = ()
 
     # --- data ---------------------------------------------------------------
     c.data = d = config_dict.ConfigDict()

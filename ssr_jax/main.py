@@ -507,7 +507,8 @@ def _dispatch(config, workdir: str) -> None:
     if specs.get(config.data.name).synthetic:
         from ssr_jax import embedded
         if config.mode == "train":
-            embedded.run(config, workdir)
+            (embedded.sweep if config.get("seeds") else embedded.run)(
+                config, workdir)
             return
         # eval / pseudo_labels on the synthetic world: the cached world
         # and encoders, then the same code as for real data.

@@ -12,7 +12,8 @@ here is substituted:
   path, seconds instead of minutes);
 - dataset roots and weights (`/data/...`, `/weights/...`, `...`) -> the
   fixture trees of tests/data_fixtures.py and tiny random snapshots;
-- a checkpoint step (`30000`, `.../checkpoints/100`) -> the step trained.
+- a checkpoint step (`30000`, `.../checkpoints/100`) -> the step trained;
+- a seed sweep (`--config.seeds=0,1,2`) -> its first two seeds.
 
 The embedded default is also preempted (SIGTERM after its first step):
 it must exit 75 without evaluating, and the same command must resume and
@@ -163,6 +164,8 @@ def plan(cmd: str) -> Case:
         elif key in ("--config.data.root", "--config.model.clip_path",
                      "--config.model.dino_path"):
             a = f"{key}={{{key.rsplit('.', 1)[1]}}}"
+        elif key == "--config.seeds":
+            a = f"{key}={','.join(value.split(',')[:2])}"
         elif key == "--config.eval.checkpoint":
             a = key + "=" + re.sub(r"\d+$", "{step}", value)
         elif a == "...":
@@ -199,6 +202,7 @@ def test_every_readme_command_is_covered():
     assert keys <= {
         ("synthetic", "train", "runs/synth", f),
         ("synthetic", "train", "runs/smoke", f),
+        ("synthetic", "train", "runs/synth_seeds", f),
         ("synthetic", "eval", "runs/synth", f),
         ("synthetic", "pseudo_labels", "runs/synth", f),
         ("voc", "train", "runs/voc", f),
@@ -286,7 +290,7 @@ def _steps(workdir: str) -> list[int]:
 def test_readme_embedded_commands(tmp_path):
     """The embedded default as the README shows it (relative workdir),
     preempted and resumed; eval and pseudo labels on its checkpoint; the
-    smoke variant."""
+    smoke variant; the seed sweep."""
     import preemption_utils  # noqa: PLC0415 - tests/ on sys.path
 
     cases = _cases("synthetic")
@@ -351,6 +355,11 @@ def test_readme_embedded_commands(tmp_path):
         assert res2["time_s"]["pretrain"] < 5.0
         assert res2["encoders"] == res["encoders"]
 
+    # The seed sweep (2 seeds): seed 0 equals the run above.
+    sweep = cases.get(("train", "runs/synth_seeds"))
+    assert sweep is not None, "README lost the seed-sweep command"
+    _check_seed_sweep(sweep, cwd, env, res)
+
     # Deterministic across processes: a fresh process (another hash seed,
     # an empty cache) generates the same world and pretrains bitwise-equal
     # encoders (issue 14: two runs of the full default disagreed).
@@ -362,6 +371,59 @@ def test_readme_embedded_commands(tmp_path):
         assert sorted(fx) == sorted(fy) and fx
         differ = [k for k in fx if fx[k] != fy[k]]
         assert not differ, (x, differ[:10])
+
+
+def _check_seed_sweep(sweep: Case, cwd: str, env: dict[str, str],
+                      reference: dict) -> None:
+    """The README's seed sweep (2 tiny seeds, the cache of the runs
+    above): seed<N>/ workdirs and sweep.json with mean ± sd and verdicts;
+    seed 0's results equal `reference` (the default run, seed 0) but for
+    timings; the same command again reuses both seeds; a changed config
+    refuses the old results."""
+    assert "--config.seeds=0,1" in sweep.argv, sweep.argv
+    workdir = os.path.join(cwd, sweep.effective_workdir)
+    r = _run(sweep, cwd, env)
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        summary = json.load(f)
+    assert summary["training_seeds"] == [0, 1] and summary["reused"] == []
+    per_seed = []
+    for s in (0, 1):
+        with open(os.path.join(workdir, f"seed{s}", "results.json")) as f:
+            per_seed.append(json.load(f))
+        assert per_seed[-1]["seed"] == s
+    row = summary["rows"]["CAM seeds (train): + superpixel mask (SGC)"]
+    assert row["values"] == [p["seeds"]["sgc"] for p in per_seed]
+    assert set(summary["orderings"]) == set(per_seed[0]["orderings"])
+    for name, o in summary["orderings"].items():
+        assert o["holds_per_seed"] == [p["orderings"][name]
+                                       for p in per_seed]
+        assert o["verdict"] in ("holds", "fails", "undecided")
+    assert "mean ± sd" in r.stdout and "per-seed differences" in r.stdout
+
+    # Seed 0 of the sweep is exactly the single run (seed 0 by default).
+    def untimed(res):
+        res = dict(res, time_s=None, xla=dict(res["xla"]))
+        res["xla"]["self_check"] = dict(res["xla"]["self_check"],
+                                        seconds=None)
+        return res
+
+    assert untimed(per_seed[0]) == untimed(reference)
+
+    # The same command again: both seeds reused, nothing trained.
+    r2 = _run(sweep, cwd, env)
+    assert "reusing" in r2.stdout and "== train" not in r2.stdout
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        again = json.load(f)
+    assert again["reused"] == [0, 1]
+    assert again["rows"] == summary["rows"]
+
+    # Another config on the same workdir: refused, nothing overwritten.
+    other = subprocess.run(_argv(sweep) + ["--config.train.num_steps=3"],
+                           cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "exists from another config" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def _check_results(res: dict, stdout: str, workdir: str) -> None:
