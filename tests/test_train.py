@@ -84,10 +84,13 @@ def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     assert s.update._cache_size() == 1
 
 
-@pytest.mark.slow  # ~35 s then ~16 s on 2 cores (torch import, 2 setups)
-@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.slow  # ~20-45 s on 2 cores (torch import, 2 setups)
+# Registers only: DINOv2 without registers runs through the real train
+# loop and eval in test_pretrain_dinov2.py::test_main_runs_the_dinov2_variant
+# (the suite's time budget, issue 12/15 notes).
+@pytest.mark.parametrize("registers", [4])
 def test_loss_decreases_with_dinov2(world, tmp_path, registers):
-    """model.dino_kind="dinov2": a tiny random DINOv2/14 (with and without
+    """model.dino_kind="dinov2": a tiny random DINOv2/14 (here with
     registers) fills the affinity slot through the real update step; its
     4x4 grid of 14-px patches (56 of the 64-px crop) is resampled onto
     CLIP's 4x4 grid of 16-px patches (`encoders.patch_affinity`)."""
