@@ -225,12 +225,16 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         attn = tuple(out["attn"]) + (aux["attn12"],)
         dino_aff = ssr.affinity_encoder_affinity(dino, image, grid, patch,
                                                  dino_kind)
-        steps = ssr.table3_steps(
-            cams, ssr.refine_fn(cams, slot_valid, s, clip_attn=attn,
-                                dino_aff=dino_aff, image=image,
-                                superpixels=batch["superpixels"],
-                                valid=batch["valid"]),
-            has_dino=True, base_mask="box")
+
+        def table3(c):
+            return ssr.table3_steps(
+                c, ssr.refine_fn(c, slot_valid, s, clip_attn=attn,
+                                 dino_aff=dino_aff, image=image,
+                                 superpixels=batch["superpixels"],
+                                 valid=batch["valid"]),
+                has_dino=True, base_mask="box")
+
+        steps = table3(cams)
         steps["initial"] = steps.pop("initial_cam")
         gt = jnp.where(batch["example_valid"][:, None, None],
                        batch["mask"].astype(jnp.int32),
@@ -246,12 +250,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 use_clip_attn=True, use_dino_attn=False, clip_weight=1.0,
                 mask_kind=mask_kind)
         ocams = diagnostics.oracle_cams(gt, cls_ids, grid)
-        osteps = ssr.table3_steps(
-            ocams, ssr.refine_fn(ocams, slot_valid, s, clip_attn=attn,
-                                 dino_aff=dino_aff, image=image,
-                                 superpixels=batch["superpixels"],
-                                 valid=batch["valid"]),
-            has_dino=True, base_mask="box")
+        osteps = table3(ocams)
         for name, key in zip(ORACLE_CAM_STEPS, ssr.TABLE3_STEPS,
                              strict=True):
             steps[name] = osteps[key]
