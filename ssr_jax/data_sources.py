@@ -78,11 +78,9 @@ def class_names(config) -> tuple[str, ...]:
 def validate_split(config, split: str) -> voc.SplitSummary:
     """Start-up pass over a split: returns (and logs) its summary.
 
-    Raises `DataError` for a missing root (with the expected layout), a
-    missing or empty list, and, when `data.strict`, for any example with a
-    missing image, corrupt image, missing labels or a bad mask (value
-    outside {0..C-1, 255}, wrong size, RGB); each message names the path.
-    With `data.strict=False` such examples are skipped and counted.
+    Raises `DataError` as the reader does (for folder trees see
+    `splits.load_folder_split`: missing root or list, and with
+    `data.strict` any bad example, each message naming the path).
     """
     summary = load_split(config, split).summary
     logging.info("%s", summary)
