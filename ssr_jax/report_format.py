@@ -67,6 +67,8 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
             f"lr {o['lr']:g}, GT pools): loss {o['first_loss']:.3f} -> "
             f"{o['last_loss']:.3f}, acc {o['first_acc']:.2f} -> "
             f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
+    if seeds.get("mask_grid"):
+        lines.append(format_mask_grid(seeds["mask_grid"]))
     if "boundary_recall" in seeds:
         lines.append("superpixel boundary recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
@@ -97,4 +99,32 @@ def format_table3(miou: dict[str, float]) -> str:
                    f"(BN statistics only "
                    f"{cell('cmpa_oracle_bn_only').strip()}, background "
                    f"negatives {cell('cmpa_oracle_bgneg').strip()})")
+    return "\n".join(out)
+
+
+def format_mask_grid(grid: list[dict[str, Any]]) -> str:
+    """The target-zone mask grid (`pretrain_report.mask_grid_settings`):
+    per setting, object recall / background rejection of the mask made
+    from the learned and from the oracle CAM, and the seed mIoU % of the
+    rows that use it (learned CAM + CLIP/DINO, learned CAM + oracle
+    affinity, oracle CAM + CLIP/DINO)."""
+    def pct(x):
+        return "   -" if x is None else f"{100 * x:4.0f}"
+
+    out = ["target-zone masks (recall / rejection %; mIoU %):",
+           f"  {'mask':<30} {'learned CAM':>11} {'oracle CAM':>11} "
+           f"{'learned':>8} {'or.attn':>8} {'or.CAM':>8}"]
+    for g in grid:
+        if g["mask"] == "box":
+            name = f"box thr {g['threshold']:g}"
+        else:
+            name = (f"sgc {g['kmeans_init']} h{g['theta_h']:g} "
+                    f"r{g['theta_r']:g}")
+        lc, oc, m = g["learned_cam"], g["oracle_cam"], g["miou"]
+        out.append(
+            f"  {name:<30} {pct(lc['object_recall'])} / "
+            f"{pct(lc['background_rejection'])} "
+            f"{pct(oc['object_recall'])} / {pct(oc['background_rejection'])}"
+            f" {100 * m['learned']:8.1f} {100 * m['oracle_attn']:8.1f} "
+            f"{100 * m['oracle_cam']:8.1f}")
     return "\n".join(out)

@@ -278,3 +278,65 @@ def test_format_table3_rows():
     assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
                                  for k in rf.ORACLE_CAM_STEPS]
     assert rf.format_table3({"initial": 0.3}) == ""
+
+
+def _coverage_loop(mask, gt, cls_ids, ignore):
+    out = np.zeros(4)
+    b, k, h, w = mask.shape
+    hh, ww = gt.shape[1:]
+    for i in range(b):
+        for s in range(k):
+            c = cls_ids[i, s]
+            if c < 0:
+                continue
+            for y in range(hh):
+                for x in range(ww):
+                    lab = gt[i, y, x]
+                    if lab == ignore:
+                        continue
+                    kept = mask[i, s, y * h // hh, x * w // ww] > 0.5
+                    if lab == c + 1:
+                        out[0] += kept
+                        out[1] += 1
+                    else:
+                        out[2] += not kept
+                        out[3] += 1
+    return out
+
+
+def test_target_mask_coverage_vs_loops():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((2, 3, 4, 4)) > 0.5).astype(np.float32)
+    gt = rng.integers(0, 5, (2, 8, 8)).astype(np.int32)
+    gt[0, :2, :3] = 255
+    cls_ids = np.array([[0, 2, -1], [3, 1, 0]], np.int32)
+    got = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt), jnp.asarray(cls_ids)))
+    want = _coverage_loop(mask, gt, cls_ids, 255)
+    np.testing.assert_allclose(got, want)
+    assert want[1] > 0 and want[3] > 0
+    # Broken inputs give other counts: 1-based class ids, an inverted mask.
+    bad = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt),
+        jnp.asarray(np.where(cls_ids >= 0, cls_ids + 1, -1))))
+    assert not np.allclose(bad, want)
+    inv = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(1 - mask), jnp.asarray(gt), jnp.asarray(cls_ids)))
+    np.testing.assert_allclose(inv[[0, 2]], want[[1, 3]] - want[[0, 2]])
+    rates = diagnostics.coverage_rates(want)
+    assert rates["object_recall"] == pytest.approx(want[0] / want[1])
+    assert rates["background_rejection"] == pytest.approx(want[2] / want[3])
+    assert diagnostics.coverage_rates(np.zeros(4)) == {
+        "object_recall": None, "background_rejection": None}
+    # A mask equal to the object keeps it all and rejects all the rest.
+    gt1 = np.zeros((1, 8, 8), np.int32)
+    gt1[0, 2:6, 4:8] = 3
+    m1 = np.zeros((1, 1, 4, 4), np.float32)
+    m1[0, 0, 1:3, 2:4] = 1
+    r1 = diagnostics.coverage_rates(diagnostics.target_mask_coverage(
+        jnp.asarray(m1), jnp.asarray(gt1), jnp.asarray([[2]])))
+    assert r1 == {"object_recall": 1.0, "background_rejection": 1.0}
+    with pytest.raises(ValueError, match="whole number"):
+        diagnostics.target_mask_coverage(jnp.asarray(mask),
+                                         jnp.asarray(gt[:, :7]),
+                                         jnp.asarray(cls_ids))
