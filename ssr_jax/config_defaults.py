@@ -113,6 +113,12 @@ def base_config() -> config_dict.ConfigDict:
     # text prototypes (docs/diagnostics.md measures it on a constructed
     # problem).
     p.background_negatives = False
+    # [choice] add w x L_bg to L_proto: the tokens pooled under 1 - max CAM
+    # must match TSA(background prompts), not a class's TSA(text)
+    # (cmpa.background_pool_loss). Off: not in the paper; measured with the
+    # oracle rows in docs/diagnostics.md.
+    p.background_pool = False
+    p.background_pool_weight = 1.0
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

@@ -171,10 +171,13 @@ def projected_cam_miou(problem: CMPAProblem,
 
 
 @functools.lru_cache(maxsize=16)
-def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool):
+def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool,
+                     bg_pool: bool = False, bg_pool_weight: float = 1.0):
     """One Adam step of the CMPA loss as `ssr.loss_fn` computes it: ISA
     (batch BatchNorm statistics over `token_mask`, all tokens if None),
-    `masked_average_pool` under `masks`, TSA of the texts, `cmpa_loss`."""
+    `masked_average_pool` under `masks`, TSA of the texts, `cmpa_loss`
+    (+ `bg_pool_weight` × `background_pool_loss` of the tokens pooled
+    under 1 − max of `masks` with `bg_pool`)."""
 
     @nnx.jit
     def step(heads, opt, tokens, token_mask, masks, cls_ids, protos, text_fg,
@@ -182,11 +185,26 @@ def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool):
         def loss_fn(heads):
             v = heads.isa(tokens, mask=token_mask)
             f_img = cmpa_lib.masked_average_pool(v, masks, cls_ids >= 0)
-            f_text = heads.tsa(text_fg)
-            extra = heads.tsa(text_bg) if bg_negatives else None
+            f_text_bg = None
+            if bg_pool:  # one TSA call over both banks, as ssr.loss_fn
+                f_all = heads.tsa(jnp.concatenate([text_fg, text_bg]))
+                f_text = f_all[:text_fg.shape[0]]
+                f_text_bg = f_all[text_fg.shape[0]:]
+            else:
+                f_text = heads.tsa(text_fg)
+            extra = None
+            if bg_negatives:
+                extra = (heads.tsa(text_bg) if f_text_bg is None
+                         else f_text_bg)
             loss, aux = cmpa_lib.cmpa_loss(
                 variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
                 heads.tau(), positive, extra_negatives=extra)
+            if bg_pool:
+                f_bg, bg_valid = cmpa_lib.background_pool(
+                    v, masks, cls_ids >= 0, token_mask)
+                l_bg, _ = cmpa_lib.background_pool_loss(
+                    f_bg, bg_valid, f_text, f_text_bg, heads.tau())
+                loss = loss + bg_pool_weight * l_bg
             return loss, (aux, f_img)
         (loss, (aux, f_img)), grads = nnx.value_and_grad(
             loss_fn, has_aux=True)(heads)
@@ -205,7 +223,8 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
                          tau_min: float = 0.01, tied_init: bool = True,
                          identity_init: bool = False,
                          variant: str = "cross",
-                         bg_negatives: bool = False, seed: int = 0,
+                         bg_negatives: bool = False, bg_pool: bool = False,
+                         bg_pool_weight: float = 1.0, seed: int = 0,
                          ) -> tuple[cmpa_lib.CMPAHeads, dict[str, Any]]:
     """CMPA heads trained on given pooling masks (the oracle CMPA).
 
@@ -224,12 +243,15 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
       pools: [S, K, N] non-negative pooling masks per class slot.
       cls_ids: [S, K] int 0-based class per slot, −1 = padded.
       text_fg: [C, E] foreground text bank; text_bg: [M, E] background
-        bank (read only with `bg_negatives`).
+        bank (read only with `bg_negatives` or `bg_pool`).
       token_valid: [S, N] bool tokens that enter BatchNorm's statistics
         (None: all).
       steps, batch, lr: the training budget (the embedded run's
         `train.num_steps`, `train.batch_size`, `optim.lr` by default in
         pretrain_report).
+      bg_pool, bg_pool_weight: `cmpa.background_pool` /
+        `cmpa.background_pool_weight`: the tokens pooled under
+        1 − max of `pools` held at TSA(background prompts).
       Others: `cmpa.*` head and loss settings.
 
     Returns:
@@ -259,7 +281,8 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
                                rngs=nnx.Rngs(seed))
     opt = nnx.Optimizer(heads, optax.adam(lr), wrt=nnx.Param)
     protos = cmpa_lib.init_protos(c, dim, c)
-    step = _cmpa_train_step(variant, "class", bg_negatives)
+    step = _cmpa_train_step(variant, "class", bg_negatives, bg_pool,
+                            float(bg_pool_weight))
     rng = np.random.default_rng(seed)
     batch = min(batch, s)
     losses, accs = [], []

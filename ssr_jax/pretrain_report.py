@@ -373,9 +373,10 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
             trans_oracle = sgc_lib.transition_matrix(
                 sgc_lib.fuse_affinity(oracle, None, 1.0, s.dino_weight),
                 s.sinkhorn_iters)
-            mgrid = _mask_grid(mask_settings, cams, ocams, slot_valid, cls_ids, gt,
-                               batch, affs["transition"], trans_oracle, s,
-                               num_classes, config.data.ignore_index)
+            mgrid = _mask_grid(mask_settings, cams, ocams, slot_valid,
+                               cls_ids, gt, batch, affs["transition"],
+                               trans_oracle, s, num_classes,
+                               config.data.ignore_index)
         return jnp.stack(confs), purity, errors, pool, mgrid
 
     return lambda batch: fn(cs, ds, batch)

@@ -98,7 +98,9 @@ def format_table3(miou: dict[str, float]) -> str:
                    f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
                    f"(BN statistics only "
                    f"{cell('cmpa_oracle_bn_only').strip()}, background "
-                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
+                   f"negatives {cell('cmpa_oracle_bgneg').strip()}, "
+                   f"background pool "
+                   f"{cell('cmpa_oracle_bgpool').strip()})")
     return "\n".join(out)
 
 

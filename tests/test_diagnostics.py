@@ -340,3 +340,47 @@ def test_target_mask_coverage_vs_loops():
         diagnostics.target_mask_coverage(jnp.asarray(mask),
                                          jnp.asarray(gt[:, :7]),
                                          jnp.asarray(cls_ids))
+
+
+def test_train_heads_on_pools_background_pool_adds_the_term():
+    """`bg_pool=True` (`cmpa.background_pool`): the first step's loss is
+    the plain loss plus w·L_bg of the tokens pooled under 1 − max pool,
+    computed here from a fresh copy of the same heads."""
+    from flax import nnx  # noqa: PLC0415
+
+    from ssr_jax import cmpa  # noqa: PLC0415
+
+    p = diagnostics_cmpa.cmpa_problem(num_images=16, confound=0.5,
+                                      noise=0.1, text_overlap=0.7, seed=0)
+    tokens = p.tokens[:, 1:]
+    pools = p.obj[:, None].astype(np.float32)
+    cls_ids = p.cls[:, None]
+    kw = dict(steps=1, batch=8, lr=1e-3, hidden_dim=32, dim=16, seed=0)
+    _, plain = diagnostics_cmpa.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, **kw)
+    _, with_bg = diagnostics_cmpa.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, bg_pool=True,
+        bg_pool_weight=0.5, **kw)
+    heads = cmpa.CMPAHeads(tokens.shape[-1], p.text_fg.shape[1],
+                           hidden_dim=32, dim=16, rngs=nnx.Rngs(0))
+    idx = np.random.default_rng(0).choice(len(tokens), 8, replace=False)
+    v = heads.isa(jnp.asarray(tokens[idx]), mask=jnp.ones((8, tokens.shape[1]),
+                                                           bool))
+    f_all = heads.tsa(jnp.concatenate([jnp.asarray(p.text_fg),
+                                       jnp.asarray(p.text_bg)]))
+    c = p.text_fg.shape[0]
+    f_img = cmpa.masked_average_pool(v, jnp.asarray(pools[idx]),
+                                     jnp.asarray(cls_ids[idx] >= 0))
+    l_proto, _ = cmpa.cmpa_loss("cross", f_img, f_all[:c],
+                                jnp.asarray(cls_ids[idx] >= 0),
+                                jnp.asarray(cls_ids[idx]),
+                                cmpa.init_protos(c, 16, c), heads.tau(),
+                                "class")
+    f_bg, ok = cmpa.background_pool(v, jnp.asarray(pools[idx]),
+                                    jnp.asarray(cls_ids[idx] >= 0))
+    l_bg, _ = cmpa.background_pool_loss(f_bg, ok, f_all[:c], f_all[c:],
+                                        heads.tau())
+    assert bool(ok.all()) and float(l_bg) > 0
+    np.testing.assert_allclose(with_bg["loss"][0],
+                               float(l_proto) + 0.5 * float(l_bg), rtol=1e-4)
+    assert abs(with_bg["loss"][0] - plain["loss"][0]) > 1e-3
