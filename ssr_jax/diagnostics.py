@@ -223,7 +223,8 @@ def cam_error_summary(counts: dict[str, Any]) -> dict[str, Any]:
 
 
 def target_mask_coverage(mask: Array, gt: Array, cls_ids: Array,
-                         ignore_index: int = 255) -> Array:
+                         ignore_index: int = 255,
+                         weights: Array | None = None) -> Array:
     """What a per-class target-zone mask keeps and what it excludes.
 
     For each valid class slot (class c = label c + 1), pixel counts of the
@@ -233,7 +234,11 @@ def target_mask_coverage(mask: Array, gt: Array, cls_ids: Array,
     pixels that are not c (background and other objects) left out of c's
     mask, labelled pixels that are not c]. Object recall = [0] / [1],
     background rejection = [2] / [3] (`coverage_rates`). Void / padding
-    pixels (`ignore_index`) count in neither.
+    pixels (`ignore_index`) count in neither. With `weights` (e.g. the CAM
+    the mask was made from), each pixel counts with its patch's weight:
+    the share of the CAM's mass on the object that the mask keeps and the
+    share of its mass off the object that it removes, which is what the
+    column mask of Eq. 10-11 acts on.
 
     Args:
       mask: [B, K, h, w] in {0, 1} (`sgc_mask.superpixel_target_mask`,
@@ -241,9 +246,11 @@ def target_mask_coverage(mask: Array, gt: Array, cls_ids: Array,
       gt: [B, H, W] int labels, H and W multiples of h and w.
       cls_ids: [B, K] int 0-based foreground class, −1 = padded slot.
       ignore_index: the void label.
+      weights: optional [B, K, h, w] non-negative per-patch weights.
 
     Returns:
-      [4] float32 counts; sum them over batches.
+      [4] float32 counts (weighted sums with `weights`); sum them over
+      batches.
     """
     b, k, h, w = mask.shape
     hh, ww = gt.shape[1:]
@@ -256,9 +263,14 @@ def target_mask_coverage(mask: Array, gt: Array, cls_ids: Array,
     slot = (cls_ids >= 0)[:, :, None, None]
     obj = (g == cls_ids.astype(jnp.int32)[:, :, None, None] + 1) & slot
     other = labelled & ~obj & slot
+    if weights is None:
+        wpix = jnp.ones((), jnp.float32)
+    else:
+        wpix = jnp.repeat(jnp.repeat(weights.astype(jnp.float32), hh // h,
+                                     axis=2), ww // w, axis=3)
 
     def count(x):
-        return jnp.sum(x.astype(jnp.float32))
+        return jnp.sum(jnp.where(x, wpix, 0.0))
 
     return jnp.stack([count(obj & m), count(obj), count(other & ~m),
                       count(other)])

@@ -196,9 +196,12 @@ def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
 # values), each measured directly (`diagnostics.target_mask_coverage`)
 # and by the seed mIoU of the rows that use it. The config's own values
 # are always added.
+# "colour_k": other numbers of colour clusters, each with every start and
+# θ_h at the config's θ_r.
 MASK_GRID = {"theta_h": (0.2, 0.3, 0.4, 0.5, 0.6),
              "theta_r": (0.3, 0.5, 0.7),
-             "kmeans_init": sgc_mask.KMEANS_INITS}
+             "kmeans_init": sgc_mask.KMEANS_INITS,
+             "colour_k": (16, 32)}
 # mIoU rows of the grid: the mask applied to (CAM, affinity) as in the
 # Table 3 rows "sgc" (learned CAM, CLIP+DINO), "oracle_attn_sgc" (learned
 # CAM, oracle affinity) and "oracle_cam_sgc" (oracle CAM, CLIP+DINO).
@@ -209,14 +212,21 @@ def mask_grid_settings(sgc: sgc_lib.SGCParams,
                        grid: dict[str, Sequence] | None = None,
                        ) -> list[dict[str, Any]]:
     """The mask settings of the grid: every (kmeans_init, θ_h, θ_r) of the
-    superpixel mask, then the box mask at every θ_h value as its threshold
-    (the config's θ_h, θ_r, start and box threshold included)."""
+    superpixel mask at the config's colour_k, every (colour_k, kmeans_init,
+    θ_h) at the config's θ_r for the other `grid["colour_k"]` values, then
+    the box mask at every θ_h value as its threshold (the config's θ_h,
+    θ_r, start and box threshold included)."""
     g = dict(MASK_GRID if grid is None else grid)
     th = sorted(set(g["theta_h"]) | {sgc.theta_h})
     tr = sorted(set(g["theta_r"]) | {sgc.theta_r})
     inits = list(dict.fromkeys(list(g["kmeans_init"]) + [sgc.kmeans_init]))
     out = [{"mask": "superpixel", "kmeans_init": i, "theta_h": float(h),
-            "theta_r": float(r)} for i in inits for h in th for r in tr]
+            "theta_r": float(r), "colour_k": sgc.colour_k}
+           for i in inits for h in th for r in tr]
+    out += [{"mask": "superpixel", "kmeans_init": i, "theta_h": float(h),
+             "theta_r": float(sgc.theta_r), "colour_k": int(k)}
+            for k in g.get("colour_k", ()) if k != sgc.colour_k
+            for i in inits for h in th]
     out += [{"mask": "box", "threshold": float(t)}
             for t in sorted(set(th) | {sgc.box_threshold})]
     return out
@@ -225,8 +235,9 @@ def mask_grid_settings(sgc: sgc_lib.SGCParams,
 def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
                trans_fused, trans_oracle, s: sgc_lib.SGCParams,
                num_classes: int, ignore_index: int):
-    """(coverage of the masks of the learned CAM [G, 4], of the oracle CAM
-    [G, 4], confusions [G, len(MASK_GRID_ROWS), C, C]) for `settings`."""
+    """(coverage of the masks of the learned CAM [G, 2, 4] (pixel counts,
+    CAM-weighted), of the oracle CAM [G, 2, 4], confusions
+    [G, len(MASK_GRID_ROWS), C, C]) for `settings`."""
     image, valid = batch["image"], batch["valid"]
     b, nk, h, w = cams.shape
     hp, wp = image.shape[1:3]
@@ -237,22 +248,28 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
             ml.append(sgc_mask.box_mask(cams, st["threshold"], s.impl))
             mo.append(sgc_mask.box_mask(ocams, st["threshold"], s.impl))
             continue
-        init = st["kmeans_init"]
-        if init not in clusters:
-            clusters[init] = sgc_mask.colour_clusters(
-                image, batch["superpixels"], valid, colour_k=s.colour_k,
+        key = (st["kmeans_init"], st["colour_k"])
+        if key not in clusters:
+            clusters[key] = sgc_mask.colour_clusters(
+                image, batch["superpixels"], valid, colour_k=key[1],
                 colour_iters=s.colour_iters, colour_space=s.colour_space,
-                num_segments=s.num_segments, impl=s.impl, kmeans_init=init,
+                num_segments=s.num_segments, impl=s.impl, kmeans_init=key[0],
                 kmeans_seed=s.kmeans_seed)
         for c, out in ((cams, ml), (ocams, mo)):
             out.append(sgc_mask.cluster_target_mask(
-                c, clusters[init], valid, slot_valid, colour_k=s.colour_k,
+                c, clusters[key], valid, slot_valid, colour_k=key[1],
                 theta_h=st["theta_h"], theta_r=st["theta_r"],
                 patch_fraction=s.patch_fraction, impl=s.impl))
     ml, mo = jnp.stack(ml), jnp.stack(mo)
 
-    def coverage(m):
-        return diagnostics.target_mask_coverage(m, gt, cls_ids, ignore_index)
+    def coverage(c):
+        def fn(m):
+            return jnp.stack([
+                diagnostics.target_mask_coverage(m, gt, cls_ids,
+                                                 ignore_index),
+                diagnostics.target_mask_coverage(m, gt, cls_ids,
+                                                 ignore_index, weights=c)])
+        return fn
 
     keep = slot_valid[:, :, None, None]
 
@@ -269,7 +286,7 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
                 labels, gt, num_classes, ignore_index))
         return jnp.stack(confs)
 
-    return (jax.vmap(coverage)(ml), jax.vmap(coverage)(mo),
+    return (jax.vmap(coverage(cams))(ml), jax.vmap(coverage(ocams))(mo),
             jax.lax.map(score, (ml, mo)))
 
 
@@ -414,7 +431,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
       "purity": {affinity: [background, foreground] same-label share},
       "num_images", "seconds", "oracle_cmpa": training log, "mask_grid":
-      list of {setting, "learned_cam": rates, "oracle_cam": rates, "miou":
+      list of {setting, "learned_cam": rates, "oracle_cam": rates,
+      "learned_cam_mass": rates weighted by the learned CAM, "miou":
       {row: mIoU}} or None}. Steps:
       STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + "sgc_par" (+ CMPA_STEPS).
     """
@@ -442,7 +460,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
                   home, settings)
     num_classes = config.data.num_classes
-    grid_cov = np.zeros((2, len(settings), 4))
+    grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
                           num_classes), np.int64)
     keys = STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + ("sgc_par",)
@@ -513,9 +531,11 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     if mask_grid is not None:
         grid_out = [{**st,
                      "learned_cam": diagnostics.coverage_rates(
-                         grid_cov[0, g]),
+                         grid_cov[0, g, 0]),
                      "oracle_cam": diagnostics.coverage_rates(
-                         grid_cov[1, g]),
+                         grid_cov[1, g, 0]),
+                     "learned_cam_mass": diagnostics.coverage_rates(
+                         grid_cov[0, g, 1]),
                      "miou": {r: metrics.scores(grid_conf[g, j],
                                                 names)["miou"]
                               for j, r in enumerate(MASK_GRID_ROWS)}}

@@ -107,25 +107,31 @@ def format_table3(miou: dict[str, float]) -> str:
 def format_mask_grid(grid: list[dict[str, Any]]) -> str:
     """The target-zone mask grid (`pretrain_report.mask_grid_settings`):
     per setting, object recall / background rejection of the mask made
-    from the learned and from the oracle CAM, and the seed mIoU % of the
+    from the learned CAM (pixels, and weighted by that CAM's mass) and
+    from the oracle CAM, and the seed mIoU % of the
     rows that use it (learned CAM + CLIP/DINO, learned CAM + oracle
     affinity, oracle CAM + CLIP/DINO)."""
     def pct(x):
         return "   -" if x is None else f"{100 * x:4.0f}"
 
-    out = ["target-zone masks (recall / rejection %; mIoU %):",
-           f"  {'mask':<30} {'learned CAM':>11} {'oracle CAM':>11} "
-           f"{'learned':>8} {'or.attn':>8} {'or.CAM':>8}"]
+    out = ["target-zone masks (object recall / background rejection %, "
+           "pixels and CAM mass; mIoU %):",
+           f"  {'mask':<34} {'learned CAM':>11} {'CAM mass':>11} "
+           f"{'oracle CAM':>11} {'learned':>8} {'or.attn':>8} {'or.CAM':>8}"]
     for g in grid:
         if g["mask"] == "box":
             name = f"box thr {g['threshold']:g}"
         else:
-            name = (f"sgc {g['kmeans_init']} h{g['theta_h']:g} "
-                    f"r{g['theta_r']:g}")
+            name = (f"sgc {g['kmeans_init']} k{g.get('colour_k', '?')} "
+                    f"h{g['theta_h']:g} r{g['theta_r']:g}")
         lc, oc, m = g["learned_cam"], g["oracle_cam"], g["miou"]
+        wc = g.get("learned_cam_mass", {"object_recall": None,
+                                        "background_rejection": None})
         out.append(
-            f"  {name:<30} {pct(lc['object_recall'])} / "
+            f"  {name:<34} {pct(lc['object_recall'])} / "
             f"{pct(lc['background_rejection'])} "
+            f"{pct(wc['object_recall'])} / "
+            f"{pct(wc['background_rejection'])} "
             f"{pct(oc['object_recall'])} / {pct(oc['background_rejection'])}"
             f" {100 * m['learned']:8.1f} {100 * m['oracle_attn']:8.1f} "
             f"{100 * m['oracle_cam']:8.1f}")

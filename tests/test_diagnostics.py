@@ -280,7 +280,7 @@ def test_format_table3_rows():
     assert rf.format_table3({"initial": 0.3}) == ""
 
 
-def _coverage_loop(mask, gt, cls_ids, ignore):
+def _coverage_loop(mask, gt, cls_ids, ignore, weights=None):
     out = np.zeros(4)
     b, k, h, w = mask.shape
     hh, ww = gt.shape[1:]
@@ -294,13 +294,15 @@ def _coverage_loop(mask, gt, cls_ids, ignore):
                     lab = gt[i, y, x]
                     if lab == ignore:
                         continue
-                    kept = mask[i, s, y * h // hh, x * w // ww] > 0.5
+                    py, px = y * h // hh, x * w // ww
+                    kept = mask[i, s, py, px] > 0.5
+                    wt = 1.0 if weights is None else weights[i, s, py, px]
                     if lab == c + 1:
-                        out[0] += kept
-                        out[1] += 1
+                        out[0] += wt * kept
+                        out[1] += wt
                     else:
-                        out[2] += not kept
-                        out[3] += 1
+                        out[2] += wt * (not kept)
+                        out[3] += wt
     return out
 
 
@@ -315,6 +317,13 @@ def test_target_mask_coverage_vs_loops():
     want = _coverage_loop(mask, gt, cls_ids, 255)
     np.testing.assert_allclose(got, want)
     assert want[1] > 0 and want[3] > 0
+    wts = rng.random(mask.shape).astype(np.float32)
+    got_w = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt), jnp.asarray(cls_ids),
+        weights=jnp.asarray(wts)))
+    want_w = _coverage_loop(mask, gt, cls_ids, 255, wts)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5)
+    assert not np.allclose(got_w, want)
     # Broken inputs give other counts: 1-based class ids, an inverted mask.
     bad = np.asarray(diagnostics.target_mask_coverage(
         jnp.asarray(mask), jnp.asarray(gt),
