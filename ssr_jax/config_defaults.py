@@ -240,6 +240,11 @@ def base_config() -> config_dict.ConfigDict:
     # `diagnostics_images` seed images; results.json "diagnostics".
     ev.diagnostics = False
     ev.diagnostics_images = 500
+    # With eval.diagnostics: also the SGC / box target-zone mask grid
+    # (pretrain_report.MASK_GRID: object recall, background rejection and
+    # the mIoU of the rows that use each mask), results.json
+    # "diagnostics"["mask_grid"]. Off: it roughly triples the stage's time.
+    ev.diagnostics_mask_grid = False
 
     # --- multi-host ---------------------------------------------------------
     c.distributed = dist = config_dict.ConfigDict()

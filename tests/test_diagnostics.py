@@ -187,6 +187,13 @@ def test_config_check_names_the_new_fields():
     errors = config_check.validate(c)
     assert any("sgc.kmeans_init" in e for e in errors), errors
     assert any("eval.diagnostics" in e for e in errors), errors
+    c = config_defaults.base_config()
+    c.cmpa.background_pool = True
+    assert not [e for e in config_check.validate(c) if "background_pool" in e]
+    c.cmpa.variant = "intra"
+    c.cmpa.background_pool_weight = -1.0
+    errors = [e for e in config_check.validate(c) if "background_pool" in e]
+    assert len(errors) == 2, errors
 
 
 def test_oracle_cams_vs_loops():
