@@ -25,9 +25,10 @@ ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
 # features (`diagnostics_cmpa.train_heads_on_pools`, the oracle CMPA), and
 # through the same heads untrained (step 0), beside "initial" (plain CLIP);
 # "bn_only": the same training at lr 0 (only BatchNorm's running statistics
-# move); "bgneg": with the background prompts as extra InfoNCE negatives.
+# move); "bgneg": with the background prompts as extra InfoNCE negatives;
+# "bgpool": with the background-pool term (`cmpa.background_pool`).
 CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
-              "cmpa_untrained")
+              "cmpa_oracle_bgpool", "cmpa_untrained")
 
 
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:

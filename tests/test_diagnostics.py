@@ -284,6 +284,7 @@ def test_format_table3_rows():
     line = next(x for x in table.splitlines() if "oracle initial" in x)
     assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
                                  for k in rf.ORACLE_CAM_STEPS]
+    assert f"background pool {100 * miou['cmpa_oracle_bgpool']:.1f}" in table
     assert rf.format_table3({"initial": 0.3}) == ""
 
 
