@@ -205,11 +205,12 @@ def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool,
                 l_bg, _ = cmpa_lib.background_pool_loss(
                     f_bg, bg_valid, f_text, f_text_bg, heads.tau())
                 loss = loss + bg_pool_weight * l_bg
+                aux = {**aux, "bg_loss": l_bg}
             return loss, (aux, f_img)
         (loss, (aux, f_img)), grads = nnx.value_and_grad(
             loss_fn, has_aux=True)(heads)
         opt.update(heads, grads)
-        return loss, aux["acc"], f_img
+        return loss, aux["acc"], f_img, aux.get("bg_loss", jnp.zeros(()))
 
     return step
 
@@ -255,7 +256,9 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
       Others: `cmpa.*` head and loss settings.
 
     Returns:
-      (heads, {"loss": [steps], "acc": [steps], "tau": final τ}).
+      (heads, {"loss": [steps] (with `bg_pool`: L_proto + w·L_bg),
+      "acc": [steps], "bg_loss": [steps] L_bg (0 without `bg_pool`),
+      "tau": final τ}).
     """
     tokens = np.asarray(tokens, np.float32)
     pools = np.asarray(pools, np.float32)
@@ -285,16 +288,18 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
                             float(bg_pool_weight))
     rng = np.random.default_rng(seed)
     batch = min(batch, s)
-    losses, accs = [], []
+    losses, accs, bg_losses = [], [], []
     for _ in range(steps):
         idx = rng.choice(s, batch, replace=False)
-        loss, acc, _ = step(heads, opt, jnp.asarray(tokens[idx]),
+        loss, acc, _, l_bg = step(heads, opt, jnp.asarray(tokens[idx]),
                             jnp.asarray(token_valid[idx]),
                             jnp.asarray(pools[idx]), jnp.asarray(cls_ids[idx]),
                             protos, text_fg, text_bg)
         losses.append(float(loss))
         accs.append(float(acc))
-    return heads, {"loss": losses, "acc": accs, "tau": float(heads.tau())}
+        bg_losses.append(float(l_bg))
+    return heads, {"loss": losses, "acc": accs, "bg_loss": bg_losses,
+                   "tau": float(heads.tau())}
 
 
 POOLS = ("gt", "plain_cam", "plain_label", "self_cam", "ema_cam")
@@ -330,7 +335,9 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
       Others: head widths, loss and optimiser knobs.
 
     Returns:
-      (heads, {"loss": [steps], "acc": [steps], "tau": final τ}).
+      (heads, {"loss": [steps] (with `bg_pool`: L_proto + w·L_bg),
+      "acc": [steps], "bg_loss": [steps] L_bg (0 without `bg_pool`),
+      "tau": final τ}).
     """
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r}: choose one of {POOLS}")
@@ -376,8 +383,8 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
             masks = projected_cams(
                 sub, heads if pool == "self_cam" else ema_heads,
                 logit_scale).reshape(batch, 1, -1)
-        loss, acc, f_img = step(heads, opt, tokens_all[idx], None, masks,
-                                cls_ids, protos, text_fg, text_bg)
+        loss, acc, f_img, _ = step(heads, opt, tokens_all[idx], None, masks,
+                                   cls_ids, protos, text_fg, text_bg)
         bank = cmpa_lib.update_bank(bank, f_img, cls_ids)
         if ema_heads is not None:
             nnx.update(ema_heads, jax.tree_util.tree_map(

@@ -79,7 +79,7 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
       heads at step 0}, {"first_loss", "last_loss", "first_acc",
       "last_acc", "tau", "steps", "lr", "heads_lr_mult", "batch",
       "variant", "positive", "bgneg_last_loss", "bgpool_last_loss",
-      "bgpool_last_acc"}).
+      "bgpool_last_acc", "bgpool_first_bg_loss", "bgpool_last_bg_loss"}).
     """
     p = config.cmpa
     kw = dict(steps=int(config.train.num_steps),
@@ -116,6 +116,10 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
             "bgpool_last_loss": log_bp["loss"][-1] if log_bp["loss"]
             else None,
             "bgpool_last_acc": log_bp["acc"][-1] if log_bp["acc"] else None,
+            "bgpool_first_bg_loss": log_bp["bg_loss"][0]
+            if log_bp["bg_loss"] else None,
+            "bgpool_last_bg_loss": log_bp["bg_loss"][-1]
+            if log_bp["bg_loss"] else None,
             "batch": kw["batch"], "variant": kw["variant"],
             "positive": "class",
             "bgneg_last_loss": log_bg["loss"][-1] if log_bg["loss"]

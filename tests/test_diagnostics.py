@@ -401,3 +401,5 @@ def test_train_heads_on_pools_background_pool_adds_the_term():
     np.testing.assert_allclose(with_bg["loss"][0],
                                float(l_proto) + 0.5 * float(l_bg), rtol=1e-4)
     assert abs(with_bg["loss"][0] - plain["loss"][0]) > 1e-3
+    np.testing.assert_allclose(with_bg["bg_loss"][0], float(l_bg), rtol=1e-4)
+    assert plain["bg_loss"] == [0.0]
