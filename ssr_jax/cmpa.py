@@ -12,7 +12,8 @@ Pieces, in the order the method uses them:
   `match_clusters`), run by the trainer every `cmpa.recluster_every` steps
   outside the train step.
 - `positive_indices` (Eq. 4), `proto_loss` (Eq. 3-6) and `cmpa_loss` (the
-  Table 4 variants).
+  Table 4 variants); `background_pool` / `background_pool_loss`, an
+  optional term on the image's background tokens (not in the paper).
 
 [choice]s, each with the config field that controls it:
 
@@ -46,6 +47,12 @@ Pieces, in the order the method uses them:
   (direct fine-tuning without prototypes: each f_image against the TSA text
   features of the classes in the batch, positive = own class); "none".
   TSA receives gradients only from "cross" and "feature".
+- `cmpa.background_pool` (False), `cmpa.background_pool_weight` (1.0):
+  adds w·L_bg (`background_pool_loss`) to L_proto: the image's tokens
+  pooled under 1 − max_c CAM_c must match TSA(background prompts) rather
+  than any class's TSA(text). Not in the paper; L_proto alone never
+  constrains background tokens, and ISA is shared by all tokens
+  (docs/diagnostics.md). "cross" and "feature" only.
 """
 
 from __future__ import annotations
@@ -109,9 +116,11 @@ class CMPAParams:
 
     hidden_dim, dim, tau_init, tau_min, tied_init, identity_init size and
     start the heads (`CMPAHeads.from_params`); variant, positive,
-    background_negatives and valid_tokens_only choose the loss (`cmpa_loss`,
-    `ssr.loss_fn`); num_prototypes (0 = C), kmeans_iters, bank_size and
-    recluster_every drive the trainer's `recluster`.
+    background_negatives, valid_tokens_only, background_pool and
+    background_pool_weight choose the loss (`cmpa_loss`,
+    `background_pool_loss`, `ssr.loss_fn`); num_prototypes (0 = C),
+    kmeans_iters, bank_size and recluster_every drive the trainer's
+    `recluster`.
     """
 
     variant: str = "cross"
@@ -124,6 +133,8 @@ class CMPAParams:
     positive: str = "kmeans"
     background_negatives: bool = False
     valid_tokens_only: bool = False
+    background_pool: bool = False
+    background_pool_weight: float = 1.0
     num_prototypes: int = 0
     kmeans_iters: int = 20
     bank_size: int = 4096
@@ -227,6 +238,73 @@ def masked_average_pool(features: Array, cams: Array,
     den = cams.sum(-1, keepdims=True)
     pooled = l2_normalize(num / jnp.maximum(den, 1e-12))
     return jnp.where(slot_valid[..., None] & (den > 0), pooled, 0.0)
+
+
+def background_pool(features: Array, cams: Array, slot_valid: Array,
+                    token_mask: Array | None = None) -> tuple[Array, Array]:
+    """f_bg = MAP((1 − max_c CAM_c) ⊙ v') per image: the image's tokens
+    pooled under its background ([choice] `cmpa.background_pool`).
+
+    Σ_n w(n)·v'(n) / Σ_n w(n) with w = 1 − max over the valid slots of
+    the CAM (clipped to [0, 1]), 0 where `token_mask` is False; then
+    L2-normalised. The weights are constants (stop_gradient), as in Eq. 2.
+
+    Args:
+      features: [B, N, d] per-token features v' (ISA outputs).
+      cams: [B, K, N] CAMs in [0, 1] on the same tokens.
+      slot_valid: [B, K] bool.
+      token_mask: optional [B, N] bool (e.g. tokens with a valid pixel).
+
+    Returns:
+      (f_bg [B, d] float32, 0 where the weights sum to 0; valid [B] bool).
+    """
+    cams = jax.lax.stop_gradient(cams.astype(jnp.float32))
+    fg = jnp.max(jnp.where(slot_valid[:, :, None], cams, 0.0), axis=1)
+    wgt = jnp.clip(1.0 - fg, 0.0, 1.0)
+    if token_mask is not None:
+        wgt = wgt * token_mask.astype(jnp.float32)
+    num = jnp.einsum("bn,bnd->bd", wgt, features.astype(jnp.float32),
+                     precision=HIGHEST)
+    den = wgt.sum(-1, keepdims=True)
+    valid = den[:, 0] > 0
+    pooled = l2_normalize(num / jnp.maximum(den, 1e-12))
+    return jnp.where(valid[:, None], pooled, 0.0), valid
+
+
+def background_pool_loss(f_bg: Array, bg_valid: Array, f_text: Array,
+                         f_text_bg: Array, tau: Array,
+                         ) -> tuple[Array, dict[str, Array]]:
+    """A term that holds background tokens away from the classes
+    ([choice] `cmpa.background_pool`, docs/diagnostics.md).
+
+    The pooled background feature f_bg (`background_pool`) against the
+    prototypes [TSA(background prompts); TSA(foreground texts)] at
+    temperature τ: every background prompt is a positive and every class
+    a negative,
+    L_bg = −log Σ_{m∈bg} exp(f_bg·b_m/τ) / Σ_{all} exp(f_bg·p/τ),
+    the mean over images with a background pool (0 when there are none).
+
+    Args:
+      f_bg: [B, d]; bg_valid: [B] bool.
+      f_text: [C, d] TSA of the foreground text bank.
+      f_text_bg: [M, d] TSA of the background prompts.
+      tau: scalar temperature.
+
+    Returns:
+      (loss scalar, {"bg_acc": share of the pooled backgrounds whose
+       highest logit is a background prompt}).
+    """
+    logits = jnp.einsum("bd,pd->bp", f_bg.astype(jnp.float32),
+                        jnp.concatenate([f_text_bg, f_text]).astype(
+                            jnp.float32), precision=HIGHEST) / tau
+    m = f_text_bg.shape[0]
+    nll = (jax.nn.logsumexp(logits, -1)
+           - jax.nn.logsumexp(logits[:, :m], -1))
+    denom = jnp.maximum(bg_valid.sum(), 1).astype(jnp.float32)
+    loss = jnp.where(bg_valid, nll, 0.0).sum() / denom
+    hit = jnp.argmax(logits, -1) < m
+    acc = jnp.where(bg_valid, hit, False).sum() / denom
+    return loss, {"bg_acc": acc}
 
 
 # --- feature bank (train state) ---------------------------------------------

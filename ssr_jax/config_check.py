@@ -128,6 +128,12 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "cmpa.recluster_every", p.recluster_every)
     _positive(e, "cmpa.bank_size", p.bank_size)
     _positive(e, "cmpa.num_prototypes", p.num_prototypes, allow_zero=True)
+    _positive(e, "cmpa.background_pool_weight",
+              p.get("background_pool_weight", 1.0), allow_zero=True)
+    if p.get("background_pool", False) and p.variant not in ("cross",
+                                                             "feature"):
+        e.append(f"cmpa.background_pool=True needs cmpa.variant 'cross' or "
+                 f"'feature' (TSA trains), got {p.variant!r}")
     if config.cam.projected and p.variant == "none":
         e.append("cam.projected=True needs the CMPA heads; with "
                  "cmpa.variant='none' set cam.projected=False")

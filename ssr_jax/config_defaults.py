@@ -113,6 +113,12 @@ def base_config() -> config_dict.ConfigDict:
     # text prototypes (docs/diagnostics.md measures it on a constructed
     # problem).
     p.background_negatives = False
+    # [choice] add w x L_bg to L_proto: the tokens pooled under 1 - max CAM
+    # must match TSA(background prompts), not a class's TSA(text)
+    # (cmpa.background_pool_loss). Off: not in the paper; measured with the
+    # oracle rows in docs/diagnostics.md.
+    p.background_pool = False
+    p.background_pool_weight = 1.0
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)
@@ -234,6 +240,11 @@ def base_config() -> config_dict.ConfigDict:
     # `diagnostics_images` seed images; results.json "diagnostics".
     ev.diagnostics = False
     ev.diagnostics_images = 500
+    # With eval.diagnostics: also the SGC / box target-zone mask grid
+    # (pretrain_report.MASK_GRID: object recall, background rejection and
+    # the mIoU of the rows that use each mask), results.json
+    # "diagnostics"["mask_grid"]. Off: it roughly triples the stage's time.
+    ev.diagnostics_mask_grid = False
 
     # --- multi-host ---------------------------------------------------------
     c.distributed = dist = config_dict.ConfigDict()

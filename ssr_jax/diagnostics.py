@@ -16,6 +16,10 @@ function of arrays, unit-tested against slow loops (tests/test_diagnostics.py):
 - `background_kind_map`: the per-pixel background kind of a synthetic-world
   image from its meta.json record (sky above the horizon, else the kind),
   and `home_kinds`: each class's home kind, for `cam_error_counts`.
+- `target_mask_coverage` / `coverage_rates`: a target-zone mask's object
+  recall (share of class c's pixels kept in c's zone) and background
+  rejection (share of the other labelled pixels left out), for the SGC
+  mask (Eq. 7-8) and the box mask.
 - `boundary_recall`: share of ground-truth boundary pixels within `tol`
   pixels (Chebyshev) of a superpixel boundary, the property the superpixel
   target mask (Eq. 7-8) needs.
@@ -213,6 +217,71 @@ def cam_error_summary(counts: dict[str, Any]) -> dict[str, Any]:
                                    "recall": num(rec[i]),
                                    "fp_home_bg_share": num(home_share[i])}
                           for i in range(1, len(prec))}}
+
+
+# --- target-zone masks (Eq. 7-8 / box): object recall, background rejection --
+
+
+def target_mask_coverage(mask: Array, gt: Array, cls_ids: Array,
+                         ignore_index: int = 255,
+                         weights: Array | None = None) -> Array:
+    """What a per-class target-zone mask keeps and what it excludes.
+
+    For each valid class slot (class c = label c + 1), pixel counts of the
+    mask upsampled to the pixel grid (nearest: a patch's value covers its
+    pixels), pooled over slots and images:
+    [object pixels of c kept in c's mask, object pixels of c, labelled
+    pixels that are not c (background and other objects) left out of c's
+    mask, labelled pixels that are not c]. Object recall = [0] / [1],
+    background rejection = [2] / [3] (`coverage_rates`). Void / padding
+    pixels (`ignore_index`) count in neither. With `weights` (e.g. the CAM
+    the mask was made from), each pixel counts with its patch's weight:
+    the share of the CAM's mass on the object that the mask keeps and the
+    share of its mass off the object that it removes, which is what the
+    column mask of Eq. 10-11 acts on.
+
+    Args:
+      mask: [B, K, h, w] in {0, 1} (`sgc_mask.superpixel_target_mask`,
+        `sgc_mask.box_mask`).
+      gt: [B, H, W] int labels, H and W multiples of h and w.
+      cls_ids: [B, K] int 0-based foreground class, −1 = padded slot.
+      ignore_index: the void label.
+      weights: optional [B, K, h, w] non-negative per-patch weights.
+
+    Returns:
+      [4] float32 counts (weighted sums with `weights`); sum them over
+      batches.
+    """
+    b, k, h, w = mask.shape
+    hh, ww = gt.shape[1:]
+    if hh % h or ww % w:
+        raise ValueError(f"labels {hh}x{ww} are not a whole number of "
+                         f"{h}x{w} patches: crop or pad them to a multiple")
+    m = jnp.repeat(jnp.repeat(mask > 0.5, hh // h, axis=2), ww // w, axis=3)
+    g = gt.astype(jnp.int32)[:, None]  # [B, 1, H, W]
+    labelled = (g != ignore_index) & (g >= 0)
+    slot = (cls_ids >= 0)[:, :, None, None]
+    obj = (g == cls_ids.astype(jnp.int32)[:, :, None, None] + 1) & slot
+    other = labelled & ~obj & slot
+    if weights is None:
+        wpix = jnp.ones((), jnp.float32)
+    else:
+        wpix = jnp.repeat(jnp.repeat(weights.astype(jnp.float32), hh // h,
+                                     axis=2), ww // w, axis=3)
+
+    def count(x):
+        return jnp.sum(jnp.where(x, wpix, 0.0))
+
+    return jnp.stack([count(obj & m), count(obj), count(other & ~m),
+                      count(other)])
+
+
+def coverage_rates(counts: Any) -> dict[str, float | None]:
+    """{"object_recall", "background_rejection"} from summed
+    `target_mask_coverage` counts (None where a denominator is 0)."""
+    c = np.asarray(counts, np.float64)
+    return {"object_recall": float(c[0] / c[1]) if c[1] else None,
+            "background_rejection": float(c[2] / c[3]) if c[3] else None}
 
 
 def background_kind_map(meta: dict[str, Any], kinds: Sequence[str],

@@ -171,10 +171,13 @@ def projected_cam_miou(problem: CMPAProblem,
 
 
 @functools.lru_cache(maxsize=16)
-def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool):
+def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool,
+                     bg_pool: bool = False, bg_pool_weight: float = 1.0):
     """One Adam step of the CMPA loss as `ssr.loss_fn` computes it: ISA
     (batch BatchNorm statistics over `token_mask`, all tokens if None),
-    `masked_average_pool` under `masks`, TSA of the texts, `cmpa_loss`."""
+    `masked_average_pool` under `masks`, TSA of the texts, `cmpa_loss`
+    (+ `bg_pool_weight` × `background_pool_loss` of the tokens pooled
+    under 1 − max of `masks` with `bg_pool`)."""
 
     @nnx.jit
     def step(heads, opt, tokens, token_mask, masks, cls_ids, protos, text_fg,
@@ -182,16 +185,32 @@ def _cmpa_train_step(variant: str, positive: str, bg_negatives: bool):
         def loss_fn(heads):
             v = heads.isa(tokens, mask=token_mask)
             f_img = cmpa_lib.masked_average_pool(v, masks, cls_ids >= 0)
-            f_text = heads.tsa(text_fg)
-            extra = heads.tsa(text_bg) if bg_negatives else None
+            f_text_bg = None
+            if bg_pool:  # one TSA call over both banks, as ssr.loss_fn
+                f_all = heads.tsa(jnp.concatenate([text_fg, text_bg]))
+                f_text = f_all[:text_fg.shape[0]]
+                f_text_bg = f_all[text_fg.shape[0]:]
+            else:
+                f_text = heads.tsa(text_fg)
+            extra = None
+            if bg_negatives:
+                extra = (heads.tsa(text_bg) if f_text_bg is None
+                         else f_text_bg)
             loss, aux = cmpa_lib.cmpa_loss(
                 variant, f_img, f_text, cls_ids >= 0, cls_ids, protos,
                 heads.tau(), positive, extra_negatives=extra)
+            if bg_pool:
+                f_bg, bg_valid = cmpa_lib.background_pool(
+                    v, masks, cls_ids >= 0, token_mask)
+                l_bg, _ = cmpa_lib.background_pool_loss(
+                    f_bg, bg_valid, f_text, f_text_bg, heads.tau())
+                loss = loss + bg_pool_weight * l_bg
+                aux = {**aux, "bg_loss": l_bg}
             return loss, (aux, f_img)
         (loss, (aux, f_img)), grads = nnx.value_and_grad(
             loss_fn, has_aux=True)(heads)
         opt.update(heads, grads)
-        return loss, aux["acc"], f_img
+        return loss, aux["acc"], f_img, aux.get("bg_loss", jnp.zeros(()))
 
     return step
 
@@ -205,7 +224,8 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
                          tau_min: float = 0.01, tied_init: bool = True,
                          identity_init: bool = False,
                          variant: str = "cross",
-                         bg_negatives: bool = False, seed: int = 0,
+                         bg_negatives: bool = False, bg_pool: bool = False,
+                         bg_pool_weight: float = 1.0, seed: int = 0,
                          ) -> tuple[cmpa_lib.CMPAHeads, dict[str, Any]]:
     """CMPA heads trained on given pooling masks (the oracle CMPA).
 
@@ -224,16 +244,21 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
       pools: [S, K, N] non-negative pooling masks per class slot.
       cls_ids: [S, K] int 0-based class per slot, −1 = padded.
       text_fg: [C, E] foreground text bank; text_bg: [M, E] background
-        bank (read only with `bg_negatives`).
+        bank (read only with `bg_negatives` or `bg_pool`).
       token_valid: [S, N] bool tokens that enter BatchNorm's statistics
         (None: all).
       steps, batch, lr: the training budget (the embedded run's
         `train.num_steps`, `train.batch_size`, `optim.lr` by default in
         pretrain_report).
+      bg_pool, bg_pool_weight: `cmpa.background_pool` /
+        `cmpa.background_pool_weight`: the tokens pooled under
+        1 − max of `pools` held at TSA(background prompts).
       Others: `cmpa.*` head and loss settings.
 
     Returns:
-      (heads, {"loss": [steps], "acc": [steps], "tau": final τ}).
+      (heads, {"loss": [steps] (with `bg_pool`: L_proto + w·L_bg),
+      "acc": [steps], "bg_loss": [steps] L_bg (0 without `bg_pool`),
+      "tau": final τ}).
     """
     tokens = np.asarray(tokens, np.float32)
     pools = np.asarray(pools, np.float32)
@@ -259,19 +284,22 @@ def train_heads_on_pools(tokens: np.ndarray, pools: np.ndarray,
                                rngs=nnx.Rngs(seed))
     opt = nnx.Optimizer(heads, optax.adam(lr), wrt=nnx.Param)
     protos = cmpa_lib.init_protos(c, dim, c)
-    step = _cmpa_train_step(variant, "class", bg_negatives)
+    step = _cmpa_train_step(variant, "class", bg_negatives, bg_pool,
+                            float(bg_pool_weight))
     rng = np.random.default_rng(seed)
     batch = min(batch, s)
-    losses, accs = [], []
+    losses, accs, bg_losses = [], [], []
     for _ in range(steps):
         idx = rng.choice(s, batch, replace=False)
-        loss, acc, _ = step(heads, opt, jnp.asarray(tokens[idx]),
+        loss, acc, _, l_bg = step(heads, opt, jnp.asarray(tokens[idx]),
                             jnp.asarray(token_valid[idx]),
                             jnp.asarray(pools[idx]), jnp.asarray(cls_ids[idx]),
                             protos, text_fg, text_bg)
         losses.append(float(loss))
         accs.append(float(acc))
-    return heads, {"loss": losses, "acc": accs, "tau": float(heads.tau())}
+        bg_losses.append(float(l_bg))
+    return heads, {"loss": losses, "acc": accs, "bg_loss": bg_losses,
+                   "tau": float(heads.tau())}
 
 
 POOLS = ("gt", "plain_cam", "plain_label", "self_cam", "ema_cam")
@@ -307,7 +335,9 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
       Others: head widths, loss and optimiser knobs.
 
     Returns:
-      (heads, {"loss": [steps], "acc": [steps], "tau": final τ}).
+      (heads, {"loss": [steps] (with `bg_pool`: L_proto + w·L_bg),
+      "acc": [steps], "bg_loss": [steps] L_bg (0 without `bg_pool`),
+      "tau": final τ}).
     """
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r}: choose one of {POOLS}")
@@ -353,8 +383,8 @@ def train_cmpa_heads(problem: CMPAProblem, pool: str = "gt", *,
             masks = projected_cams(
                 sub, heads if pool == "self_cam" else ema_heads,
                 logit_scale).reshape(batch, 1, -1)
-        loss, acc, f_img = step(heads, opt, tokens_all[idx], None, masks,
-                                cls_ids, protos, text_fg, text_bg)
+        loss, acc, f_img, _ = step(heads, opt, tokens_all[idx], None, masks,
+                                   cls_ids, protos, text_fg, text_bg)
         bank = cmpa_lib.update_bank(bank, f_img, cls_ids)
         if ema_heads is not None:
             nnx.update(ema_heads, jax.tree_util.tree_map(

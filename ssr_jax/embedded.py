@@ -306,7 +306,9 @@ def _evaluate_all(config, workdir, setup, timings, t_start, root,
                 config, clip_path, dino_path, root,
                 max_images=config.eval.diagnostics_images,
                 logit_scale="model" if not config.cam.logit_scale
-                else "config")
+                else "config",
+                mask_grid=pretrain_report.MASK_GRID
+                if config.eval.get("diagnostics_mask_grid", False) else None)
     timings["total"] = round(time.time() - t_start, 1)
 
     e = seeds["entries"]

@@ -69,6 +69,8 @@ def method_params(config) -> MethodParams:
             positive=p.positive,
             background_negatives=p.get("background_negatives", False),
             valid_tokens_only=p.get("valid_tokens_only", False),
+            background_pool=p.get("background_pool", False),
+            background_pool_weight=p.get("background_pool_weight", 1.0),
             num_prototypes=p.num_prototypes, kmeans_iters=p.kmeans_iters,
             bank_size=p.bank_size, recluster_every=p.recluster_every),
         par=par.PARParams(

@@ -45,6 +45,7 @@ from ssr_jax import (
     params,
     pretrain,
     pretrain_report_cmpa,
+    sgc_mask,
     ssr,
 )
 from ssr_jax import par as par_lib
@@ -190,13 +191,113 @@ def affinity_purity(aff: Array, labels: Array) -> tuple[Array, Array]:
     return diagnostics.attention_purity(aff, labels)
 
 
+# The SGC mask grid (issue 10): θ_h, θ_r and the colour K-means start of
+# the superpixel mask (Eq. 7-8), and the box mask's threshold (θ_h's
+# values), each measured directly (`diagnostics.target_mask_coverage`)
+# and by the seed mIoU of the rows that use it. The config's own values
+# are always added.
+# "colour_k": other numbers of colour clusters, each with every start and
+# θ_h at the config's θ_r.
+MASK_GRID = {"theta_h": (0.2, 0.3, 0.4, 0.5, 0.6),
+             "theta_r": (0.3, 0.5, 0.7),
+             "kmeans_init": sgc_mask.KMEANS_INITS,
+             "colour_k": (16, 32)}
+# mIoU rows of the grid: the mask applied to (CAM, affinity) as in the
+# Table 3 rows "sgc" (learned CAM, CLIP+DINO), "oracle_attn_sgc" (learned
+# CAM, oracle affinity) and "oracle_cam_sgc" (oracle CAM, CLIP+DINO).
+MASK_GRID_ROWS = ("learned", "oracle_attn", "oracle_cam")
+
+
+def mask_grid_settings(sgc: sgc_lib.SGCParams,
+                       grid: dict[str, Sequence] | None = None,
+                       ) -> list[dict[str, Any]]:
+    """The mask settings of the grid: every (kmeans_init, θ_h, θ_r) of the
+    superpixel mask at the config's colour_k, every (colour_k, kmeans_init,
+    θ_h) at the config's θ_r for the other `grid["colour_k"]` values, then
+    the box mask at every θ_h value as its threshold (the config's θ_h,
+    θ_r, start and box threshold included)."""
+    g = dict(MASK_GRID if grid is None else grid)
+    th = sorted(set(g["theta_h"]) | {sgc.theta_h})
+    tr = sorted(set(g["theta_r"]) | {sgc.theta_r})
+    inits = list(dict.fromkeys(list(g["kmeans_init"]) + [sgc.kmeans_init]))
+    out = [{"mask": "superpixel", "kmeans_init": i, "theta_h": float(h),
+            "theta_r": float(r), "colour_k": sgc.colour_k}
+           for i in inits for h in th for r in tr]
+    out += [{"mask": "superpixel", "kmeans_init": i, "theta_h": float(h),
+             "theta_r": float(sgc.theta_r), "colour_k": int(k)}
+            for k in g.get("colour_k", ()) if k != sgc.colour_k
+            for i in inits for h in th]
+    out += [{"mask": "box", "threshold": float(t)}
+            for t in sorted(set(th) | {sgc.box_threshold})]
+    return out
+
+
+def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
+               trans_fused, trans_oracle, s: sgc_lib.SGCParams,
+               num_classes: int, ignore_index: int):
+    """(coverage of the masks of the learned CAM [G, 2, 4] (pixel counts,
+    CAM-weighted), of the oracle CAM [G, 2, 4], confusions
+    [G, len(MASK_GRID_ROWS), C, C]) for `settings`."""
+    image, valid = batch["image"], batch["valid"]
+    b, nk, h, w = cams.shape
+    hp, wp = image.shape[1:3]
+    clusters = {}
+    ml, mo = [], []
+    for st in settings:
+        if st["mask"] == "box":
+            ml.append(sgc_mask.box_mask(cams, st["threshold"], s.impl))
+            mo.append(sgc_mask.box_mask(ocams, st["threshold"], s.impl))
+            continue
+        key = (st["kmeans_init"], st["colour_k"])
+        if key not in clusters:
+            clusters[key] = sgc_mask.colour_clusters(
+                image, batch["superpixels"], valid, colour_k=key[1],
+                colour_iters=s.colour_iters, colour_space=s.colour_space,
+                num_segments=s.num_segments, impl=s.impl, kmeans_init=key[0],
+                kmeans_seed=s.kmeans_seed)
+        for c, out in ((cams, ml), (ocams, mo)):
+            out.append(sgc_mask.cluster_target_mask(
+                c, clusters[key], valid, slot_valid, colour_k=key[1],
+                theta_h=st["theta_h"], theta_r=st["theta_r"],
+                patch_fraction=s.patch_fraction, impl=s.impl))
+    ml, mo = jnp.stack(ml), jnp.stack(mo)
+
+    def coverage(c):
+        def fn(m):
+            return jnp.stack([
+                diagnostics.target_mask_coverage(m, gt, cls_ids,
+                                                 ignore_index),
+                diagnostics.target_mask_coverage(m, gt, cls_ids,
+                                                 ignore_index, weights=c)])
+        return fn
+
+    keep = slot_valid[:, :, None, None]
+
+    def score(masks):
+        m_l, m_o = masks
+        confs = []
+        for c, m, t in ((cams, m_l, trans_fused), (cams, m_l, trans_oracle),
+                        (ocams, m_o, trans_fused)):
+            out = sgc_lib.propagate(t, c.reshape(b, nk, h * w),
+                                    m.reshape(b, nk, h * w))
+            out = jnp.where(keep, out.reshape(b, nk, h, w), 0.0)
+            _, labels = par_lib.cams_to_labels(out, cls_ids, (hp, wp))
+            confs.append(metrics.confusion_matrix_jnp(
+                labels, gt, num_classes, ignore_index))
+        return jnp.stack(confs)
+
+    return (jax.vmap(coverage(cams))(ml), jax.vmap(coverage(ocams))(mo),
+            jax.lax.map(score, (ml, mo)))
+
+
 def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
-             home: np.ndarray):
+             home: np.ndarray, mask_settings: Sequence[dict] = ()):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
-    tokens)."""
+    tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
+    (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -284,7 +385,16 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 "transition": sgc_lib.transition_matrix(fused,
                                                         s.sinkhorn_iters)}
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
-        return jnp.stack(confs), purity, errors, pool
+        mgrid = None
+        if mask_settings:
+            trans_oracle = sgc_lib.transition_matrix(
+                sgc_lib.fuse_affinity(oracle, None, 1.0, s.dino_weight),
+                s.sinkhorn_iters)
+            mgrid = _mask_grid(mask_settings, cams, ocams, slot_valid,
+                               cls_ids, gt, batch, affs["transition"],
+                               trans_oracle, s, num_classes,
+                               config.data.ignore_index)
+        return jnp.stack(confs), purity, errors, pool, mgrid
 
     return lambda batch: fn(cs, ds, batch)
 
@@ -292,7 +402,9 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
 def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 dino_path: str, root: str, max_images: int = 0,
                 batch_size: int = 20, logit_scale: str | float = "config",
-                oracle_cmpa: bool = True) -> dict[str, Any]:
+                oracle_cmpa: bool = True,
+                mask_grid: dict[str, Sequence] | None = None,
+                ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
     Args:
@@ -309,11 +421,19 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         (`pretrain_report_cmpa.oracle_cmpa_heads`) and score the initial
         CAM through them and through the untrained heads (rows
         `CMPA_STEPS`, a second pass).
+      mask_grid: None (off) or {"theta_h", "theta_r", "kmeans_init"}
+        value lists (e.g. `MASK_GRID`): the target-zone masks of
+        `mask_grid_settings` measured directly (object recall and
+        background rejection, masks of the learned and of the oracle CAM)
+        and by the mIoU of `MASK_GRID_ROWS`.
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
       "purity": {affinity: [background, foreground] same-label share},
-      "num_images", "seconds", "oracle_cmpa": training log}. Steps:
+      "num_images", "seconds", "oracle_cmpa": training log, "mask_grid":
+      list of {setting, "learned_cam": rates, "oracle_cam": rates,
+      "learned_cam_mass": rates weighted by the learned CAM, "miou":
+      {row: mIoU}} or None}. Steps:
       STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + "sgc_par" (+ CMPA_STEPS).
     """
     start = time.perf_counter()
@@ -334,9 +454,15 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         logit_scale = float(jnp.exp(clip.logit_scale[...]))
     kinds = list(bg)
     home = _home_from_classes(root, names, kinds)
+    settings = (mask_grid_settings(params.method_params(config).sgc,
+                                   mask_grid)
+                if mask_grid is not None else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
-                  home)
+                  home, settings)
     num_classes = config.data.num_classes
+    grid_cov = np.zeros((2, len(settings), 2, 4))
+    grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
+                          num_classes), np.int64)
     keys = STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + ("sgc_par",)
     conf = np.zeros((len(keys), num_classes, num_classes), np.int64)
     pur: dict[str, np.ndarray] = {}
@@ -354,9 +480,13 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     for batch in batches:
         batch = dict(batch)
         batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
-        c, purity, errors, pool = fn({k: jnp.asarray(v)
-                                      for k, v in batch.items()
-                                      if k not in ("name",)})
+        c, purity, errors, pool, mgrid = fn({k: jnp.asarray(v)
+                                             for k, v in batch.items()
+                                             if k not in ("name",)})
+        if mgrid is not None:
+            grid_cov += np.stack([np.asarray(mgrid[0]),
+                                  np.asarray(mgrid[1])])
+            grid_conf += np.asarray(mgrid[2], np.int64)
         if oracle_cmpa:
             real = np.asarray(batch["example_valid"])
             for k, v in pool.items():
@@ -397,6 +527,19 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         conf = np.concatenate([conf, cmpa_conf])
         keys = keys + CMPA_STEPS
     sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
+    grid_out = None
+    if mask_grid is not None:
+        grid_out = [{**st,
+                     "learned_cam": diagnostics.coverage_rates(
+                         grid_cov[0, g, 0]),
+                     "oracle_cam": diagnostics.coverage_rates(
+                         grid_cov[1, g, 0]),
+                     "learned_cam_mass": diagnostics.coverage_rates(
+                         grid_cov[0, g, 1]),
+                     "miou": {r: metrics.scores(grid_conf[g, j],
+                                                names)["miou"]
+                              for j, r in enumerate(MASK_GRID_ROWS)}}
+                    for g, st in enumerate(settings)]
     return {"miou": {k: sc[k]["miou"] for k in keys}, "scores": sc,
             "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
                        for k, v in pur.items()},
@@ -404,7 +547,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
             "boundary_recall": {f"tol{t}": h / max(tot, 1)
                                 for t, (h, tot) in bnd.items()},
             "logit_scale": float(logit_scale), "num_images": n,
-            "oracle_cmpa": cmpa_info,
+            "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
             "seconds": time.perf_counter() - start}
 
 
@@ -459,7 +602,9 @@ def main(argv: Sequence[str]) -> None:
     for scale in _LOGIT_SCALES.value:
         scale = scale if scale in ("config", "model") else float(scale)
         seeds = seed_report(config, clip_path, dino_path, root,
-                            max_images=_MAX_IMAGES.value, logit_scale=scale)
+                            max_images=_MAX_IMAGES.value, logit_scale=scale,
+                            mask_grid=MASK_GRID if _MASK_GRID.value
+                            else None)
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
         print(f"GradCAM logit scale {seeds['logit_scale']:g}:")
         print(format_report(zs, seeds))
@@ -480,5 +625,8 @@ if __name__ == "__main__":
         "logit_scales", ["config", "model"],
         "GradCAM softmax scales to report: config (cam.logit_scale), "
         "model (the CLIP's learned scale) or numbers")
+    _MASK_GRID = flags.DEFINE_boolean(
+        "mask_grid", True, "measure the SGC / box target-zone masks over "
+        "MASK_GRID (object recall, background rejection, mIoU)")
     _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
     app.run(main)

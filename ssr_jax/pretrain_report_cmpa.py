@@ -68,23 +68,31 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
     `diagnostics_cmpa.train_heads_on_pools` on the seed images' projected
     patch tokens pooled under `diagnostics.oracle_cams`, with the run's head
     settings (`cmpa.*`) and budget (`train.num_steps` × `train.batch_size`
-    at a constant `optim.lr`), the image's class as the positive.
+    at a constant `optim.lr` × `optim.heads_lr_mult`, the heads' own lr in
+    the run, `train.create_optimizer`), the image's class as the positive.
 
     Returns:
       ({"cmpa_oracle": trained heads, "cmpa_oracle_bn_only": trained at lr
       0, "cmpa_oracle_bgneg": trained with `cmpa.background_negatives`,
-      "cmpa_untrained": the same heads at step 0}, {"first_loss",
-      "last_loss", "first_acc", "last_acc", "tau", "steps", "lr",
-      "batch", "variant", "positive", "bgneg_last_loss"}).
+      "cmpa_oracle_bgpool": trained with `cmpa.background_pool` (the
+      term at `cmpa.background_pool_weight`), "cmpa_untrained": the same
+      heads at step 0}, {"first_loss", "last_loss", "first_acc",
+      "last_acc", "tau", "steps", "lr", "heads_lr_mult", "batch",
+      "variant", "positive", "bgneg_last_loss", "bgpool_last_loss",
+      "bgpool_last_acc", "bgpool_first_bg_loss", "bgpool_last_bg_loss"}).
     """
     p = config.cmpa
     kw = dict(steps=int(config.train.num_steps),
-              batch=int(config.train.batch_size), lr=float(config.optim.lr),
+              batch=int(config.train.batch_size),
+              lr=float(config.optim.lr)
+              * float(config.optim.get("heads_lr_mult", 1.0)),
               hidden_dim=p.hidden_dim, dim=p.dim, tau_init=p.tau_init,
               tau_min=p.tau_min, tied_init=p.get("tied_init", True),
               identity_init=p.get("identity_init", False),
               variant=p.variant if p.variant != "none" else "cross",
               bg_negatives=p.get("background_negatives", False),
+              bg_pool=p.get("background_pool", False),
+              bg_pool_weight=float(p.get("background_pool_weight", 1.0)),
               seed=int(config.get("seed", 0)))
     args = (pool["tokens"], pool["pools"], pool["cls_ids"], text_fg,
             text_bg)
@@ -97,14 +105,25 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
     bgneg, log_bg = diagnostics_cmpa.train_heads_on_pools(
         *args, token_valid=pool["token_valid"],
         **{**kw, "bg_negatives": True})
+    bgpool, log_bp = diagnostics_cmpa.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **{**kw, "bg_pool": True})
     info = {"first_loss": log["loss"][0] if log["loss"] else None,
             "last_loss": log["loss"][-1] if log["loss"] else None,
             "first_acc": log["acc"][0] if log["acc"] else None,
             "last_acc": log["acc"][-1] if log["acc"] else None,
             "tau": log["tau"], "steps": kw["steps"], "lr": kw["lr"],
+            "heads_lr_mult": float(config.optim.get("heads_lr_mult", 1.0)),
+            "bgpool_last_loss": log_bp["loss"][-1] if log_bp["loss"]
+            else None,
+            "bgpool_last_acc": log_bp["acc"][-1] if log_bp["acc"] else None,
+            "bgpool_first_bg_loss": log_bp["bg_loss"][0]
+            if log_bp["bg_loss"] else None,
+            "bgpool_last_bg_loss": log_bp["bg_loss"][-1]
+            if log_bp["bg_loss"] else None,
             "batch": kw["batch"], "variant": kw["variant"],
             "positive": "class",
             "bgneg_last_loss": log_bg["loss"][-1] if log_bg["loss"]
             else None}
     return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
-            "cmpa_oracle_bgneg": bgneg, "cmpa_untrained": untrained}, info
+            "cmpa_oracle_bgneg": bgneg, "cmpa_oracle_bgpool": bgpool,
+            "cmpa_untrained": untrained}, info

@@ -25,9 +25,10 @@ ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
 # features (`diagnostics_cmpa.train_heads_on_pools`, the oracle CMPA), and
 # through the same heads untrained (step 0), beside "initial" (plain CLIP);
 # "bn_only": the same training at lr 0 (only BatchNorm's running statistics
-# move); "bgneg": with the background prompts as extra InfoNCE negatives.
+# move); "bgneg": with the background prompts as extra InfoNCE negatives;
+# "bgpool": with the background-pool term (`cmpa.background_pool`).
 CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
-              "cmpa_untrained")
+              "cmpa_oracle_bgpool", "cmpa_untrained")
 
 
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
@@ -67,6 +68,8 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
             f"lr {o['lr']:g}, GT pools): loss {o['first_loss']:.3f} -> "
             f"{o['last_loss']:.3f}, acc {o['first_acc']:.2f} -> "
             f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
+    if seeds.get("mask_grid"):
+        lines.append(format_mask_grid(seeds["mask_grid"]))
     if "boundary_recall" in seeds:
         lines.append("superpixel boundary recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
@@ -96,5 +99,41 @@ def format_table3(miou: dict[str, float]) -> str:
                    f"oracle CMPA (GT pools) {cell('cmpa_oracle').strip()} "
                    f"(BN statistics only "
                    f"{cell('cmpa_oracle_bn_only').strip()}, background "
-                   f"negatives {cell('cmpa_oracle_bgneg').strip()})")
+                   f"negatives {cell('cmpa_oracle_bgneg').strip()}, "
+                   f"background pool "
+                   f"{cell('cmpa_oracle_bgpool').strip()})")
+    return "\n".join(out)
+
+
+def format_mask_grid(grid: list[dict[str, Any]]) -> str:
+    """The target-zone mask grid (`pretrain_report.mask_grid_settings`):
+    per setting, object recall / background rejection of the mask made
+    from the learned CAM (pixels, and weighted by that CAM's mass) and
+    from the oracle CAM, and the seed mIoU % of the
+    rows that use it (learned CAM + CLIP/DINO, learned CAM + oracle
+    affinity, oracle CAM + CLIP/DINO)."""
+    def pct(x):
+        return "   -" if x is None else f"{100 * x:4.0f}"
+
+    out = ["target-zone masks (object recall / background rejection %, "
+           "pixels and CAM mass; mIoU %):",
+           f"  {'mask':<34} {'learned CAM':>11} {'CAM mass':>11} "
+           f"{'oracle CAM':>11} {'learned':>8} {'or.attn':>8} {'or.CAM':>8}"]
+    for g in grid:
+        if g["mask"] == "box":
+            name = f"box thr {g['threshold']:g}"
+        else:
+            name = (f"sgc {g['kmeans_init']} k{g.get('colour_k', '?')} "
+                    f"h{g['theta_h']:g} r{g['theta_r']:g}")
+        lc, oc, m = g["learned_cam"], g["oracle_cam"], g["miou"]
+        wc = g.get("learned_cam_mass", {"object_recall": None,
+                                        "background_rejection": None})
+        out.append(
+            f"  {name:<34} {pct(lc['object_recall'])} / "
+            f"{pct(lc['background_rejection'])} "
+            f"{pct(wc['object_recall'])} / "
+            f"{pct(wc['background_rejection'])} "
+            f"{pct(oc['object_recall'])} / {pct(oc['background_rejection'])}"
+            f" {100 * m['learned']:8.1f} {100 * m['oracle_attn']:8.1f} "
+            f"{100 * m['oracle_cam']:8.1f}")
     return "\n".join(out)

@@ -280,6 +280,79 @@ def _check_grid(cams: Array, pixel_shape: Sequence[int]) -> tuple[int, int]:
     return ph // h, pw // w
 
 
+def colour_clusters(image: Array, superpixels: Array, valid: Array, *,
+                    colour_k: int = 8, colour_iters: int = 10,
+                    colour_space: str = "lab", num_segments: int = 256,
+                    impl: str = "segment",
+                    kmeans_init: str = "lightness_ranks",
+                    kmeans_seed: int = 0) -> Array:
+    """Colour cluster of every pixel, C = K-means(SLIC(I)) (Eq. 8).
+
+    The CAM-independent half of `superpixel_target_mask`: superpixel mean
+    colours (crop padding excluded) clustered by `colour_kmeans`, mapped
+    back to the pixels.
+
+    Args:
+      image, superpixels, valid, num_segments, impl: as
+        `superpixel_target_mask`.
+      colour_k, colour_iters, colour_space, kmeans_init, kmeans_seed: the
+        colour K-means.
+
+    Returns:
+      [B, H, W] int32 cluster id in [0, colour_k), −1 on crop padding and
+      empty superpixels.
+    """
+    b, big_h, big_w = superpixels.shape
+    ids = jnp.where(valid, superpixels, -1)
+    mean, count = superpixel_colours(image, ids, num_segments, colour_space,
+                                     impl)
+    seg_cluster = colour_kmeans(mean, count > 0, colour_k, colour_iters, impl,
+                                kmeans_init, kmeans_seed)
+    # +1/-1 so padded pixels and empty superpixels both map to cluster -1.
+    pixel_cluster = segment_ops.gather_segments(
+        seg_cluster + 1, ids.reshape(b, big_h * big_w)) - 1  # [B, P]
+    return pixel_cluster.reshape(b, big_h, big_w)
+
+
+def cluster_target_mask(cams: Array, pixel_cluster: Array, valid: Array,
+                        slot_valid: Array, *, colour_k: int = 8,
+                        theta_h: float = 0.4, theta_r: float = 0.5,
+                        patch_fraction: float = 0.5,
+                        impl: str = "segment") -> Array:
+    """The CAM-dependent half of `superpixel_target_mask` (Eq. 7).
+
+    Args:
+      cams, valid, slot_valid, theta_h, theta_r, patch_fraction, impl: as
+        `superpixel_target_mask`.
+      pixel_cluster: [B, H, W] from `colour_clusters`.
+      colour_k: the number of colour clusters.
+
+    Returns:
+      [B, K, h, w] float32 in {0, 1}.
+    """
+    b, nk, h, w = cams.shape
+    big_h, big_w = pixel_cluster.shape[1:]
+    sh, sw = _check_grid(cams, (big_h, big_w))
+    pixel_cluster = pixel_cluster.reshape(b, big_h * big_w)
+    cams_pix = resize(cams.astype(jnp.float32), (big_h, big_w),
+                      axes=(-2, -1))
+    r = target_ratio(cams_pix, pixel_cluster.reshape(b, big_h, big_w),
+                     colour_k, theta_h, impl)
+    target_cluster = jnp.concatenate(
+        [r > theta_r, jnp.zeros((b, nk, 1), bool)], axis=-1)  # [B, K, k+1]
+    lookup = jnp.where(pixel_cluster < 0, colour_k, pixel_cluster)
+    pix_target = jnp.take_along_axis(
+        target_cluster, jnp.broadcast_to(lookup[:, None, :],
+                                         (b, nk, big_h * big_w)), axis=2)
+
+    hits = pix_target.reshape(b, nk, h, sh, w, sw).sum((3, 5))
+    nvalid = valid.reshape(b, 1, h, sh, w, sw).sum((3, 5))
+    patch = (nvalid > 0) & (hits >= patch_fraction * nvalid)
+    empty = ~patch.any(axis=(2, 3), keepdims=True)
+    mask = jnp.where(empty, True, patch) & slot_valid[:, :, None, None]
+    return mask.astype(jnp.float32)
+
+
 def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
                            valid: Array, slot_valid: Array, *,
                            colour_k: int = 8, colour_iters: int = 10,
@@ -296,7 +369,7 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
     (pixels of crop padding and empty superpixels never count). A patch is
     target if at least `patch_fraction` of its valid pixels are target. A
     valid class with no target patch falls back to all ones (no mask);
-    padded slots give 0.
+    padded slots give 0. `colour_clusters` then `cluster_target_mask`.
 
     Args:
       cams: [B, K, h, w] CAMs in [0, 1].
@@ -315,35 +388,16 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
     Returns:
       [B, K, h, w] float32 in {0, 1}.
     """
-    b, nk, h, w = cams.shape
-    big_h, big_w = superpixels.shape[1:]
-    sh, sw = _check_grid(cams, (big_h, big_w))
-    ids = jnp.where(valid, superpixels, -1)
-    mean, count = superpixel_colours(image, ids, num_segments, colour_space,
-                                     impl)
-    seg_cluster = colour_kmeans(mean, count > 0, colour_k, colour_iters, impl,
-                                kmeans_init, kmeans_seed)
-    # +1/-1 so padded pixels and empty superpixels both map to cluster -1.
-    pixel_cluster = segment_ops.gather_segments(
-        seg_cluster + 1, ids.reshape(b, big_h * big_w)) - 1  # [B, P]
-
-    cams_pix = resize(cams.astype(jnp.float32), (big_h, big_w),
-                      axes=(-2, -1))
-    r = target_ratio(cams_pix, pixel_cluster.reshape(b, big_h, big_w),
-                     colour_k, theta_h, impl)
-    target_cluster = jnp.concatenate(
-        [r > theta_r, jnp.zeros((b, nk, 1), bool)], axis=-1)  # [B, K, k+1]
-    lookup = jnp.where(pixel_cluster < 0, colour_k, pixel_cluster)
-    pix_target = jnp.take_along_axis(
-        target_cluster, jnp.broadcast_to(lookup[:, None, :],
-                                         (b, nk, big_h * big_w)), axis=2)
-
-    hits = pix_target.reshape(b, nk, h, sh, w, sw).sum((3, 5))
-    nvalid = valid.reshape(b, 1, h, sh, w, sw).sum((3, 5))
-    patch = (nvalid > 0) & (hits >= patch_fraction * nvalid)
-    empty = ~patch.any(axis=(2, 3), keepdims=True)
-    mask = jnp.where(empty, True, patch) & slot_valid[:, :, None, None]
-    return mask.astype(jnp.float32)
+    _check_grid(cams, superpixels.shape[1:])
+    pixel_cluster = colour_clusters(
+        image, superpixels, valid, colour_k=colour_k,
+        colour_iters=colour_iters, colour_space=colour_space,
+        num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
+        kmeans_seed=kmeans_seed)
+    return cluster_target_mask(cams, pixel_cluster, valid, slot_valid,
+                               colour_k=colour_k, theta_h=theta_h,
+                               theta_r=theta_r,
+                               patch_fraction=patch_fraction, impl=impl)
 
 
 # --- CLIP-ES / WeCLIP box mask -----------------------------------------------

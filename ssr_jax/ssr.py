@@ -380,6 +380,21 @@ def token_valid(valid: Array, grid: tuple[int, int]) -> Array:
     return v.any(axis=(2, 4)).reshape(b, h * w)
 
 
+def _isa_tokens(heads, path: dict, config
+                ) -> tuple[Array, Array, Array | None]:
+    """(ISA of the projected patch tokens [B, N, d] with training-mode
+    BatchNorm, the pooling CAMs [B, K, N], the token mask [B, N] or None):
+    one ISA call, so BatchNorm's running statistics move once per step."""
+    b, k = path["cls_ids"].shape
+    n = path["tokens"].shape[1]
+    cams = path["cams"].reshape(b, k, n)
+    if params_lib.method_params(config).cmpa.valid_tokens_only:
+        mask = path["token_valid"]
+        v = heads.isa(path["tokens"], mask=mask)
+        return v, cams * mask[:, None, :].astype(cams.dtype), mask
+    return heads.isa(path["tokens"]), cams, None
+
+
 def cmpa_image_features(heads, path: dict, config) -> Array:
     """f_image of every (image, class slot) (Eq. 2): ISA of the projected
     patch tokens (training-mode BatchNorm), pooled under the initial CAMs.
@@ -392,15 +407,7 @@ def cmpa_image_features(heads, path: dict, config) -> Array:
     Returns:
       [B, K, d] float32.
     """
-    b, k = path["cls_ids"].shape
-    n = path["tokens"].shape[1]
-    cams = path["cams"].reshape(b, k, n)
-    if params_lib.method_params(config).cmpa.valid_tokens_only:
-        mask = path["token_valid"]
-        v = heads.isa(path["tokens"], mask=mask)
-        cams = cams * mask[:, None, :].astype(cams.dtype)
-    else:
-        v = heads.isa(path["tokens"])
+    v, cams, _ = _isa_tokens(heads, path, config)
     return cmpa_lib.masked_average_pool(v, cams, path["slot_valid"])
 
 
@@ -443,17 +450,42 @@ def loss_fn(model: SSRModel, path: dict, text_fg: Array, protos: dict,
     heads = model.heads
     b, k = path["cls_ids"].shape
     if p.variant != "none":
-        f_img = cmpa_image_features(heads, path, config)
-        f_text = heads.tsa(text_fg)
+        v, cams, tmask = _isa_tokens(heads, path, config)
+        f_img = cmpa_lib.masked_average_pool(v, cams, path["slot_valid"])
+        f_text_bg = None
+        if p.background_pool:
+            # One TSA call over [foreground; background] texts: one
+            # BatchNorm update per step and one normalisation for both.
+            n_fg = text_fg.shape[0]
+            f_all = heads.tsa(jnp.concatenate(
+                [text_fg, path["text_bg"].astype(text_fg.dtype)]))
+            f_text, f_text_bg = f_all[:n_fg], f_all[n_fg:]
+        else:
+            f_text = heads.tsa(text_fg)
         extra = None
         if p.background_negatives:
             # [choice] TSA(background prompts) as extra InfoNCE negatives
             # (docs/diagnostics.md); off: the paper writes only the
             # foreground text prototypes.
-            extra = heads.tsa(path["text_bg"])
+            extra = (heads.tsa(path["text_bg"]) if f_text_bg is None
+                     else f_text_bg)
         l_proto, aux = cmpa_lib.cmpa_loss(
             p.variant, f_img, f_text, path["slot_valid"], path["cls_ids"],
             protos, heads.tau(), p.positive, extra_negatives=extra)
+        if p.background_pool:
+            # [choice] `cmpa.background_pool`: the tokens pooled under
+            # 1 − max CAM held at TSA(background prompts), away from the
+            # classes (cmpa.background_pool_loss; docs/diagnostics.md).
+            if p.variant not in ("cross", "feature"):
+                raise ValueError(
+                    f"cmpa.background_pool=True needs cmpa.variant 'cross' "
+                    f"or 'feature', got {p.variant!r}")
+            f_bg, bg_valid = cmpa_lib.background_pool(
+                v, cams, path["slot_valid"], tmask)
+            l_bg, bg_aux = cmpa_lib.background_pool_loss(
+                f_bg, bg_valid, f_text, f_text_bg, heads.tau())
+            l_proto = l_proto + p.background_pool_weight * l_bg
+            aux = {**aux, "bg_loss": l_bg, **bg_aux}
         parts["proto"] = l_proto
     else:
         f_img = jnp.zeros((b, k, p.dim))

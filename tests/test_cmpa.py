@@ -551,3 +551,74 @@ def test_extra_negatives_vs_loop():
         cmpa.cmpa_loss("intra", jnp.asarray(f_img), jnp.asarray(f_text),
                        jnp.asarray(cls_ids >= 0), jnp.asarray(cls_ids),
                        protos, tau, "class", extra_negatives=jnp.asarray(f_bg))
+
+
+def test_background_pool_and_loss_vs_loop():
+    """`cmpa.background_pool`: tokens pooled under 1 − max CAM of the
+    valid slots (`background_pool`) and the multi-positive InfoNCE against
+    [TSA(background); TSA(classes)] (`background_pool_loss`)."""
+    rng = np.random.default_rng(5)
+    b, k, n, d, c, m = 3, 2, 6, 4, 3, 2
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    feats = rng.normal(size=(b, n, d)).astype(np.float32)
+    cams = rng.random((b, k, n)).astype(np.float32)
+    cams[2] = 1.0  # all foreground: no background pool
+    cams[0, 1] = 5.0  # padded slot: must not count
+    slot_valid = np.array([[True, False], [True, True], [True, True]])
+    tmask = np.ones((b, n), bool)
+    tmask[1, -2:] = False
+    f_bg, valid = cmpa.background_pool(jnp.asarray(feats), jnp.asarray(cams),
+                                       jnp.asarray(slot_valid),
+                                       jnp.asarray(tmask))
+    want = np.zeros((b, d))
+    want_valid = np.zeros(b, bool)
+    for i in range(b):
+        num, den = np.zeros(d), 0.0
+        for t in range(n):
+            fg = max(cams[i, s, t] for s in range(k) if slot_valid[i, s])
+            wt = min(max(1 - fg, 0), 1) * tmask[i, t]
+            num += wt * feats[i, t]
+            den += wt
+        if den > 0:
+            want[i] = unit(num / den)
+            want_valid[i] = True
+    np.testing.assert_allclose(np.asarray(f_bg), want, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(valid), want_valid)
+    assert want_valid.tolist() == [True, True, False]
+
+    f_text = unit(rng.normal(size=(c, d))).astype(np.float32)
+    f_text_bg = unit(rng.normal(size=(m, d))).astype(np.float32)
+    tau = 0.3
+    loss, aux = cmpa.background_pool_loss(f_bg, valid, jnp.asarray(f_text),
+                                          jnp.asarray(f_text_bg), tau)
+    terms, hits = [], []
+    for i in range(b):
+        if not want_valid[i]:
+            continue
+        lg = [want[i] @ p / tau for p in list(f_text_bg) + list(f_text)]
+        terms.append(math.log(sum(math.exp(x) for x in lg))
+                     - math.log(sum(math.exp(x) for x in lg[:m])))
+        hits.append(int(np.argmax(lg)) < m)
+    np.testing.assert_allclose(float(loss), np.mean(terms), rtol=1e-5)
+    assert float(aux["bg_acc"]) == pytest.approx(np.mean(hits))
+    # Broken input, the banks swapped (background as a class): another loss.
+    swapped, _ = cmpa.background_pool_loss(f_bg, valid,
+                                           jnp.asarray(f_text_bg[:1]),
+                                           jnp.asarray(f_text), tau)
+    assert abs(float(swapped) - float(loss)) > 1e-3
+    # A background feature on a background prompt scores lower than one on
+    # a class text; no valid pool gives 0.
+    on_bg, _ = cmpa.background_pool_loss(
+        jnp.asarray(f_text_bg[:1]), jnp.ones(1, bool), jnp.asarray(f_text),
+        jnp.asarray(f_text_bg), tau)
+    on_cls, _ = cmpa.background_pool_loss(
+        jnp.asarray(f_text[:1]), jnp.ones(1, bool), jnp.asarray(f_text),
+        jnp.asarray(f_text_bg), tau)
+    assert float(on_bg) < float(on_cls)
+    none, _ = cmpa.background_pool_loss(f_bg, jnp.zeros(b, bool),
+                                        jnp.asarray(f_text),
+                                        jnp.asarray(f_text_bg), tau)
+    assert float(none) == 0.0

@@ -187,6 +187,13 @@ def test_config_check_names_the_new_fields():
     errors = config_check.validate(c)
     assert any("sgc.kmeans_init" in e for e in errors), errors
     assert any("eval.diagnostics" in e for e in errors), errors
+    c = config_defaults.base_config()
+    c.cmpa.background_pool = True
+    assert not [e for e in config_check.validate(c) if "background_pool" in e]
+    c.cmpa.variant = "intra"
+    c.cmpa.background_pool_weight = -1.0
+    errors = [e for e in config_check.validate(c) if "background_pool" in e]
+    assert len(errors) == 2, errors
 
 
 def test_oracle_cams_vs_loops():
@@ -277,4 +284,122 @@ def test_format_table3_rows():
     line = next(x for x in table.splitlines() if "oracle initial" in x)
     assert line.split()[-4:] == [f"{100 * miou[k]:.1f}"
                                  for k in rf.ORACLE_CAM_STEPS]
+    assert f"background pool {100 * miou['cmpa_oracle_bgpool']:.1f}" in table
     assert rf.format_table3({"initial": 0.3}) == ""
+
+
+def _coverage_loop(mask, gt, cls_ids, ignore, weights=None):
+    out = np.zeros(4)
+    b, k, h, w = mask.shape
+    hh, ww = gt.shape[1:]
+    for i in range(b):
+        for s in range(k):
+            c = cls_ids[i, s]
+            if c < 0:
+                continue
+            for y in range(hh):
+                for x in range(ww):
+                    lab = gt[i, y, x]
+                    if lab == ignore:
+                        continue
+                    py, px = y * h // hh, x * w // ww
+                    kept = mask[i, s, py, px] > 0.5
+                    wt = 1.0 if weights is None else weights[i, s, py, px]
+                    if lab == c + 1:
+                        out[0] += wt * kept
+                        out[1] += wt
+                    else:
+                        out[2] += wt * (not kept)
+                        out[3] += wt
+    return out
+
+
+def test_target_mask_coverage_vs_loops():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((2, 3, 4, 4)) > 0.5).astype(np.float32)
+    gt = rng.integers(0, 5, (2, 8, 8)).astype(np.int32)
+    gt[0, :2, :3] = 255
+    cls_ids = np.array([[0, 2, -1], [3, 1, 0]], np.int32)
+    got = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt), jnp.asarray(cls_ids)))
+    want = _coverage_loop(mask, gt, cls_ids, 255)
+    np.testing.assert_allclose(got, want)
+    assert want[1] > 0 and want[3] > 0
+    wts = rng.random(mask.shape).astype(np.float32)
+    got_w = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt), jnp.asarray(cls_ids),
+        weights=jnp.asarray(wts)))
+    want_w = _coverage_loop(mask, gt, cls_ids, 255, wts)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5)
+    assert not np.allclose(got_w, want)
+    # Broken inputs give other counts: 1-based class ids, an inverted mask.
+    bad = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(mask), jnp.asarray(gt),
+        jnp.asarray(np.where(cls_ids >= 0, cls_ids + 1, -1))))
+    assert not np.allclose(bad, want)
+    inv = np.asarray(diagnostics.target_mask_coverage(
+        jnp.asarray(1 - mask), jnp.asarray(gt), jnp.asarray(cls_ids)))
+    np.testing.assert_allclose(inv[[0, 2]], want[[1, 3]] - want[[0, 2]])
+    rates = diagnostics.coverage_rates(want)
+    assert rates["object_recall"] == pytest.approx(want[0] / want[1])
+    assert rates["background_rejection"] == pytest.approx(want[2] / want[3])
+    assert diagnostics.coverage_rates(np.zeros(4)) == {
+        "object_recall": None, "background_rejection": None}
+    # A mask equal to the object keeps it all and rejects all the rest.
+    gt1 = np.zeros((1, 8, 8), np.int32)
+    gt1[0, 2:6, 4:8] = 3
+    m1 = np.zeros((1, 1, 4, 4), np.float32)
+    m1[0, 0, 1:3, 2:4] = 1
+    r1 = diagnostics.coverage_rates(diagnostics.target_mask_coverage(
+        jnp.asarray(m1), jnp.asarray(gt1), jnp.asarray([[2]])))
+    assert r1 == {"object_recall": 1.0, "background_rejection": 1.0}
+    with pytest.raises(ValueError, match="whole number"):
+        diagnostics.target_mask_coverage(jnp.asarray(mask),
+                                         jnp.asarray(gt[:, :7]),
+                                         jnp.asarray(cls_ids))
+
+
+def test_train_heads_on_pools_background_pool_adds_the_term():
+    """`bg_pool=True` (`cmpa.background_pool`): the first step's loss is
+    the plain loss plus w·L_bg of the tokens pooled under 1 − max pool,
+    computed here from a fresh copy of the same heads."""
+    from flax import nnx  # noqa: PLC0415
+
+    from ssr_jax import cmpa  # noqa: PLC0415
+
+    p = diagnostics_cmpa.cmpa_problem(num_images=16, confound=0.5,
+                                      noise=0.1, text_overlap=0.7, seed=0)
+    tokens = p.tokens[:, 1:]
+    pools = p.obj[:, None].astype(np.float32)
+    cls_ids = p.cls[:, None]
+    kw = dict(steps=1, batch=8, lr=1e-3, hidden_dim=32, dim=16, seed=0)
+    _, plain = diagnostics_cmpa.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, **kw)
+    _, with_bg = diagnostics_cmpa.train_heads_on_pools(
+        tokens, pools, cls_ids, p.text_fg, p.text_bg, bg_pool=True,
+        bg_pool_weight=0.5, **kw)
+    heads = cmpa.CMPAHeads(tokens.shape[-1], p.text_fg.shape[1],
+                           hidden_dim=32, dim=16, rngs=nnx.Rngs(0))
+    idx = np.random.default_rng(0).choice(len(tokens), 8, replace=False)
+    v = heads.isa(jnp.asarray(tokens[idx]), mask=jnp.ones((8, tokens.shape[1]),
+                                                           bool))
+    f_all = heads.tsa(jnp.concatenate([jnp.asarray(p.text_fg),
+                                       jnp.asarray(p.text_bg)]))
+    c = p.text_fg.shape[0]
+    f_img = cmpa.masked_average_pool(v, jnp.asarray(pools[idx]),
+                                     jnp.asarray(cls_ids[idx] >= 0))
+    l_proto, _ = cmpa.cmpa_loss("cross", f_img, f_all[:c],
+                                jnp.asarray(cls_ids[idx] >= 0),
+                                jnp.asarray(cls_ids[idx]),
+                                cmpa.init_protos(c, 16, c), heads.tau(),
+                                "class")
+    f_bg, ok = cmpa.background_pool(v, jnp.asarray(pools[idx]),
+                                    jnp.asarray(cls_ids[idx] >= 0))
+    l_bg, _ = cmpa.background_pool_loss(f_bg, ok, f_all[:c], f_all[c:],
+                                        heads.tau())
+    assert bool(ok.all()) and float(l_bg) > 0
+    np.testing.assert_allclose(with_bg["loss"][0],
+                               float(l_proto) + 0.5 * float(l_bg), rtol=1e-4)
+    assert abs(with_bg["loss"][0] - plain["loss"][0]) > 1e-3
+    np.testing.assert_allclose(with_bg["bg_loss"][0], float(l_bg), rtol=1e-4)
+    assert plain["bg_loss"] == [0.0]

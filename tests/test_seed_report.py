@@ -47,8 +47,29 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
 
     got = pretrain_report.seed_report(c, clip_path, dino_path, str(root),
                                       max_images=2, batch_size=2,
-                                      logit_scale="config")
+                                      logit_scale="config",
+                                      mask_grid={"theta_h": (0.4,),
+                                                 "theta_r": (0.5,),
+                                                 "kmeans_init": ()})
     assert got["num_images"] == 2
+    # The mask grid at the config's own settings reproduces the Table 3
+    # rows that use the same mask (the method's refine_cams path).
+    grid = {(g["mask"], g.get("kmeans_init"),
+             g.get("theta_h", g.get("threshold"))): g
+            for g in got["mask_grid"]}
+    assert len(grid) == 2
+    sgc_g = grid[("superpixel", c.sgc.kmeans_init, c.sgc.theta_h)]["miou"]
+    box_g = grid[("box", None, c.sgc.box_threshold)]["miou"]
+    m = got["miou"]
+    for row, sgc_key, box_key in (
+            ("learned", "sgc", "clip_dino"),
+            ("oracle_attn", "oracle_attn_sgc", "oracle_attn"),
+            ("oracle_cam", "oracle_cam_sgc", "oracle_cam_clip_dino")):
+        assert math.isclose(sgc_g[row], m[sgc_key], abs_tol=1e-9), row
+        assert math.isclose(box_g[row], m[box_key], abs_tol=1e-9), row
+    for g in got["mask_grid"]:
+        for cam in ("learned_cam", "oracle_cam"):
+            assert all(v is None or 0 <= v <= 1 for v in g[cam].values())
     assert math.isclose(got["logit_scale"], learned, rel_tol=1e-6), (
         got["logit_scale"], learned)
     # The initial CAMs are not all zero: some pixel is given a class.
@@ -58,4 +79,5 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     # The printed report (report_format) reads every row it scored.
     printed = report_format.format_seed_diagnostics(got)
     assert "Table 3 rows" in printed and "oracle CMPA heads" in printed
+    assert "target-zone masks" in printed
     assert all(k in printed for k in got["miou"])

@@ -68,6 +68,7 @@ def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     # The issue-10 CMPA readings ([choice]s, off by default) train too.
     c.cmpa.valid_tokens_only = readings
     c.cmpa.background_negatives = readings
+    c.cmpa.background_pool = readings
     c.train.batch_size = 2
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 0
@@ -82,6 +83,9 @@ def test_loss_decreases_on_a_fixed_batch(world, tmp_path, readings):
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert s.update._cache_size() == 1
+    assert ("cmpa_bg_loss" in meas) == readings
+    if readings:
+        assert np.isfinite(float(meas["cmpa_bg_loss"]))
 
 
 @pytest.mark.slow  # ~20-45 s on 2 cores (torch import, 2 setups)
