@@ -64,7 +64,9 @@ def main() -> None:
 
     clip = setup.frozen["clip"]
     print(json.dumps({"clip_vision_mib": mib(clip["vision"]),
-                      "clip_text_mib": mib(clip["text"]),
+                      # train.setup drops the text tower after the bank.
+                      "clip_text_mib": mib(clip["text"] if "text" in clip
+                                           else {}),
                       "dino_mib": mib(setup.frozen["dino"]),
                       "state_mib": mib(setup.state)}))
     batch = setup.batch(bench.shapes_batch(shapes))
