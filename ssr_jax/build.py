@@ -120,6 +120,12 @@ def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
 
 def build_text_bank(config, clip, workdir: str) -> dict[str, np.ndarray]:
     """The foreground / background text bank, embedded once (SPEC 1.2)."""
+    if clip.text is None:
+        raise ValueError(
+            "build_text_bank: this CLIP's text tower was dropped "
+            "(CLIP.drop_text_tower, done by train.setup once its bank is "
+            "built); use Setup.bank, or load CLIP again with "
+            "build.build_models / loading.load_clip")
     fg, bg, _ = text.dataset_prompts(config.data.name, config.data.root)
     tokenizer = text.load_tokenizer(config.model.clip_path)
     graphdef, state = nnx.split(clip.text)

@@ -164,9 +164,8 @@ class Setup:
     """Everything the loop needs; `setup()` builds it (tests use it too)."""
     config: Any
     mesh: jax.sharding.Mesh
-    clip: Any
+    clip: Any  # vision tower only: setup drops the text tower
     dino: Any
-    model: ssr.SSRModel
     bank: dict[str, jax.Array]
     frozen: dict[str, Any]
     state: dict[str, Any]
@@ -212,6 +211,12 @@ class Setup:
         return build.merge_model(self.model_graphdef, self.state["params"],
                                  self.state["rest"])
 
+    @property
+    def model(self) -> ssr.SSRModel:
+        """`trained_model()`: the state holds the only copy of the
+        parameters (a module kept from setup would be a second one)."""
+        return self.trained_model()
+
 
 BATCH_KEYS = ("image", "valid", "labels", "superpixels")
 
@@ -232,6 +237,10 @@ def setup(config, workdir: str, devices=None) -> Setup:
     build.check_models(config, clip, dino)
     bank = build.build_text_bank(config, clip, workdir)
     bank = jax.device_put({k: jnp.asarray(v) for k, v in bank.items()}, repl)
+    # Nothing after the bank reads the text tower (the pseudo labels, the
+    # losses and evaluation use the vision tower): free it (242 MiB for
+    # ViT-B/16 in float32; issue 15).
+    clip.drop_text_tower()
     clip_graphdef, clip_state = nnx.split(clip)
     dino_graphdef, dino_state = (nnx.split(dino) if dino is not None
                                  else (None, None))
@@ -245,7 +254,7 @@ def setup(config, workdir: str, devices=None) -> Setup:
     num_fg = config.data.num_classes - 1
     k_protos = cmpa.prototype_count(config.cmpa.num_prototypes, num_fg)
 
-    def init_state():
+    def init_state(params, rest):
         return {
             "params": params, "rest": rest, "opt": tx.init(params),
             "bank": cmpa.init_bank(config.cmpa.bank_size, config.cmpa.dim),
@@ -254,7 +263,12 @@ def setup(config, workdir: str, devices=None) -> Setup:
         }
 
     # --- sharding: parameters and state replicated, batch on "data" ---
-    state = jax.jit(init_state, out_shardings=repl)()
+    # The module's parameters are arguments, not closed over: a jit keeps
+    # closed-over arrays alive with its cache (a third copy of the
+    # parameters after setup returned). The module's own arrays go when
+    # setup returns (`Setup.model` is built from the state).
+    state = jax.jit(init_state, out_shardings=repl)(params, rest)
+    del model, params, rest
 
     # --- update step, one jit per class-slot bucket ---
     kmax = config.data.max_classes_per_image
@@ -274,7 +288,7 @@ def setup(config, workdir: str, devices=None) -> Setup:
                                       iters=config.cmpa.kmeans_iters,
                                       key=key, num_classes=num_fg),
         out_shardings=repl)
-    return Setup(config, mesh, clip, dino, model, bank, frozen, state,
+    return Setup(config, mesh, clip, dino, bank, frozen, state,
                  update, recluster, model_graphdef, buckets, jit_update)
 
 

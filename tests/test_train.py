@@ -9,15 +9,18 @@
 - 8 devices = 1 device on the same global batch;
 - NaN stops training with the step range;
 - SIGTERM mid-run, resume, and the final state equals an uninterrupted
-  run's, bitwise (CPU).
+  run's, bitwise (CPU);
+- setup frees CLIP's text tower once the text bank is built (memory).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
 import subprocess
+import weakref
 
 import data_fixtures
 import jax
@@ -430,6 +433,35 @@ def test_trained_model_is_an_ssr_model(world, tmp_path):
     assert isinstance(m, ssr.SSRModel)
     n = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(m.decoder)))
     assert n > 0
+
+
+def test_setup_frees_the_clip_text_tower(world, tmp_path, monkeypatch):
+    """Nothing after the text bank reads CLIP's text tower: `train.setup`
+    drops it (issue 15, memory), so none of its arrays outlive setup and
+    the frozen states carry vision only; embedding text then fails with
+    a clear message."""
+    built = build.build_text_bank
+    refs = []
+
+    def spy(config, clip, workdir):
+        refs.extend(weakref.ref(x) for x in
+                    jax.tree_util.tree_leaves(nnx.state(clip.text)))
+        return built(config, clip, workdir)
+
+    monkeypatch.setattr(build, "build_text_bank", spy)
+    c = _config(world)
+    c.train.batch_size = 2
+    s = train.setup(c, str(tmp_path), devices=jax.devices()[:1])
+    gc.collect()
+    assert refs, "the text bank was not built from the setup's CLIP"
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"{len(alive)} text-tower arrays outlive train.setup"
+    assert s.clip.text is None and "text" not in s.frozen["clip"]
+    assert set(s.bank) >= {"fg", "bg"}
+    with pytest.raises(ValueError, match="text tower"):
+        s.clip.encode_text(jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="text tower"):
+        built(c, s.clip, str(tmp_path))
 
 
 def test_weclip_switches_affinity_loss_and_rfm(world, tmp_path):

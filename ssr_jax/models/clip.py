@@ -441,7 +441,7 @@ class CLIPText(nnx.Module):
 
 class CLIP(nnx.Module):
     """CLIP with `.vision`, `.text` and `.logit_scale` (log of the logit
-    scale, as HF stores it)."""
+    scale, as HF stores it). `.text` is None after `drop_text_tower`."""
 
     def __init__(self, config: CLIPConfig, *, dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
@@ -457,8 +457,24 @@ class CLIP(nnx.Module):
         """pixels [B, H, W, C] → unnormalised image embeddings [B, E]."""
         return self.vision(pixels)[0]
 
+    def drop_text_tower(self) -> None:
+        """Lets the text tower's arrays go (`.text` becomes None).
+
+        The trainer calls it once the text bank is built
+        (`train.setup`): the pseudo-label path, the losses and evaluation
+        use only `.vision` and `.logit_scale`, and the text tower of
+        ViT-B/16 CLIP is 242 MiB in float32. `nnx.split` of the module no
+        longer carries a "text" state.
+        """
+        self.text = None
+
     def encode_text(self, ids: Array) -> Array:
         """ids [B, L] → unnormalised text embeddings [B, E]."""
+        if self.text is None:
+            raise ValueError(
+                "this CLIP has no text tower: it was dropped once the text "
+                "bank was built (train.setup). Load the snapshot again "
+                "with ssr_jax.models.loading.load_clip to embed text.")
         return self.text(ids)[0]
 
     def __call__(self, pixels: Array, ids: Array) -> Array:
