@@ -144,6 +144,10 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
             ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
+    pw = s.get("position_weight", 0.0)
+    if not isinstance(pw, (int, float)) or isinstance(pw, bool) or pw < 0:
+        e.append(f"sgc.position_weight={pw!r}: must be a number >= 0 "
+                 "(0 = the colour-only K-means of Eq. 8)")
     if s.use_dino_attn and not s.use_clip_attn and s.clip_weight > 0:
         e.append("sgc.use_dino_attn without sgc.use_clip_attn: set "
                  "sgc.clip_weight=0 to propagate with DINO alone")

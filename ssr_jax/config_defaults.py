@@ -152,6 +152,10 @@ def base_config() -> config_dict.ConfigDict:
     # measured with it.
     s.kmeans_init = "lightness_ranks"
     s.kmeans_seed = 0  # PRNG seed of the kmeans++ start
+    # [choice] position term of the colour K-means (0 = colour only, the
+    # paper's Eq. 8): each superpixel point also holds its mean position
+    # x 100 x this, so one colour far apart can split (docs/diagnostics.md)
+    s.position_weight = 0.0
     s.theta_h = 0.4  # [choice] high-confidence threshold (COCO 0.7)
     s.theta_r = 0.5  # [choice] ratio threshold for a target cluster
     s.patch_fraction = 0.5  # [choice] patch is target if >= this pixel share

@@ -60,7 +60,8 @@ def method_params(config) -> MethodParams:
             num_segments=s.max_segments,
             impl=s.get("segment_impl", "segment"),
             kmeans_init=s.get("kmeans_init", "lightness_ranks"),
-            kmeans_seed=s.get("kmeans_seed", 0)),
+            kmeans_seed=s.get("kmeans_seed", 0),
+            position_weight=s.get("position_weight", 0.0)),
         cmpa=cmpa.CMPAParams(
             variant=p.variant, hidden_dim=p.hidden_dim, dim=p.dim,
             tau_init=p.tau_init, tau_min=p.tau_min,

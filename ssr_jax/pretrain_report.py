@@ -254,7 +254,7 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
                 image, batch["superpixels"], valid, colour_k=key[1],
                 colour_iters=s.colour_iters, colour_space=s.colour_space,
                 num_segments=s.num_segments, impl=s.impl, kmeans_init=key[0],
-                kmeans_seed=s.kmeans_seed)
+                kmeans_seed=s.kmeans_seed, position_weight=s.position_weight)
         for c, out in ((cams, ml), (ocams, mo)):
             out.append(sgc_mask.cluster_target_mask(
                 c, clusters[key], valid, slot_valid, colour_k=key[1],

@@ -229,7 +229,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
                 theta_r: float = 0.5, patch_fraction: float = 0.5,
                 num_segments: int = 256, impl: str = "segment",
                 kmeans_init: str = "lightness_ranks",
-                kmeans_seed: int = 0) -> Array:
+                kmeans_seed: int = 0,
+                position_weight: float = 0.0) -> Array:
     """CAM refinement for each step of SSR's Table 3 (Eq. 7-11).
 
     - no attention: the input CAMs (Table 3, row 1);
@@ -258,8 +259,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
       clip_layers, clip_weight, dino_weight, sinkhorn_iters: the affinity.
       box_threshold: `box_mask` threshold.
       colour_k, colour_iters, colour_space, theta_h, theta_r,
-        patch_fraction, num_segments, kmeans_init, kmeans_seed:
-        `superpixel_target_mask`.
+        patch_fraction, num_segments, kmeans_init, kmeans_seed,
+        position_weight: `superpixel_target_mask`.
       impl: segment_ops implementation.
 
     Returns:
@@ -305,7 +306,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
             colour_iters=colour_iters, colour_space=colour_space,
             theta_h=theta_h, theta_r=theta_r, patch_fraction=patch_fraction,
             num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
-            kmeans_seed=kmeans_seed).reshape(b, nk, h * w)
+            kmeans_seed=kmeans_seed,
+            position_weight=position_weight).reshape(b, nk, h * w)
     elif mask_kind == "box":
         mask = box_mask(cams, box_threshold, impl).reshape(b, nk, h * w)
     else:
@@ -339,6 +341,7 @@ class SGCParams:
     impl: str = "segment"
     kmeans_init: str = "lightness_ranks"
     kmeans_seed: int = 0
+    position_weight: float = 0.0
 
     def knobs(self) -> dict:
         """The fields as `refine_cams` keywords."""

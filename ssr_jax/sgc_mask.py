@@ -104,6 +104,28 @@ def superpixel_colours(image: Array, superpixels: Array, num_segments: int,
     return mean, count
 
 
+def superpixel_positions(superpixels: Array, num_segments: int,
+                         impl: str = "segment") -> Array:
+    """Mean (row / H, col / W) of every superpixel's pixels.
+
+    Args:
+      superpixels: [B, H, W] int ids in [0, num_segments); others (-1,
+        crop padding) are dropped.
+      num_segments: static S.
+      impl: segment_ops implementation.
+
+    Returns:
+      [B, S, 2] float32 in [0, 1); empty segments give 0.
+    """
+    b, h, w = superpixels.shape
+    rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), -1)
+    pos = jnp.broadcast_to(grid.reshape(1, h * w, 2), (b, h * w, 2))
+    return segment_ops.segment_reduce(pos, superpixels.reshape(b, h * w),
+                                      num_segments, "mean", impl)
+
+
 def _kmeans_init(colours: Array, seg_valid: Array, k: int) -> Array:
     """Deterministic centres: evenly spaced ranks of the L-sorted points."""
     num = colours.shape[1]
@@ -285,7 +307,8 @@ def colour_clusters(image: Array, superpixels: Array, valid: Array, *,
                     colour_space: str = "lab", num_segments: int = 256,
                     impl: str = "segment",
                     kmeans_init: str = "lightness_ranks",
-                    kmeans_seed: int = 0) -> Array:
+                    kmeans_seed: int = 0,
+                    position_weight: float = 0.0) -> Array:
     """Colour cluster of every pixel, C = K-means(SLIC(I)) (Eq. 8).
 
     The CAM-independent half of `superpixel_target_mask`: superpixel mean
@@ -297,6 +320,13 @@ def colour_clusters(image: Array, superpixels: Array, valid: Array, *,
         `superpixel_target_mask`.
       colour_k, colour_iters, colour_space, kmeans_init, kmeans_seed: the
         colour K-means.
+      position_weight: [choice] `sgc.position_weight`, 0 (the paper's
+        colour-only K-means) by default. Above 0 each superpixel's point
+        also holds its mean position, (row / H, col / W) × 100 ×
+        position_weight, so that crossing the whole image weighs like
+        position_weight × the whole L range: distant regions of one
+        colour can fall into different clusters (a spatial term in the
+        target zone; docs/diagnostics.md).
 
     Returns:
       [B, H, W] int32 cluster id in [0, colour_k), −1 on crop padding and
@@ -306,6 +336,13 @@ def colour_clusters(image: Array, superpixels: Array, valid: Array, *,
     ids = jnp.where(valid, superpixels, -1)
     mean, count = superpixel_colours(image, ids, num_segments, colour_space,
                                      impl)
+    if position_weight < 0:
+        raise ValueError(f"sgc.position_weight={position_weight}: must be "
+                         ">= 0 (0 = colour only)")
+    if position_weight > 0:
+        mean = jnp.concatenate(
+            [mean, superpixel_positions(ids, num_segments, impl)
+             * (100.0 * position_weight)], axis=-1)
     seg_cluster = colour_kmeans(mean, count > 0, colour_k, colour_iters, impl,
                                 kmeans_init, kmeans_seed)
     # +1/-1 so padded pixels and empty superpixels both map to cluster -1.
@@ -361,7 +398,8 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
                            num_segments: int = 256,
                            impl: str = "segment",
                            kmeans_init: str = "lightness_ranks",
-                           kmeans_seed: int = 0) -> Array:
+                           kmeans_seed: int = 0,
+                           position_weight: float = 0.0) -> Array:
     """SGC column mask on the patch grid (Eq. 7-8).
 
     Superpixel mean colours are clustered (Eq. 8); for each class, clusters
@@ -384,6 +422,7 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
       num_segments: static S (padding of superpixel ids).
       impl: segment_ops implementation.
       kmeans_init, kmeans_seed: the colour K-means start (`colour_kmeans`).
+      position_weight: the position term of `colour_clusters`.
 
     Returns:
       [B, K, h, w] float32 in {0, 1}.
@@ -393,7 +432,7 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
         image, superpixels, valid, colour_k=colour_k,
         colour_iters=colour_iters, colour_space=colour_space,
         num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
-        kmeans_seed=kmeans_seed)
+        kmeans_seed=kmeans_seed, position_weight=position_weight)
     return cluster_target_mask(cams, pixel_cluster, valid, slot_valid,
                                colour_k=colour_k, theta_h=theta_h,
                                theta_r=theta_r,

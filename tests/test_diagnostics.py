@@ -188,6 +188,10 @@ def test_config_check_names_the_new_fields():
     assert any("sgc.kmeans_init" in e for e in errors), errors
     assert any("eval.diagnostics" in e for e in errors), errors
     c = config_defaults.base_config()
+    assert not [e for e in config_check.validate(c) if "position_weight" in e]
+    c.sgc.position_weight = -0.5
+    assert any("sgc.position_weight" in e for e in config_check.validate(c))
+    c = config_defaults.base_config()
     c.cmpa.background_pool = True
     assert not [e for e in config_check.validate(c) if "background_pool" in e]
     c.cmpa.variant = "intra"

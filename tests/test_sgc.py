@@ -709,3 +709,50 @@ def test_kmeanspp_init_is_per_image_and_picks_valid_points():
     with pytest.raises(ValueError, match="kmeans_init"):
         sgc_mask.colour_kmeans(jnp.asarray(colours), jnp.asarray(valid), 4, 3,
                           init="random")
+
+
+def test_superpixel_positions_vs_loop():
+    from ssr_jax import sgc_mask
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 5, size=(2, 6, 7)).astype(np.int32)
+    got = np.asarray(sgc_mask.superpixel_positions(jnp.asarray(ids), 6))
+    for b in range(2):
+        for s in range(6):
+            ys, xs = np.nonzero(ids[b] == s)
+            want = ([(ys + 0.5).mean() / 6, (xs + 0.5).mean() / 7]
+                    if len(ys) else [0.0, 0.0])
+            np.testing.assert_allclose(got[b, s], want, atol=1e-6)
+
+
+def test_position_weight_splits_one_colour_far_apart():
+    """Two red blocks of the same colour at opposite ends of a grey image;
+    the CAM is high on the left one only. Colour-only clusters (the
+    default) put both blocks in one cluster, so the right block becomes a
+    target; with the position term the right block is its own cluster and
+    is left out, the left block stays a target."""
+    from ssr_jax import sgc_mask
+    h = w = 8
+    big = 32
+    image = np.full((1, big, big, 3), 128, np.uint8)
+    image[0, 8:24, 0:8] = (200, 30, 30)
+    image[0, 8:24, 24:32] = (200, 30, 30)
+    ys, xs = np.mgrid[0:big, 0:big]
+    sp = ((ys // 4) * 8 + xs // 4)[None].astype(np.int32)
+    cams = np.zeros((1, 1, h, w), np.float32)
+    cams[0, 0, 2:6, 0:2] = 1.0
+    valid = np.ones((1, big, big), bool)
+    slot = np.ones((1, 1), bool)
+
+    def mask(pw):
+        return np.asarray(sgc_mask.superpixel_target_mask(
+            jnp.asarray(cams), jnp.asarray(image), jnp.asarray(sp),
+            jnp.asarray(valid), jnp.asarray(slot), colour_k=5,
+            num_segments=64, kmeans_init="kmeans++",
+            position_weight=pw))[0, 0]
+
+    m0, m1 = mask(0.0), mask(0.5)
+    assert m0[2:6, 0:2].all() and m1[2:6, 0:2].all()  # the object kept
+    assert m0[2:6, 6:8].all()  # colour only: the far block is a target
+    assert not m1[2:6, 6:8].any()  # with position: it is not
+    with pytest.raises(ValueError, match="position_weight"):
+        mask(-1.0)
