@@ -106,12 +106,12 @@ def pytest_collection_modifyitems(config, items):
     multi-minute test starts near the end of a parallel run. The order is
     a function of the collection alone, as xdist needs (every worker
     collects and must agree)."""
+    module = {id(item): item.nodeid.split("::", 1)[0] for item in items}
     slow, first = {}, {}
     for i, item in enumerate(items):
-        key = item.nodeid.split("::", 1)[0]
+        key = module[id(item)]
         first.setdefault(key, i)
         slow[key] = slow.get(key, 0) + (
             item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: (
-        -slow[item.nodeid.split("::", 1)[0]],
-        first[item.nodeid.split("::", 1)[0]]))
+    items.sort(key=lambda item: (-slow[module[id(item)]],
+                                 first[module[id(item)]]))
