@@ -241,25 +241,34 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
     image, valid = batch["image"], batch["valid"]
     b, nk, h, w = cams.shape
     hp, wp = image.shape[1:3]
-    clusters = {}
-    ml, mo = [], []
-    for st in settings:
+    ml, mo = [None] * len(settings), [None] * len(settings)
+    groups: dict[tuple, list[int]] = {}
+    for g, st in enumerate(settings):
         if st["mask"] == "box":
-            ml.append(sgc_mask.box_mask(cams, st["threshold"], s.impl))
-            mo.append(sgc_mask.box_mask(ocams, st["threshold"], s.impl))
-            continue
-        key = (st["kmeans_init"], st["colour_k"])
-        if key not in clusters:
-            clusters[key] = sgc_mask.colour_clusters(
-                image, batch["superpixels"], valid, colour_k=key[1],
-                colour_iters=s.colour_iters, colour_space=s.colour_space,
-                num_segments=s.num_segments, impl=s.impl, kmeans_init=key[0],
-                kmeans_seed=s.kmeans_seed, position_weight=s.position_weight)
+            ml[g] = sgc_mask.box_mask(cams, st["threshold"], s.impl)
+            mo[g] = sgc_mask.box_mask(ocams, st["threshold"], s.impl)
+        else:
+            groups.setdefault((st["kmeans_init"], st["colour_k"]),
+                              []).append(g)
+    # One colour clustering per (start, k); the thresholds of its settings
+    # in one vmap (the CAM's upsampling does not depend on them).
+    for (init, k), idx in groups.items():
+        clusters = sgc_mask.colour_clusters(
+            image, batch["superpixels"], valid, colour_k=k,
+            colour_iters=s.colour_iters, colour_space=s.colour_space,
+            num_segments=s.num_segments, impl=s.impl, kmeans_init=init,
+            kmeans_seed=s.kmeans_seed, position_weight=s.position_weight)
+        th = jnp.asarray([settings[g]["theta_h"] for g in idx], jnp.float32)
+        tr = jnp.asarray([settings[g]["theta_r"] for g in idx], jnp.float32)
         for c, out in ((cams, ml), (ocams, mo)):
-            out.append(sgc_mask.cluster_target_mask(
-                c, clusters[key], valid, slot_valid, colour_k=key[1],
-                theta_h=st["theta_h"], theta_r=st["theta_r"],
-                patch_fraction=s.patch_fraction, impl=s.impl))
+            masks = jax.vmap(
+                lambda a, r, c=c, cl=clusters, k=k:
+                sgc_mask.cluster_target_mask(
+                    c, cl, valid, slot_valid, colour_k=k, theta_h=a,
+                    theta_r=r, patch_fraction=s.patch_fraction,
+                    impl=s.impl))(th, tr)
+            for j, g in enumerate(idx):
+                out[g] = masks[j]
     ml, mo = jnp.stack(ml), jnp.stack(mo)
 
     def coverage(c):
