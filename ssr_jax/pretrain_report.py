@@ -391,14 +391,14 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                                       s.dino_weight)
         affs = {"uniform": jnp.ones_like(clip_aff), "clip": clip_aff,
                 "dino": dino_aff, "fused": fused,
-                "transition": sgc_lib.transition_matrix(fused,
-                                                        s.sinkhorn_iters)}
+                "transition": sgc_lib.transition_matrix(
+                    fused, s.sinkhorn_iters, s.transition_power)}
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
         mgrid = None
         if mask_settings:
             trans_oracle = sgc_lib.transition_matrix(
                 sgc_lib.fuse_affinity(oracle, None, 1.0, s.dino_weight),
-                s.sinkhorn_iters)
+                s.sinkhorn_iters, s.transition_power)
             mgrid = _mask_grid(mask_settings, cams, ocams, slot_valid,
                                cls_ids, gt, batch, affs["transition"],
                                trans_oracle, s, num_classes,

@@ -192,6 +192,16 @@ def test_config_check_names_the_new_fields():
     c.sgc.position_weight = -0.5
     assert any("sgc.position_weight" in e for e in config_check.validate(c))
     c = config_defaults.base_config()
+    assert not [e for e in config_check.validate(c)
+                if "transition_power" in e]
+    for bad in (3, 0, True, "2"):
+        c = config_defaults.base_config()
+        c.sgc.unlock()
+        del c.sgc["transition_power"]
+        c.sgc.transition_power = bad
+        assert any("sgc.transition_power" in e
+                   for e in config_check.validate(c)), bad
+    c = config_defaults.base_config()
     c.cmpa.background_pool = True
     assert not [e for e in config_check.validate(c) if "background_pool" in e]
     c.cmpa.variant = "intra"
