@@ -218,6 +218,69 @@ AFFINITY_MIX_BASES = ("clip", "fused")
 AFFINITY_MIX_ROWS = ("learned", "oracle_cam")
 
 
+# Levers on the CLIP affinity (issue 10), measured in one pass: which
+# blocks (`sgc.clip_layers`, the last k), the transition's power
+# (`sgc.transition_power`) and the Sinkhorn rounds. Each setting gives
+# the purity of the CLIP and fused affinities and of their transition
+# matrices, and the box-mask rows `LEVER_ROWS` (the Table 3 rows of the
+# same names; the config's own setting reproduces them).
+LEVER_SINKHORN = (0, 1, 10)
+LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn")
+
+
+def lever_settings(sgc: sgc_lib.SGCParams, num_blocks: int,
+                   ) -> list[dict[str, int]]:
+    """Every clip_layers 1..num_blocks × transition power at the config's
+    Sinkhorn rounds, then every `LEVER_SINKHORN` round count × power at
+    the config's clip_layers."""
+    powers = sgc_lib.TRANSITION_POWERS
+    out = [{"clip_layers": k, "sinkhorn_iters": sgc.sinkhorn_iters,
+            "transition_power": p}
+           for k in range(1, num_blocks + 1) for p in powers]
+    out += [{"clip_layers": sgc.clip_layers, "sinkhorn_iters": it,
+             "transition_power": p}
+            for it in LEVER_SINKHORN if it != sgc.sinkhorn_iters
+            for p in powers]
+    return out
+
+
+def _levers(settings, attn, dino_aff, plab, cams, ocams, slot_valid,
+            cls_ids, gt, s: sgc_lib.SGCParams, num_classes: int,
+            ignore_index: int):
+    """(purity [G, 4 (clip, its transition, fused, its transition), 2
+    (sums, counts), 2 (bg, fg)], confusions [G, len(LEVER_ROWS), C, C])
+    for `lever_settings`."""
+    b, nk, h, w = cams.shape
+    hw = gt.shape[1:]
+    keep = slot_valid[:, :, None, None]
+    masks = [sgc_mask.box_mask(c, s.box_threshold, s.impl).reshape(
+        b, nk, h * w) for c in (cams, ocams)]
+
+    def row(t, c, m):
+        out = sgc_lib.propagate(t, c.reshape(b, nk, h * w), m)
+        out = jnp.where(keep, out.reshape(b, nk, h, w), 0.0)
+        _, labels = par_lib.cams_to_labels(out, cls_ids, hw)
+        return metrics.confusion_matrix_jnp(labels, gt, num_classes,
+                                            ignore_index)
+
+    purs, confs = [], []
+    for st in settings:
+        clip_aff = sgc_lib.clip_affinity(attn, st["clip_layers"])
+        a_c = sgc_lib.fuse_affinity(clip_aff, None, s.clip_weight,
+                                    s.dino_weight)
+        a_f = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
+                                    s.dino_weight)
+        t_c, t_f = (sgc_lib.transition_matrix(a, st["sinkhorn_iters"],
+                                              st["transition_power"])
+                    for a in (a_c, a_f))
+        purs.append(jnp.stack([jnp.stack(affinity_purity(x, plab))
+                               for x in (a_c, t_c, a_f, t_f)]))
+        confs.append(jnp.stack([row(t_c, cams, masks[0]),
+                                row(t_f, cams, masks[0]),
+                                row(t_c, ocams, masks[1])]))
+    return jnp.stack(purs), jnp.stack(confs)
+
+
 def affinity_mix_weights(values: Sequence[float | str]) -> list[float]:
     """The --affinity_mix weights as floats; ValueError (saying what to
     give) unless they are distinct, increasing and in [0, 1]."""
@@ -434,13 +497,14 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
 def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray, mask_settings: Sequence[dict] = (),
-             mix_alphas: Sequence[float] = ()):
+             mix_alphas: Sequence[float] = (),
+             levers: Sequence[dict] = ()):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
     tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
-    (None when empty), the `_affinity_mix` outputs for `mix_alphas` (None
-    when empty))."""
+    (None when empty), the `_affinity_mix` outputs for `mix_alphas` and
+    the `_levers` outputs for `levers` (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -550,7 +614,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                                 oracle, plab, cams, ocams, slot_valid,
                                 cls_ids, gt, s, num_classes,
                                 config.data.ignore_index)
-        return jnp.stack(confs), purity, errors, pool, mgrid, mix
+        lev = None
+        if levers:
+            lev = _levers(levers, attn, dino_aff, plab, cams, ocams,
+                          slot_valid, cls_ids, gt, s, num_classes,
+                          config.data.ignore_index)
+        return jnp.stack(confs), purity, errors, pool, mgrid, mix, lev
 
     return lambda batch: fn(cs, ds, batch)
 
@@ -561,6 +630,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 oracle_cmpa: bool = True,
                 mask_grid: dict[str, Sequence] | None = None,
                 affinity_mix: Sequence[float] = (),
+                affinity_levers: bool = False,
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -585,6 +655,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         and by the mIoU of `MASK_GRID_ROWS`.
       affinity_mix: mixing weights α in [0, 1], increasing (empty = off):
         the purity threshold (`_affinity_mix`, `AFFINITY_MIX_BASES`).
+      affinity_levers: also measure `lever_settings` (`_levers`).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -593,7 +664,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       list of {setting, "learned_cam": rates, "oracle_cam": rates,
       "learned_cam_mass": rates weighted by the learned CAM, "miou":
       {row: mIoU}} or None, "affinity_mix": `_affinity_mix_summary` or
-      None}. Steps:
+      None, "affinity_levers": list of {setting, "purity": {affinity:
+      [bg, fg]}, "miou": {row: mIoU}} or None}. Steps:
       STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + "sgc_par" (+ CMPA_STEPS).
     """
     start = time.perf_counter()
@@ -618,14 +690,20 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     settings = (mask_grid_settings(params.method_params(config).sgc,
                                    mask_grid)
                 if mask_grid is not None else [])
+    levers = (lever_settings(params.method_params(config).sgc,
+                             len(clip.vision.blocks))
+              if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
-                  home, settings, tuple(alphas))
+                  home, settings, tuple(alphas), levers)
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
                           num_classes), np.int64)
     keys = STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + ("sgc_par",)
     conf = np.zeros((len(keys), num_classes, num_classes), np.int64)
+    lev_pur = np.zeros((len(levers), 4, 2, 2))
+    lev_conf = np.zeros((len(levers), len(LEVER_ROWS), num_classes,
+                         num_classes), np.int64)
     nb, nr = len(AFFINITY_MIX_BASES), len(AFFINITY_MIX_ROWS)
     mix_pur = np.zeros((len(alphas), nb, 2, 2, 2))
     mix_conf = np.zeros((len(alphas), nb, nr, num_classes, num_classes),
@@ -645,9 +723,12 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     for batch in batches:
         batch = dict(batch)
         batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
-        c, purity, errors, pool, mgrid, mix = fn(
+        c, purity, errors, pool, mgrid, mix, lev = fn(
             {k: jnp.asarray(v) for k, v in batch.items()
              if k not in ("name",)})
+        if lev is not None:
+            lev_pur += np.asarray(lev[0], np.float64)
+            lev_conf += np.asarray(lev[1], np.int64)
         if mix is not None:
             mix_pur += np.asarray(mix[0], np.float64)
             mix_conf += np.asarray(mix[1], np.int64)
@@ -711,6 +792,15 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     miou = {k: sc[k]["miou"] for k in keys}
     mix_out = (_affinity_mix_summary(alphas, mix_pur, mix_conf, names, miou)
                if alphas else None)
+    lev_out = None
+    if levers:
+        rate = lev_pur[:, :, 0] / np.maximum(lev_pur[:, :, 1], 1)
+        lev_out = [{**st, "purity": dict(zip(
+            ("clip", "clip_transition", "fused", "fused_transition"),
+            rate[g].tolist(), strict=True)),
+            "miou": {r: metrics.scores(lev_conf[g, j], names)["miou"]
+                     for j, r in enumerate(LEVER_ROWS)}}
+            for g, st in enumerate(levers)]
     return {"miou": miou, "scores": sc,
             "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
                        for k, v in pur.items()},
@@ -719,7 +809,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                                 for t, (h, tot) in bnd.items()},
             "logit_scale": float(logit_scale), "num_images": n,
             "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
-            "affinity_mix": mix_out,
+            "affinity_mix": mix_out, "affinity_levers": lev_out,
             "seconds": time.perf_counter() - start}
 
 
@@ -781,7 +871,8 @@ def main(argv: Sequence[str]) -> None:
                             max_images=_MAX_IMAGES.value, logit_scale=scale,
                             oracle_cmpa=_ORACLE_CMPA.value,
                             mask_grid=MASK_GRID if _MASK_GRID.value
-                            else None, affinity_mix=alphas)
+                            else None, affinity_mix=alphas,
+                            affinity_levers=_AFFINITY_LEVERS.value)
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
         print(f"GradCAM logit scale {seeds['logit_scale']:g}:")
         print(format_report(zs, seeds))
@@ -810,6 +901,10 @@ if __name__ == "__main__":
         "affinity_mix", [], "the purity threshold: mixing weights α "
         "(e.g. 0,0.25,0.5,0.75,1) of (1-α)·A + α·oracle for the CLIP and "
         "the fused affinity, purity and box-mask mIoU per α (empty = off)")
+    _AFFINITY_LEVERS = flags.DEFINE_boolean(
+        "affinity_levers", False, "also measure the CLIP affinity's levers "
+        "in one pass (clip_layers 1..L x transition power 1/2, Sinkhorn "
+        "rounds 0/1/10): purity and box-mask mIoU rows")
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")

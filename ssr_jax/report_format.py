@@ -72,6 +72,8 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
         lines.append(format_mask_grid(seeds["mask_grid"]))
     if seeds.get("affinity_mix"):
         lines.append(format_affinity_mix(seeds["affinity_mix"]))
+    if seeds.get("affinity_levers"):
+        lines.append(format_affinity_levers(seeds["affinity_levers"]))
     if "boundary_recall" in seeds:
         lines.append("superpixel boundary recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
@@ -173,4 +175,23 @@ def format_affinity_mix(mix: dict[str, Any]) -> str:
                 f"{f['alpha_cross']:.2f}, fg purity {f['purity_cross']:.2f} "
                 f"(transition {ft['purity_cross']:.2f}), bg purity "
                 f"{thr['bg_purity']['purity_cross']:.2f}")
+    return "\n".join(lines)
+
+
+def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
+    """The CLIP affinity's levers (`pretrain_report._levers`): per
+    (clip_layers, Sinkhorn rounds, power), fg purity of the CLIP / fused
+    affinity and of their transitions, and the box-mask rows."""
+    lines = ["CLIP affinity levers (box mask; fg purity: CLIP, its "
+             "transition, fused, its transition; mIoU %: +CLIP, +DINO, "
+             "oracle CAM +CLIP):"]
+    for g in levers:
+        p, m = g["purity"], g["miou"]
+        lines.append(
+            f"  layers {g['clip_layers']} sinkhorn {g['sinkhorn_iters']} "
+            f"power {g['transition_power']}: "
+            + " ".join(f"{p[k][1]:.2f}" for k in (
+                "clip", "clip_transition", "fused", "fused_transition"))
+            + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
+                "clip_attn", "clip_dino", "oracle_cam_clip_attn")))
     return "\n".join(lines)

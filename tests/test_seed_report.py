@@ -32,7 +32,7 @@ def _synthetic_config(arg: str):
     return module.get_config(arg)
 
 
-@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report)
+@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report), 62 s loaded
 def test_seed_report_config_scale_is_the_methods(tmp_path):
     root = tmp_path / "world"
     synthetic.generate(root, seed=0, num_train=4, num_val=2, image_size=64)
@@ -51,7 +51,8 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
                                       mask_grid={"theta_h": (0.4,),
                                                  "theta_r": (0.5,),
                                                  "kmeans_init": ()},
-                                      affinity_mix=(0.0, 1.0))
+                                      affinity_mix=(0.0, 1.0),
+                                      affinity_levers=True)
     assert got["num_images"] == 2
     # The mask grid at the config's own settings reproduces the Table 3
     # rows that use the same mask (the method's refine_cams path).
@@ -80,6 +81,17 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert mix["clip"]["points"][0]["purity"] == pytest.approx(
         got["purity"]["clip"], abs=1e-6)
     assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
+    # The lever at the config's own setting reproduces the same rows.
+    levers = got["affinity_levers"]
+    assert len(levers) == 2 * 2 + 3 * 2  # 2 blocks x 2 powers + Sinkhorn
+    own = [g for g in levers if (g["clip_layers"], g["sinkhorn_iters"],
+                                 g["transition_power"]) == (
+        c.sgc.clip_layers, c.sgc.sinkhorn_iters, 2)]
+    assert len(own) == 1
+    for row in ("clip_attn", "clip_dino", "oracle_cam_clip_attn"):
+        assert math.isclose(own[0]["miou"][row], m[row], abs_tol=1e-9), row
+    assert own[0]["purity"]["fused_transition"] == pytest.approx(
+        got["purity"]["transition"], abs=1e-6)
     for g in got["mask_grid"]:
         for cam in ("learned_cam", "oracle_cam"):
             assert all(v is None or 0 <= v <= 1 for v in g[cam].values())
@@ -94,6 +106,7 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert "Table 3 rows" in printed and "oracle CMPA heads" in printed
     assert "target-zone masks" in printed
     assert "affinity mixed toward the oracle" in printed
+    assert "CLIP affinity levers" in printed
     assert all(k in printed for k in got["miou"])
 
 
