@@ -144,6 +144,10 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
             ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
+    tp = s.get("transition_power", 2)
+    if isinstance(tp, bool) or tp not in (1, 2):
+        e.append(f"sgc.transition_power={tp!r}: choose 1 (Eq. 11 read "
+                 "literally, one product) or 2 (WeCLIP's T·T)")
     pw = s.get("position_weight", 0.0)
     if not isinstance(pw, (int, float)) or isinstance(pw, bool) or pw < 0:
         e.append(f"sgc.position_weight={pw!r}: must be a number >= 0 "
