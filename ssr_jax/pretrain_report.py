@@ -36,8 +36,9 @@ from flax import nnx
 from ml_collections import config_dict
 from scipy import stats
 
-from ssr_jax import cam as cam_lib
 from ssr_jax import (
+    build,
+    config_check,
     data_sources,
     diagnostics,
     input_pipeline,
@@ -48,6 +49,7 @@ from ssr_jax import (
     sgc_mask,
     ssr,
 )
+from ssr_jax import cam as cam_lib
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
@@ -675,6 +677,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     clip = loading.load_clip(clip_path)
     dino, _ = encoders.load_affinity_encoder(
         config.model.get("dino_kind", "dino"), dino_path)
+    # e.g. sgc.clip_layers above the CLIP's depth: a clear ConfigError here,
+    # not a traceback from inside the jitted step.
+    build.check_models(config, clip, dino)
     tok = text_lib.load_tokenizer(clip_path)
     fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     template = config.text.template
@@ -856,6 +861,10 @@ def main(argv: Sequence[str]) -> None:
         alphas = affinity_mix_weights(_AFFINITY_MIX.value)
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
+    errors = config_check.validate(config, check_devices=False)
+    if errors:
+        raise SystemExit("pretrain_report: the config has problems:\n  - "
+                         + "\n  - ".join(errors))
     root = pretrain.ensure_world(config)
     clip_path, dino_path = pretrain.ensure_encoders(config, root)
     report = {"encoders": {}}
@@ -867,12 +876,15 @@ def main(argv: Sequence[str]) -> None:
     report["zero_shot"] = zs
     for scale in _LOGIT_SCALES.value:
         scale = scale if scale in ("config", "model") else float(scale)
-        seeds = seed_report(config, clip_path, dino_path, root,
-                            max_images=_MAX_IMAGES.value, logit_scale=scale,
-                            oracle_cmpa=_ORACLE_CMPA.value,
-                            mask_grid=MASK_GRID if _MASK_GRID.value
-                            else None, affinity_mix=alphas,
-                            affinity_levers=_AFFINITY_LEVERS.value)
+        try:
+            seeds = seed_report(
+                config, clip_path, dino_path, root,
+                max_images=_MAX_IMAGES.value, logit_scale=scale,
+                oracle_cmpa=_ORACLE_CMPA.value,
+                mask_grid=MASK_GRID if _MASK_GRID.value else None,
+                affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value)
+        except config_check.ConfigError as e:
+            raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
         print(f"GradCAM logit scale {seeds['logit_scale']:g}:")
         print(format_report(zs, seeds))

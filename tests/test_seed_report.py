@@ -213,3 +213,24 @@ def test_affinity_mix_vs_loops():
                 np.testing.assert_array_equal(conf[ai, bi, r], want)
     # The rows differ across α (the mix is not ignored).
     assert (conf[0] != conf[-1]).any()
+
+
+def test_seed_report_rejects_clip_layers_beyond_the_encoder(tmp_path):
+    """sgc.clip_layers above the CLIP's depth is a ConfigError naming the
+    field, raised before any jitted step (it used to end in a traceback
+    from inside the seed function)."""
+    from ssr_jax import config_check
+
+    root = tmp_path / "world"
+    synthetic.generate(root, seed=0, num_train=2, num_val=1, image_size=64)
+    fg, bg, _ = text.dataset_prompts("synthetic", str(root))
+    clip_path, dino_path = ssr_fixtures.make_tiny_encoders(
+        str(tmp_path / "enc"), list(fg) + list(bg), layers=2)
+    c = _synthetic_config("tiny")
+    c.data.crop_size = 64
+    c.sgc.clip_layers = 3
+    with pytest.raises(config_check.ConfigError,
+                       match=r"sgc.clip_layers=3: CLIP has 2 blocks"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=1, batch_size=1,
+                                    oracle_cmpa=False)
