@@ -652,3 +652,16 @@ def test_ema_update_vs_formula():
     np.testing.assert_array_equal(np.asarray(follow["w"]), live["w"])
     with pytest.raises(ValueError, match="pool_ema_decay"):
         cmpa.ema_update(ema, live, 1.5)
+
+
+def test_config_check_names_pool_source_and_decay():
+    from ssr_jax import config_check  # noqa: PLC0415
+
+    c = base_config()
+    assert not [e for e in config_check.validate(c) if "pool_" in e]
+    assert params.method_params(c).cmpa.pool_source == "live"
+    c.cmpa.pool_source = "slow"
+    c.cmpa.pool_ema_decay = 1.5
+    errors = [e for e in config_check.validate(c) if "pool_" in e]
+    assert any("cmpa.pool_source" in e for e in errors), errors
+    assert any("cmpa.pool_ema_decay" in e for e in errors), errors
