@@ -598,3 +598,25 @@ def test_ema_pool_heads_follow_the_formula_and_decay_one_pools_like_the_start(
     # The pools matter: the trained heads' own CAMs give other labels.
     assert float(swapped["loss_seg"]) != pytest.approx(
         float(as_is["loss_seg"]), rel=1e-4)
+
+
+@pytest.mark.slow  # ~15 s CPU, ~45 s on the shared 2 cores (setup)
+def test_ema_pool_heads_are_checkpointed(world, tmp_path):
+    """`cmpa.pool_source="ema"`: "heads_ema" is part of the saved train
+    state and comes back from a checkpoint as it was (not the heads)."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.cmpa.pool_source = "ema"
+    s = train.setup(c, str(tmp_path / "a"), devices=jax.devices()[:1])
+    state = dict(s.state, heads_ema=jax.tree_util.tree_map(
+        lambda x: x + 0.5, s.state["heads_ema"]))
+    want = _flat(state["heads_ema"])
+    with checkpointing.Checkpointer(str(tmp_path / "ckpt"),
+                                    save_every=1) as ckpt:
+        assert ckpt.save(1, state, {}, {})
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(s.state)
+    got = _flat(restored.state["heads_ema"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
