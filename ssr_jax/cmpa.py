@@ -53,6 +53,13 @@ Pieces, in the order the method uses them:
   than any class's TSA(text). Not in the paper; L_proto alone never
   constrains background tokens, and ISA is shared by all tokens
   (docs/diagnostics.md). "cross" and "feature" only.
+- `cmpa.pool_source` ("live" | "ema"), `cmpa.pool_ema_decay` (0.99): which
+  heads project the GradCAM whose CAM masks the pooled features (Eq. 2).
+  "live" (the paper's reading): the heads being trained, so the CAM that
+  pools their training features comes from themselves (a self-feeding
+  loop). "ema": a slow copy, ema ← decay·ema + (1 − decay)·live after
+  every step (`ema_update`), kept in the train state as "heads_ema".
+  Not in the paper (docs/diagnostics.md).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = ("none", "feature", "intra", "cross")
 POSITIVE_MODES = ("kmeans", "class")
+POOL_SOURCES = ("live", "ema")
 # Finite "−inf" for masked logits: a true −inf gives NaN gradients through
 # `where` when a whole row is masked.
 _NEG = -1e30
@@ -139,6 +147,8 @@ class CMPAParams:
     kmeans_iters: int = 20
     bank_size: int = 4096
     recluster_every: int = 5000
+    pool_source: str = "live"
+    pool_ema_decay: float = 0.99
 
 
 class CMPAHeads(nnx.Module):
@@ -215,6 +225,32 @@ def _identity_start(head: ProjectionHead, width: int) -> None:
     head.fc1.bias.value = jnp.zeros_like(head.fc1.bias.value)
     head.fc2.kernel.value = fc2
     head.fc2.bias.value = jnp.zeros_like(head.fc2.bias.value)
+
+
+def ema_update(ema, live, decay: float):
+    """One step of the slow copy of the heads ([choice]
+    `cmpa.pool_source="ema"`): ema ← decay·ema + (1 − decay)·live on every
+    floating leaf (parameters and BatchNorm running statistics), the live
+    value on any other leaf.
+
+    Args:
+      ema, live: pytrees of the same structure (e.g. {"params", "rest"} of
+        the heads).
+      decay: in [0, 1]; 1 keeps the start, 0 follows the live heads.
+
+    Returns:
+      The updated pytree (the structure of `ema`).
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"cmpa.pool_ema_decay={decay}: must lie in [0, 1]")
+
+    def one(e, x):
+        if jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):
+            return (decay * e + (1.0 - decay) * x.astype(e.dtype)).astype(
+                e.dtype)
+        return x
+
+    return jax.tree_util.tree_map(one, ema, live)
 
 
 def masked_average_pool(features: Array, cams: Array,

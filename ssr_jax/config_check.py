@@ -130,6 +130,9 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _positive(e, "cmpa.num_prototypes", p.num_prototypes, allow_zero=True)
     _positive(e, "cmpa.background_pool_weight",
               p.get("background_pool_weight", 1.0), allow_zero=True)
+    _choice(e, "cmpa.pool_source", p.get("pool_source", "live"),
+            ("live", "ema"))
+    _unit(e, "cmpa.pool_ema_decay", p.get("pool_ema_decay", 0.99))
     if p.get("background_pool", False) and p.variant not in ("cross",
                                                              "feature"):
         e.append(f"cmpa.background_pool=True needs cmpa.variant 'cross' or "

@@ -119,6 +119,15 @@ def base_config() -> config_dict.ConfigDict:
     # oracle rows in docs/diagnostics.md.
     p.background_pool = False
     p.background_pool_weight = 1.0
+    # [choice] the heads whose GradCAM masks the pooled features (Eq. 2):
+    # "live" (the heads being trained; the paper's reading) | "ema" (a slow
+    # copy, ema = decay x ema + (1 - decay) x live after each step, in the
+    # train state), which breaks the loop where the CAM that pools the
+    # heads' training features comes from those heads. With "ema" the whole
+    # pseudo-label path runs with the slow copy. Off: not in the paper;
+    # measured in docs/diagnostics.md.
+    p.pool_source = "live"
+    p.pool_ema_decay = 0.99
     p.tau_init = 0.05  # [paper] learnable temperature, stored as log tau
     p.tau_min = 0.01  # [choice] clamp for log tau
     p.recluster_every = 5000  # [paper] prototype update interval (steps)

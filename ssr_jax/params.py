@@ -75,7 +75,9 @@ def method_params(config) -> MethodParams:
             background_pool=p.get("background_pool", False),
             background_pool_weight=p.get("background_pool_weight", 1.0),
             num_prototypes=p.num_prototypes, kmeans_iters=p.kmeans_iters,
-            bank_size=p.bank_size, recluster_every=p.recluster_every),
+            bank_size=p.bank_size, recluster_every=p.recluster_every,
+            pool_source=p.get("pool_source", "live"),
+            pool_ema_decay=p.get("pool_ema_decay", 0.99)),
         par=par.PARParams(
             iters=r.iters, dilations=tuple(r.dilations),
             pos_weight=r.pos_weight, temperature=r.temperature,

@@ -38,6 +38,7 @@ from ssr_jax import (
     ssr,
     xla_guard,
 )
+from ssr_jax import params as params_lib
 
 PyTree = Any
 EvalHook = Callable[[int, Any], dict[str, Any]]
@@ -110,6 +111,12 @@ def _tree_norm(tree: PyTree) -> jax.Array:
                         for x in leaves))
 
 
+def heads_state(params: PyTree, rest: PyTree) -> dict[str, PyTree]:
+    """{"params", "rest"}: the CMPA heads' part of the model's split state
+    (parameters with log τ; BatchNorm running statistics)."""
+    return {"params": params["heads"], "rest": rest["heads"]}
+
+
 # --- the train step ----------------------------------------------------------
 def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx,
                    slots: int | None = None):
@@ -120,6 +127,17 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx,
     `data.max_classes_per_image`).
     """
     lr_fn = create_learning_rate_fn(config)
+    cp = params_lib.method_params(config).cmpa
+    ema_pools, ema_decay = cp.pool_source == "ema", cp.pool_ema_decay
+
+    def pool_heads(model, state):
+        """The heads whose GradCAM makes the path's CAMs (the pooling CAMs
+        of Eq. 2): the live ones, or their slow copy (`cmpa.pool_source`)."""
+        if not ema_pools:
+            return model.heads
+        graphdef, _, _ = nnx.split(model.heads, nnx.Param, ...)
+        return nnx.merge(graphdef, state["heads_ema"]["params"],
+                         state["heads_ema"]["rest"])
 
     def update_fn(state, frozen, batch, bank):
         clip = nnx.merge(clip_graphdef, frozen["clip"])
@@ -127,7 +145,8 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx,
                 if dino_graphdef is not None else None)
         model = nnx.merge(model_graphdef, state["params"], state["rest"])
         path = ssr.pseudo_label_path(
-            clip, dino, model.heads, batch, bank["fg"], bank["bg"], config,
+            clip, dino, pool_heads(model, state), batch, bank["fg"],
+            bank["bg"], config,
             step=state["step"], rfm_feat_fn=lambda hidden, grid: model.decoder(
                 hidden, grid, deterministic=True)[1], slots=slots)
 
@@ -148,6 +167,9 @@ def make_update_fn(config, model_graphdef, clip_graphdef, dino_graphdef, tx,
         bank_state = cmpa.update_bank(state["bank"], f_img, path["cls_ids"])
         new_state = dict(state, params=params, rest=rest, opt=opt,
                          bank=bank_state, step=state["step"] + 1)
+        if ema_pools:
+            new_state["heads_ema"] = cmpa.ema_update(
+                state["heads_ema"], heads_state(params, rest), ema_decay)
         labels = path["labels"]
         fg = jnp.mean(((labels > 0) & (labels != 255)).astype(jnp.float32))
         meas.update(loss=total, grad_norm=_tree_norm(grads),
@@ -255,12 +277,19 @@ def setup(config, workdir: str, devices=None) -> Setup:
     k_protos = cmpa.prototype_count(config.cmpa.num_prototypes, num_fg)
 
     def init_state(params, rest):
-        return {
+        state = {
             "params": params, "rest": rest, "opt": tx.init(params),
             "bank": cmpa.init_bank(config.cmpa.bank_size, config.cmpa.dim),
             "protos": cmpa.init_protos(k_protos, config.cmpa.dim, num_fg),
             "step": jnp.zeros((), jnp.int32),
         }
+        if params_lib.method_params(config).cmpa.pool_source == "ema":
+            # [choice] `cmpa.pool_source="ema"`: the slow copy of the heads
+            # starts at the heads' start; replicated and checkpointed with
+            # the rest of the state.
+            state["heads_ema"] = jax.tree_util.tree_map(
+                jnp.copy, heads_state(params, rest))
+        return state
 
     # --- sharding: parameters and state replicated, batch on "data" ---
     # The module's parameters are arguments, not closed over: a jit keeps

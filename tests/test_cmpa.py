@@ -622,3 +622,46 @@ def test_background_pool_and_loss_vs_loop():
                                         jnp.asarray(f_text),
                                         jnp.asarray(f_text_bg), tau)
     assert float(none) == 0.0
+
+
+def test_ema_update_vs_formula():
+    """`ema_update` ([choice] `cmpa.pool_source="ema"`): decay·ema +
+    (1 − decay)·live on float leaves, the live value on integer leaves;
+    decay 1 keeps the start exactly, 0 follows the live tree."""
+    rng = np.random.default_rng(0)
+    ema = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+           "bn": {"mean": rng.normal(size=(4,)).astype(np.float32)},
+           "count": np.int32(3)}
+    live = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "bn": {"mean": rng.normal(size=(4,)).astype(np.float32)},
+            "count": np.int32(7)}
+    for decay in (0.9, 0.25):
+        got = cmpa.ema_update(ema, live, decay)
+        for k in ("w",):
+            np.testing.assert_allclose(
+                np.asarray(got[k]), decay * ema[k] + (1 - decay) * live[k],
+                rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got["bn"]["mean"]),
+            decay * ema["bn"]["mean"] + (1 - decay) * live["bn"]["mean"],
+            rtol=1e-6)
+        assert int(got["count"]) == 7
+    same = cmpa.ema_update(ema, live, 1.0)
+    np.testing.assert_array_equal(np.asarray(same["w"]), ema["w"])
+    follow = cmpa.ema_update(ema, live, 0.0)
+    np.testing.assert_array_equal(np.asarray(follow["w"]), live["w"])
+    with pytest.raises(ValueError, match="pool_ema_decay"):
+        cmpa.ema_update(ema, live, 1.5)
+
+
+def test_config_check_names_pool_source_and_decay():
+    from ssr_jax import config_check  # noqa: PLC0415
+
+    c = base_config()
+    assert not [e for e in config_check.validate(c) if "pool_" in e]
+    assert params.method_params(c).cmpa.pool_source == "live"
+    c.cmpa.pool_source = "slow"
+    c.cmpa.pool_ema_decay = 1.5
+    errors = [e for e in config_check.validate(c) if "pool_" in e]
+    assert any("cmpa.pool_source" in e for e in errors), errors
+    assert any("cmpa.pool_ema_decay" in e for e in errors), errors

@@ -520,3 +520,103 @@ def test_synthetic_default_slows_the_heads_only():
     c = mod.get_config("")
     assert (c.optim.lr, c.optim.decoder_lr_mult, c.optim.heads_lr_mult) == (
         2e-4, 10.0, 0.1)
+
+
+
+def _flat(tree):
+    """{"a/b/c": numpy leaf}: the same keys for dicts and nnx.State."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+            jax.device_get(tree))[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                        for k in path)
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def _heads_np(state):
+    return _flat(train.heads_state(state["params"], state["rest"]))
+
+
+@pytest.mark.slow  # ~40 s CPU, ~115 s on the shared 2 cores (2 setups)
+def test_ema_pool_heads_follow_the_formula_and_decay_one_pools_like_the_start(
+        world, tmp_path):
+    """[choice] `cmpa.pool_source="ema"`: the train state's "heads_ema" is
+    decay·ema + (1 − decay)·(the heads after the step); with decay 1 it
+    stays at the start, and the step's pseudo labels (made from the pooling
+    CAMs) depend on the slow copy only, not on the live heads."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.optim.lr = 1e-2
+    c.optim.heads_lr_mult = 1.0
+    c.optim.warmup_steps = 0
+    c.optim.poly_power = 0.0
+    c.model.decoder.dropout = 0.0
+    c.cmpa.pool_source = "ema"
+    c.cmpa.pool_ema_decay = 0.5
+    devices = jax.devices()[:1]
+    s = train.setup(c, str(tmp_path / "half"), devices=devices)
+    batch = s.batch(_batch(c, [[0, 14], [6]]))
+    h0 = _heads_np(s.state)
+    s.state, _ = s.update(s.state, s.frozen, batch, s.bank)
+    h1 = _heads_np(s.state)
+    got = _flat(s.state["heads_ema"])
+    assert sorted(got) == sorted(h0) and len(got) >= 8, sorted(got)
+    for k in h0:
+        np.testing.assert_allclose(got[k], 0.5 * h0[k] + 0.5 * h1[k],
+                                   rtol=1e-6, atol=1e-7, err_msg=k)
+
+    c.cmpa.pool_ema_decay = 1.0
+    s = train.setup(c, str(tmp_path / "one"), devices=devices)
+    h0 = _heads_np(s.state)
+    start = jax.tree_util.tree_map(jnp.copy, s.state["heads_ema"])
+    for _ in range(3):
+        s.state, _ = s.update(s.state, s.frozen, batch, s.bank)
+    got = _flat(s.state["heads_ema"])
+    for k in h0:
+        np.testing.assert_array_equal(got[k], h0[k], err_msg=k)
+    h3 = _heads_np(s.state)
+    assert max(float(np.abs(h3[k] - h0[k]).max()) for k in h0) > 1e-3
+
+    def step(live_heads, pool_heads):
+        # Copies throughout: the update donates its state.
+        live_heads, pool_heads, state = jax.tree_util.tree_map(
+            jnp.copy, (live_heads, pool_heads, s.state))
+        state["params"]["heads"] = live_heads["params"]
+        state["rest"]["heads"] = live_heads["rest"]
+        state["heads_ema"] = pool_heads
+        return s.update(state, s.frozen, batch, s.bank)[1]
+
+    trained = jax.tree_util.tree_map(
+        jnp.copy, train.heads_state(s.state["params"], s.state["rest"]))
+    as_is = step(trained, start)
+    reset = step(start, start)  # live heads back at the start
+    swapped = step(trained, trained)  # pools from the trained heads
+    for key in ("loss_seg", "pseudo_fg_fraction"):
+        np.testing.assert_allclose(float(as_is[key]), float(reset[key]),
+                                   rtol=1e-6)
+    # The pools matter: the trained heads' own CAMs give other labels.
+    assert float(swapped["loss_seg"]) != pytest.approx(
+        float(as_is["loss_seg"]), rel=1e-4)
+
+
+@pytest.mark.slow  # ~15 s CPU, ~45 s on the shared 2 cores (setup)
+def test_ema_pool_heads_are_checkpointed(world, tmp_path):
+    """`cmpa.pool_source="ema"`: "heads_ema" is part of the saved train
+    state and comes back from a checkpoint as it was (not the heads)."""
+    c = _config(world)
+    c.train.batch_size = 2
+    c.cmpa.pool_source = "ema"
+    s = train.setup(c, str(tmp_path / "a"), devices=jax.devices()[:1])
+    state = dict(s.state, heads_ema=jax.tree_util.tree_map(
+        lambda x: x + 0.5, s.state["heads_ema"]))
+    want = _flat(state["heads_ema"])
+    with checkpointing.Checkpointer(str(tmp_path / "ckpt"),
+                                    save_every=1) as ckpt:
+        assert ckpt.save(1, state, {}, {})
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(s.state)
+    got = _flat(restored.state["heads_ema"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
