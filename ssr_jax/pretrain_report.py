@@ -551,7 +551,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                        config.data.ignore_index)
         plab = patch_labels(gt, patch, num_classes,
                             config.data.ignore_index)
+        # Rows sum to 1, like the attention rows it stands in for: with
+        # sgc.sinkhorn_iters=0 nothing else normalises the transition, and a
+        # binary oracle would sum the CAM over an object instead of
+        # averaging it. With >= 1 Sinkhorn round the row scale cancels.
         oracle = diagnostics.oracle_affinity(plab)
+        oracle = oracle / jnp.sum(oracle, axis=-1, keepdims=True)
         for name, mask_kind in zip(ORACLE_STEPS, ("box", "superpixel"),
                                    strict=True):
             steps[name] = sgc_lib.refine_cams_with(
