@@ -144,6 +144,14 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
             ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
+    _choice(e, "sgc.ratio_denominator", s.get("ratio_denominator", "cluster"),
+            ("cluster", "image"))
+    _choice(e, "sgc.zone_unit", s.get("zone_unit", "cluster"),
+            ("cluster", "superpixel", "cluster_seeded"))
+    ib = s.get("intersect_box", False)
+    if not isinstance(ib, bool):
+        e.append(f"sgc.intersect_box={ib!r}: must be True or False (True "
+                 "intersects the SGC zone with the box mask)")
     pw = s.get("position_weight", 0.0)
     if not isinstance(pw, (int, float)) or isinstance(pw, bool) or pw < 0:
         e.append(f"sgc.position_weight={pw!r}: must be a number >= 0 "
