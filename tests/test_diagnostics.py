@@ -192,6 +192,18 @@ def test_config_check_names_the_new_fields():
     c.sgc.position_weight = -0.5
     assert any("sgc.position_weight" in e for e in config_check.validate(c))
     c = config_defaults.base_config()
+    assert not [e for e in config_check.validate(c)
+                if "ratio_denominator" in e or "zone_unit" in e
+                or "intersect_box" in e]
+    c.sgc.ratio_denominator = "whole"
+    c.sgc.zone_unit = "region"
+    del c.sgc["intersect_box"]  # ConfigDict would refuse a str for a bool
+    c.sgc.intersect_box = "yes"
+    errors = config_check.validate(c)
+    for name in ("sgc.ratio_denominator", "sgc.zone_unit",
+                 "sgc.intersect_box"):
+        assert any(name in e for e in errors), (name, errors)
+    c = config_defaults.base_config()
     c.cmpa.background_pool = True
     assert not [e for e in config_check.validate(c) if "background_pool" in e]
     c.cmpa.variant = "intra"
