@@ -658,19 +658,20 @@ def test_refine_cams_with_passes_the_zone_readings():
     """`sgc.ratio_denominator`, `zone_unit` and `intersect_box` reach the
     superpixel mask through `method_params` and `refine_cams_with`: the
     refined CAM is T · (mask · CAM) with the mask of
-    `superpixel_target_mask` at those readings, and not the default's."""
+    `superpixel_target_mask` at those readings; on this scene each of the
+    three changes the mask (so none can be dropped on the way)."""
     from ssr_jax import config_defaults, params
 
     cfg = config_defaults.base_config()
     cfg.sgc.max_segments = S
     cfg.sgc.colour_k, cfg.sgc.colour_iters = 4, 5
-    cfg.sgc.zone_unit = "cluster_seeded"
+    cfg.sgc.zone_unit = "superpixel"
     cfg.sgc.ratio_denominator = "image"
     cfg.sgc.theta_r = 0.1
     cfg.sgc.intersect_box = True
     sp = params.method_params(cfg).sgc
     assert (sp.zone_unit, sp.ratio_denominator, sp.intersect_box) == (
-        "cluster_seeded", "image", True)
+        "superpixel", "image", True)
     x = _refine_inputs()
     arrays = dict(clip_attn=jnp.asarray(x["clip"]),
                   dino_attn=jnp.asarray(x["dino"]),
@@ -689,9 +690,13 @@ def test_refine_cams_with_passes_the_zone_readings():
         return _run_refine(x, theta_r=0.1, mask_kind="none",
                            cams_mask=m) if False else m
 
-    m_new = masked(zone_unit="cluster_seeded", ratio_denominator="image",
-                   intersect_box=True)
-    assert (m_new != masked()).any()
+    readings = dict(zone_unit="superpixel", ratio_denominator="image",
+                    intersect_box=True)
+    m_new = masked(**readings)
+    for name, default in (("zone_unit", "cluster"),
+                          ("ratio_denominator", "cluster"),
+                          ("intersect_box", False)):
+        assert (m_new != masked(**{**readings, name: default})).any(), name
     clip_aff = x["clip"][-8:].mean(0)[:, 1:, 1:]
     dino_aff = x["dino"][:, 1:, 1:]
     t_both = np.stack([_trans_ref(0.4 * clip_aff[b] + 0.6 * dino_aff[b], 3)
