@@ -8,6 +8,11 @@ function of batched arrays with static shapes:
   (`superpixel_colours`, CIELAB as skimage `rgb2lab`) are clustered by a
   colour K-means (`colour_kmeans`, C = K-means(SLIC(I))); clusters whose
   high-confidence CAM share (`target_ratio`) exceeds θ_r form the zone.
+  [choice] readings of Eq. 7 in `cluster_target_mask` (defaults = the
+  reading above): the ratio's denominator (`sgc.ratio_denominator`), the
+  unit that passes θ_r (`sgc.zone_unit`: clusters, superpixels, or
+  clusters cut to their superpixels above θ_h) and an intersection with
+  the box mask (`sgc.intersect_box`).
 - `box_mask` (the baseline): CLIP-ES `scoremap2bbox` boxes of the CAM's
   8-connected components.
 
