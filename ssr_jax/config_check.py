@@ -152,6 +152,10 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     if not isinstance(ib, bool):
         e.append(f"sgc.intersect_box={ib!r}: must be True or False (True "
                  "intersects the SGC zone with the box mask)")
+    tp = s.get("transition_power", 2)
+    if isinstance(tp, bool) or tp not in (1, 2):
+        e.append(f"sgc.transition_power={tp!r}: choose 1 (Eq. 11 read "
+                 "literally, one product) or 2 (WeCLIP's T·T)")
     pw = s.get("position_weight", 0.0)
     if not isinstance(pw, (int, float)) or isinstance(pw, bool) or pw < 0:
         e.append(f"sgc.position_weight={pw!r}: must be a number >= 0 "

@@ -137,6 +137,11 @@ def base_config() -> config_dict.ConfigDict:
     s.dino_weight = 0.6  # [paper]
     s.clip_layers = 8  # [WeCLIP] mean of the last 8 blocks' attention
     s.sinkhorn_iters = 3  # [WeCLIP] column/row normalisation rounds
+    # [choice] power of the symmetrised transition matrix: 2 = WeCLIP's
+    # T·T (compute_trans_mat) | 1 = the paper's Eq. 11 read literally
+    # (CAM_refine = A*·CAM, one product). Default kept: the embedded table
+    # was measured with 2; issue 10 measures 1 (docs/diagnostics.md).
+    s.transition_power = 2
     s.box_threshold = 0.4  # [WeCLIP] scoremap2bbox threshold (COCO 0.7)
     s.slic_segments = 100  # [choice] skimage SLIC n_segments
     s.slic_compactness = 10.0  # [choice]

@@ -90,6 +90,33 @@ def oracle_affinity(labels: Array) -> Array:
     return (same | eye).astype(jnp.float32)
 
 
+def oracle_mix(aff: Array, oracle: Array, alpha: float | Array) -> Array:
+    """(1 − α)·A + α·Ô: an affinity moved toward the oracle (issue 10's
+    purity threshold).
+
+    Ô is the oracle scaled comparably: each row normalised to sum 1, then
+    multiplied by A's row sum. Every query patch keeps A's total affinity
+    mass; only its distribution moves toward the patches of its own label.
+    For a labelled query whose keys are all labelled, the same-label
+    share (`attention_purity`) is then exactly (1 − α)·p + α: linear in α
+    from A's purity p to 1 (unlabelled keys, e.g. crop padding, bend it
+    slightly).
+
+    Args:
+      aff: [B, N, N] non-negative affinity A (e.g. the CLIP or fused one).
+      oracle: [B, N, N] `oracle_affinity` of the patch labels.
+      alpha: mixing weight in [0, 1] (a float or a scalar array).
+
+    Returns:
+      [B, N, N] float32.
+    """
+    a = aff.astype(jnp.float32)
+    o = oracle.astype(jnp.float32)
+    o = o / jnp.maximum(o.sum(-1, keepdims=True), 1e-12)
+    o = o * a.sum(-1, keepdims=True)
+    return (1.0 - alpha) * a + alpha * o
+
+
 def oracle_cams(mask: Array, cls_ids: Array, grid: tuple[int, int],
                 ) -> Array:
     """The initial CAM replaced by the ground truth at the patch grid.

@@ -36,8 +36,9 @@ from flax import nnx
 from ml_collections import config_dict
 from scipy import stats
 
-from ssr_jax import cam as cam_lib
 from ssr_jax import (
+    build,
+    config_check,
     data_sources,
     diagnostics,
     input_pipeline,
@@ -48,6 +49,7 @@ from ssr_jax import (
     sgc_mask,
     ssr,
 )
+from ssr_jax import cam as cam_lib
 from ssr_jax import par as par_lib
 from ssr_jax import sgc as sgc_lib
 from ssr_jax import text as text_lib
@@ -207,6 +209,201 @@ MASK_GRID = {"theta_h": (0.2, 0.3, 0.4, 0.5, 0.6),
 # CAM, oracle affinity) and "oracle_cam_sgc" (oracle CAM, CLIP+DINO).
 MASK_GRID_ROWS = ("learned", "oracle_attn", "oracle_cam")
 
+# The purity threshold (issue 10, "+CLIP attention > initial"): each base
+# affinity moved toward the ground-truth oracle, (1 − α)·A + α·Ô
+# (`diagnostics.oracle_mix`: Ô is the oracle with A's row sums), then the
+# configured transition and the box mask, as the Table 3 rows
+# "clip_attn" ("clip": w_clip·A_CLIP) and "clip_dino" ("fused": Eq. 9).
+# Each α is scored on the learned CAM and on the oracle CAM
+# (`AFFINITY_MIX_ROWS`); α = 0 reproduces those rows.
+AFFINITY_MIX_BASES = ("clip", "fused")
+AFFINITY_MIX_ROWS = ("learned", "oracle_cam")
+
+
+# Levers on the CLIP affinity (issue 10), measured in one pass: which
+# blocks (`sgc.clip_layers`, the last k), the transition's power
+# (`sgc.transition_power`) and the Sinkhorn rounds. Each setting gives
+# the purity of the CLIP and fused affinities and of their transition
+# matrices, and the box-mask rows `LEVER_ROWS` (the Table 3 rows of the
+# same names; the config's own setting reproduces them).
+LEVER_SINKHORN = (0, 1, 10)
+LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn")
+
+
+def lever_settings(sgc: sgc_lib.SGCParams, num_blocks: int,
+                   ) -> list[dict[str, int]]:
+    """Every clip_layers 1..num_blocks × transition power at the config's
+    Sinkhorn rounds, then every `LEVER_SINKHORN` round count × power at
+    the config's clip_layers."""
+    powers = sgc_lib.TRANSITION_POWERS
+    out = [{"clip_layers": k, "sinkhorn_iters": sgc.sinkhorn_iters,
+            "transition_power": p}
+           for k in range(1, num_blocks + 1) for p in powers]
+    out += [{"clip_layers": sgc.clip_layers, "sinkhorn_iters": it,
+             "transition_power": p}
+            for it in LEVER_SINKHORN if it != sgc.sinkhorn_iters
+            for p in powers]
+    return out
+
+
+def _levers(settings, attn, dino_aff, plab, cams, ocams, slot_valid,
+            cls_ids, gt, s: sgc_lib.SGCParams, num_classes: int,
+            ignore_index: int):
+    """(purity [G, 4 (clip, its transition, fused, its transition), 2
+    (sums, counts), 2 (bg, fg)], confusions [G, len(LEVER_ROWS), C, C])
+    for `lever_settings`."""
+    b, nk, h, w = cams.shape
+    hw = gt.shape[1:]
+    keep = slot_valid[:, :, None, None]
+    masks = [sgc_mask.box_mask(c, s.box_threshold, s.impl).reshape(
+        b, nk, h * w) for c in (cams, ocams)]
+
+    def row(t, c, m):
+        out = sgc_lib.propagate(t, c.reshape(b, nk, h * w), m)
+        out = jnp.where(keep, out.reshape(b, nk, h, w), 0.0)
+        _, labels = par_lib.cams_to_labels(out, cls_ids, hw)
+        return metrics.confusion_matrix_jnp(labels, gt, num_classes,
+                                            ignore_index)
+
+    purs, confs = [], []
+    for st in settings:
+        clip_aff = sgc_lib.clip_affinity(attn, st["clip_layers"])
+        a_c = sgc_lib.fuse_affinity(clip_aff, None, s.clip_weight,
+                                    s.dino_weight)
+        a_f = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
+                                    s.dino_weight)
+        t_c, t_f = (sgc_lib.transition_matrix(a, st["sinkhorn_iters"],
+                                              st["transition_power"])
+                    for a in (a_c, a_f))
+        purs.append(jnp.stack([jnp.stack(affinity_purity(x, plab))
+                               for x in (a_c, t_c, a_f, t_f)]))
+        confs.append(jnp.stack([row(t_c, cams, masks[0]),
+                                row(t_f, cams, masks[0]),
+                                row(t_c, ocams, masks[1])]))
+    return jnp.stack(purs), jnp.stack(confs)
+
+
+def affinity_mix_weights(values: Sequence[float | str]) -> list[float]:
+    """The --affinity_mix weights as floats; ValueError (saying what to
+    give) unless they are distinct, increasing and in [0, 1]."""
+    try:
+        alphas = [float(a) for a in values]
+    except ValueError:
+        alphas = None
+    if alphas is None or any(not 0.0 <= a <= 1.0 for a in alphas) or (
+            alphas != sorted(set(alphas))):
+        raise ValueError(f"affinity_mix={','.join(map(str, values))}: give "
+                         "distinct increasing weights in [0, 1], e.g. "
+                         "0,0.25,0.5,0.75,1")
+    return alphas
+
+
+def purity_threshold(alphas: Sequence[float], purity: Sequence[float],
+                     miou: Sequence[float], initial: float,
+                     ) -> dict[str, Any]:
+    """Where propagation first beats the initial CAM along a mixing curve.
+
+    Args:
+      alphas: increasing mixing weights.
+      purity: the purity at each α (e.g. the foreground share).
+      miou: the step's mIoU at each α.
+      initial: the initial CAM's mIoU (the step must exceed it).
+
+    Returns:
+      {"alpha_star": the first grid α with miou > initial (None if none),
+      "purity_star": its purity, "alpha_cross", "purity_cross": the
+      crossing linearly interpolated between that α and the grid point
+      before it (equal to the grid point when the first α already beats
+      it; None if none)}.
+    """
+    out: dict[str, Any] = {"alpha_star": None, "purity_star": None,
+                           "alpha_cross": None, "purity_cross": None}
+    for i, (a, p, m) in enumerate(zip(alphas, purity, miou, strict=True)):
+        if m > initial:
+            out["alpha_star"], out["purity_star"] = float(a), float(p)
+            if i == 0:
+                out["alpha_cross"], out["purity_cross"] = float(a), float(p)
+            else:
+                a0, p0, m0 = alphas[i - 1], purity[i - 1], miou[i - 1]
+                f = (initial - m0) / (m - m0)
+                out["alpha_cross"] = float(a0 + f * (a - a0))
+                out["purity_cross"] = float(p0 + f * (p - p0))
+            break
+    return out
+
+
+def _affinity_mix(alphas, bases, oracle, plab, cams, ocams, slot_valid,
+                  cls_ids, gt, s: sgc_lib.SGCParams, num_classes: int,
+                  ignore_index: int):
+    """(purity [A, bases, 2 (affinity, transition), 2 (sums, counts), 2
+    (bg, fg)], confusions [A, bases, len(AFFINITY_MIX_ROWS), C, C]) of
+    the `AFFINITY_MIX_BASES` affinities `bases` mixed toward `oracle` at
+    each of `alphas` [A]."""
+    b, nk, h, w = cams.shape
+    hw = gt.shape[1:]
+    keep = slot_valid[:, :, None, None]
+    masks = [sgc_mask.box_mask(c, s.box_threshold, s.impl).reshape(
+        b, nk, h * w) for c in (cams, ocams)]
+
+    def curve(base):
+        def at(alpha):
+            a = diagnostics.oracle_mix(base, oracle, alpha)
+            t = sgc_lib.transition_matrix(a, s.sinkhorn_iters,
+                                          s.transition_power)
+            pur = jnp.stack([jnp.stack(affinity_purity(x, plab))
+                             for x in (a, t)])
+            confs = []
+            for c, m in zip((cams, ocams), masks, strict=True):
+                out = sgc_lib.propagate(t, c.reshape(b, nk, h * w), m)
+                out = jnp.where(keep, out.reshape(b, nk, h, w), 0.0)
+                _, labels = par_lib.cams_to_labels(out, cls_ids, hw)
+                confs.append(metrics.confusion_matrix_jnp(
+                    labels, gt, num_classes, ignore_index))
+            return pur, jnp.stack(confs)
+        return jax.lax.map(at, alphas)
+
+    outs = [curve(bases[k]) for k in AFFINITY_MIX_BASES]
+    return (jnp.stack([o[0] for o in outs], 1),
+            jnp.stack([o[1] for o in outs], 1))
+
+
+def _affinity_mix_summary(alphas: Sequence[float], pur: np.ndarray,
+                          conf: np.ndarray, names: Sequence[str],
+                          miou: dict[str, float]) -> dict[str, Any]:
+    """The JSON of the purity threshold from the accumulated `_affinity_mix`
+    sums: per base, per α, the [bg, fg] purity of the mixed affinity and
+    of its transition matrix and the mIoU rows; the threshold against
+    "initial" (learned CAM) and "oracle_cam" (oracle CAM)."""
+    rate = pur[:, :, :, 0] / np.maximum(pur[:, :, :, 1], 1)  # [A, b, 2, 2]
+    out: dict[str, Any] = {
+        "alphas": [float(a) for a in alphas],
+        "scaling": "oracle rows normalised to sum 1, times the base "
+                   "affinity's row sums (diagnostics.oracle_mix)"}
+    for j, base in enumerate(AFFINITY_MIX_BASES):
+        points = []
+        for i, a in enumerate(alphas):
+            points.append({
+                "alpha": float(a),
+                "purity": rate[i, j, 0].tolist(),
+                "purity_transition": rate[i, j, 1].tolist(),
+                "miou": {r: metrics.scores(conf[i, j, k], names)["miou"]
+                         for k, r in enumerate(AFFINITY_MIX_ROWS)}})
+        thr = {}
+        for row, ref in (("learned", "initial"),
+                         ("oracle_cam", "oracle_cam")):
+            m = [p["miou"][row] for p in points]
+            thr[row] = {
+                "initial": miou[ref],
+                "fg_purity": purity_threshold(
+                    alphas, [p["purity"][1] for p in points], m, miou[ref]),
+                "fg_purity_transition": purity_threshold(
+                    alphas, [p["purity_transition"][1] for p in points], m,
+                    miou[ref]),
+                "bg_purity": purity_threshold(
+                    alphas, [p["purity"][0] for p in points], m, miou[ref])}
+        out[base] = {"points": points, "threshold": thr}
+    return out
+
 
 def mask_grid_settings(sgc: sgc_lib.SGCParams,
                        grid: dict[str, Sequence] | None = None,
@@ -305,12 +502,15 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
 
 def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
-             home: np.ndarray, mask_settings: Sequence[dict] = ()):
+             home: np.ndarray, mask_settings: Sequence[dict] = (),
+             mix_alphas: Sequence[float] = (),
+             levers: Sequence[dict] = ()):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
     tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
-    (None when empty))."""
+    (None when empty), the `_affinity_mix` outputs for `mix_alphas` and
+    the `_levers` outputs for `levers` (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -395,19 +595,37 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                                       s.dino_weight)
         affs = {"uniform": jnp.ones_like(clip_aff), "clip": clip_aff,
                 "dino": dino_aff, "fused": fused,
-                "transition": sgc_lib.transition_matrix(fused,
-                                                        s.sinkhorn_iters)}
+                "transition": sgc_lib.transition_matrix(
+                    fused, s.sinkhorn_iters, s.transition_power)}
+        # Each CLIP block alone (the choice behind sgc.clip_layers).
+        for i, a in enumerate(attn):
+            affs[f"clip_block{i + 1}"] = sgc_lib.drop_cls(
+                a.astype(jnp.float32))
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
         mgrid = None
         if mask_settings:
             trans_oracle = sgc_lib.transition_matrix(
                 sgc_lib.fuse_affinity(oracle, None, 1.0, s.dino_weight),
-                s.sinkhorn_iters)
+                s.sinkhorn_iters, s.transition_power)
             mgrid = _mask_grid(mask_settings, cams, ocams, slot_valid,
                                cls_ids, gt, batch, affs["transition"],
                                trans_oracle, s, num_classes,
                                config.data.ignore_index)
-        return jnp.stack(confs), purity, errors, pool, mgrid
+        mix = None
+        if mix_alphas:
+            bases = {"clip": sgc_lib.fuse_affinity(
+                clip_aff, None, s.clip_weight, s.dino_weight),
+                "fused": fused}
+            mix = _affinity_mix(jnp.asarray(mix_alphas, jnp.float32), bases,
+                                oracle, plab, cams, ocams, slot_valid,
+                                cls_ids, gt, s, num_classes,
+                                config.data.ignore_index)
+        lev = None
+        if levers:
+            lev = _levers(levers, attn, dino_aff, plab, cams, ocams,
+                          slot_valid, cls_ids, gt, s, num_classes,
+                          config.data.ignore_index)
+        return jnp.stack(confs), purity, errors, pool, mgrid, mix, lev
 
     return lambda batch: fn(cs, ds, batch)
 
@@ -417,6 +635,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 batch_size: int = 20, logit_scale: str | float = "config",
                 oracle_cmpa: bool = True,
                 mask_grid: dict[str, Sequence] | None = None,
+                affinity_mix: Sequence[float] = (),
+                affinity_levers: bool = False,
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -439,6 +659,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         `mask_grid_settings` measured directly (object recall and
         background rejection, masks of the learned and of the oracle CAM)
         and by the mIoU of `MASK_GRID_ROWS`.
+      affinity_mix: mixing weights α in [0, 1], increasing (empty = off):
+        the purity threshold (`_affinity_mix`, `AFFINITY_MIX_BASES`).
+      affinity_levers: also measure `lever_settings` (`_levers`).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -446,15 +669,21 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       "num_images", "seconds", "oracle_cmpa": training log, "mask_grid":
       list of {setting, "learned_cam": rates, "oracle_cam": rates,
       "learned_cam_mass": rates weighted by the learned CAM, "miou":
-      {row: mIoU}} or None}. Steps:
+      {row: mIoU}} or None, "affinity_mix": `_affinity_mix_summary` or
+      None, "affinity_levers": list of {setting, "purity": {affinity:
+      [bg, fg]}, "miou": {row: mIoU}} or None}. Steps:
       STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + "sgc_par" (+ CMPA_STEPS).
     """
     start = time.perf_counter()
+    alphas = affinity_mix_weights(affinity_mix)
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
     dino, _ = encoders.load_affinity_encoder(
         config.model.get("dino_kind", "dino"), dino_path)
+    # e.g. sgc.clip_layers above the CLIP's depth: a clear ConfigError here,
+    # not a traceback from inside the jitted step.
+    build.check_models(config, clip, dino)
     tok = text_lib.load_tokenizer(clip_path)
     fg, bg, names = text_lib.dataset_prompts(specs.SYNTHETIC.name, root)
     template = config.text.template
@@ -470,14 +699,24 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     settings = (mask_grid_settings(params.method_params(config).sgc,
                                    mask_grid)
                 if mask_grid is not None else [])
+    levers = (lever_settings(params.method_params(config).sgc,
+                             len(clip.vision.blocks))
+              if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
-                  home, settings)
+                  home, settings, tuple(alphas), levers)
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
                           num_classes), np.int64)
     keys = STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS + ("sgc_par",)
     conf = np.zeros((len(keys), num_classes, num_classes), np.int64)
+    lev_pur = np.zeros((len(levers), 4, 2, 2))
+    lev_conf = np.zeros((len(levers), len(LEVER_ROWS), num_classes,
+                         num_classes), np.int64)
+    nb, nr = len(AFFINITY_MIX_BASES), len(AFFINITY_MIX_ROWS)
+    mix_pur = np.zeros((len(alphas), nb, 2, 2, 2))
+    mix_conf = np.zeros((len(alphas), nb, nr, num_classes, num_classes),
+                        np.int64)
     pur: dict[str, np.ndarray] = {}
     err: dict[str, np.ndarray] = {}
     bnd = {1: [0, 0], 2: [0, 0]}
@@ -493,9 +732,15 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     for batch in batches:
         batch = dict(batch)
         batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
-        c, purity, errors, pool, mgrid = fn({k: jnp.asarray(v)
-                                             for k, v in batch.items()
-                                             if k not in ("name",)})
+        c, purity, errors, pool, mgrid, mix, lev = fn(
+            {k: jnp.asarray(v) for k, v in batch.items()
+             if k not in ("name",)})
+        if lev is not None:
+            lev_pur += np.asarray(lev[0], np.float64)
+            lev_conf += np.asarray(lev[1], np.int64)
+        if mix is not None:
+            mix_pur += np.asarray(mix[0], np.float64)
+            mix_conf += np.asarray(mix[1], np.int64)
         if mgrid is not None:
             grid_cov += np.stack([np.asarray(mgrid[0]),
                                   np.asarray(mgrid[1])])
@@ -553,7 +798,19 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                                                 names)["miou"]
                               for j, r in enumerate(MASK_GRID_ROWS)}}
                     for g, st in enumerate(settings)]
-    return {"miou": {k: sc[k]["miou"] for k in keys}, "scores": sc,
+    miou = {k: sc[k]["miou"] for k in keys}
+    mix_out = (_affinity_mix_summary(alphas, mix_pur, mix_conf, names, miou)
+               if alphas else None)
+    lev_out = None
+    if levers:
+        rate = lev_pur[:, :, 0] / np.maximum(lev_pur[:, :, 1], 1)
+        lev_out = [{**st, "purity": dict(zip(
+            ("clip", "clip_transition", "fused", "fused_transition"),
+            rate[g].tolist(), strict=True)),
+            "miou": {r: metrics.scores(lev_conf[g, j], names)["miou"]
+                     for j, r in enumerate(LEVER_ROWS)}}
+            for g, st in enumerate(levers)]
+    return {"miou": miou, "scores": sc,
             "purity": {k: (v[0] / np.maximum(v[1], 1)).tolist()
                        for k, v in pur.items()},
             "initial_cam_errors": diagnostics.cam_error_summary(err),
@@ -561,6 +818,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                                 for t, (h, tot) in bnd.items()},
             "logit_scale": float(logit_scale), "num_images": n,
             "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
+            "affinity_mix": mix_out, "affinity_levers": lev_out,
             "seconds": time.perf_counter() - start}
 
 
@@ -603,6 +861,14 @@ def _bg_kinds(batch: dict, meta: dict, split_names: Sequence[str],
 def main(argv: Sequence[str]) -> None:
     del argv
     config = _CONFIG.value
+    try:
+        alphas = affinity_mix_weights(_AFFINITY_MIX.value)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
+    errors = config_check.validate(config, check_devices=False)
+    if errors:
+        raise SystemExit("pretrain_report: the config has problems:\n  - "
+                         + "\n  - ".join(errors))
     root = pretrain.ensure_world(config)
     clip_path, dino_path = pretrain.ensure_encoders(config, root)
     report = {"encoders": {}}
@@ -614,11 +880,15 @@ def main(argv: Sequence[str]) -> None:
     report["zero_shot"] = zs
     for scale in _LOGIT_SCALES.value:
         scale = scale if scale in ("config", "model") else float(scale)
-        seeds = seed_report(config, clip_path, dino_path, root,
-                            max_images=_MAX_IMAGES.value, logit_scale=scale,
-                            oracle_cmpa=_ORACLE_CMPA.value,
-                            mask_grid=MASK_GRID if _MASK_GRID.value
-                            else None)
+        try:
+            seeds = seed_report(
+                config, clip_path, dino_path, root,
+                max_images=_MAX_IMAGES.value, logit_scale=scale,
+                oracle_cmpa=_ORACLE_CMPA.value,
+                mask_grid=MASK_GRID if _MASK_GRID.value else None,
+                affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value)
+        except config_check.ConfigError as e:
+            raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
         print(f"GradCAM logit scale {seeds['logit_scale']:g}:")
         print(format_report(zs, seeds))
@@ -643,9 +913,16 @@ if __name__ == "__main__":
         "mask_grid", False, "also measure the SGC / box target-zone masks "
         "over MASK_GRID (object recall, background rejection, mIoU); "
         "roughly triples the seed stage")
+    _AFFINITY_MIX = flags.DEFINE_list(
+        "affinity_mix", [], "the purity threshold: mixing weights α "
+        "(e.g. 0,0.25,0.5,0.75,1) of (1-α)·A + α·oracle for the CLIP and "
+        "the fused affinity, purity and box-mask mIoU per α (empty = off)")
+    _AFFINITY_LEVERS = flags.DEFINE_boolean(
+        "affinity_levers", False, "also measure the CLIP affinity's levers "
+        "in one pass (clip_layers 1..L x transition power 1/2, Sinkhorn "
+        "rounds 0/1/10): purity and box-mask mIoU rows")
     _ORACLE_CMPA = flags.DEFINE_boolean(
-        "oracle_cmpa", True, "also train and score the oracle CMPA heads "
-        "(the cmpa_* rows, a second pass); --nooracle_cmpa skips them when "
-        "only the Table 3 / SGC rows are wanted")
+        "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
+        "second pass; --nooracle_cmpa skips them)")
     _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
     app.run(main)

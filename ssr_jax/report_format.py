@@ -70,6 +70,10 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
             f"{o['last_acc']:.2f}, tau {o['tau']:.3f}")
     if seeds.get("mask_grid"):
         lines.append(format_mask_grid(seeds["mask_grid"]))
+    if seeds.get("affinity_mix"):
+        lines.append(format_affinity_mix(seeds["affinity_mix"]))
+    if seeds.get("affinity_levers"):
+        lines.append(format_affinity_levers(seeds["affinity_levers"]))
     if "boundary_recall" in seeds:
         lines.append("superpixel boundary recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in seeds["boundary_recall"].items()))
@@ -137,3 +141,57 @@ def format_mask_grid(grid: list[dict[str, Any]]) -> str:
             f" {100 * m['learned']:8.1f} {100 * m['oracle_attn']:8.1f} "
             f"{100 * m['oracle_cam']:8.1f}")
     return "\n".join(out)
+
+
+def format_affinity_mix(mix: dict[str, Any]) -> str:
+    """The purity threshold (`pretrain_report._affinity_mix_summary`): per
+    base affinity and α, [bg, fg] purity of the mixed affinity and of its
+    transition matrix, the box-mask mIoU on the learned and on the oracle
+    CAM, then where each first beats its initial CAM."""
+    lines = [f"affinity mixed toward the oracle, (1-a)*A + a*oracle "
+             f"({mix['scaling']}); box mask; mIoU %:"]
+    for base in ("clip", "fused"):
+        if base not in mix:
+            continue
+        lines.append(f"  {base}: alpha | purity [bg, fg] | transition "
+                     "[bg, fg] | learned CAM | oracle CAM")
+        for p in mix[base]["points"]:
+            a, t = p["purity"], p["purity_transition"]
+            lines.append(
+                f"    {p['alpha']:.2f} | [{a[0]:.2f}, {a[1]:.2f}] | "
+                f"[{t[0]:.2f}, {t[1]:.2f}] | {100 * p['miou']['learned']:.1f}"
+                f" | {100 * p['miou']['oracle_cam']:.1f}")
+        for row, thr in mix[base]["threshold"].items():
+            f = thr["fg_purity"]
+            if f["alpha_star"] is None:
+                lines.append(f"    {row}: never beats its initial CAM "
+                             f"({100 * thr['initial']:.1f})")
+                continue
+            ft = thr["fg_purity_transition"]
+            lines.append(
+                f"    {row}: beats its initial CAM ({100 * thr['initial']:.1f})"
+                f" first at alpha {f['alpha_star']:.2f} (fg purity "
+                f"{f['purity_star']:.2f}); interpolated crossing alpha "
+                f"{f['alpha_cross']:.2f}, fg purity {f['purity_cross']:.2f} "
+                f"(transition {ft['purity_cross']:.2f}), bg purity "
+                f"{thr['bg_purity']['purity_cross']:.2f}")
+    return "\n".join(lines)
+
+
+def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
+    """The CLIP affinity's levers (`pretrain_report._levers`): per
+    (clip_layers, Sinkhorn rounds, power), fg purity of the CLIP / fused
+    affinity and of their transitions, and the box-mask rows."""
+    lines = ["CLIP affinity levers (box mask; fg purity: CLIP, its "
+             "transition, fused, its transition; mIoU %: +CLIP, +DINO, "
+             "oracle CAM +CLIP):"]
+    for g in levers:
+        p, m = g["purity"], g["miou"]
+        lines.append(
+            f"  layers {g['clip_layers']} sinkhorn {g['sinkhorn_iters']} "
+            f"power {g['transition_power']}: "
+            + " ".join(f"{p[k][1]:.2f}" for k in (
+                "clip", "clip_transition", "fused", "fused_transition"))
+            + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
+                "clip_attn", "clip_dino", "oracle_cam_clip_attn")))
+    return "\n".join(lines)

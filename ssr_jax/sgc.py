@@ -168,26 +168,40 @@ def _normalise(x: Array, axis: int) -> Array:
     return jnp.where(s > 0, x / jnp.where(s > 0, s, 1.0), 0.0)
 
 
-def transition_matrix(affinity: Array, sinkhorn_iters: int = 3) -> Array:
+TRANSITION_POWERS = (1, 2)
+
+
+def transition_matrix(affinity: Array, sinkhorn_iters: int = 3,
+                      power: int = 2) -> Array:
     """Transition matrix T of an affinity, WeCLIP `compute_trans_mat`.
 
     `sinkhorn_iters` rounds of (column-normalise, then row-normalise), then
-    symmetrise (T + Tᵀ)/2 and square once, T ← T·T (one propagation step
-    with T²). Zero columns/rows stay 0 instead of giving NaN.
+    symmetrise S = (T + Tᵀ)/2 and raise it to `power`: 2 is WeCLIP's
+    S·S (one propagation step with S²), 1 is S itself (the paper's Eq. 11
+    read literally, CAM_refine = A*·CAM with one product). Zero
+    columns/rows stay 0 instead of giving NaN.
 
     Args:
       affinity: [B, N, N] non-negative.
       sinkhorn_iters: static number of rounds (WeCLIP: 3).
+      power: static 1 or 2 (`TRANSITION_POWERS`; WeCLIP: 2).
 
     Returns:
       [B, N, N] float32.
     """
+    if power not in TRANSITION_POWERS:
+        raise ValueError(f"transition power {power!r}: choose one of "
+                         f"{TRANSITION_POWERS} (2 = WeCLIP's T·T, 1 = one "
+                         "product, Eq. 11 read literally)")
+
     def body(_, t):
         return _normalise(_normalise(t, axis=-2), axis=-1)
 
     t = jax.lax.fori_loop(0, sinkhorn_iters, body,
                           affinity.astype(jnp.float32))
     t = 0.5 * (t + jnp.swapaxes(t, -1, -2))
+    if power == 1:
+        return t
     return jnp.einsum("bij,bjk->bik", t, t, precision=_HP)
 
 
@@ -223,7 +237,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
                 use_clip_attn: bool = True, use_dino_attn: bool = True,
                 mask_kind: str = "superpixel", clip_layers: int = 8,
                 clip_weight: float = 0.4, dino_weight: float = 0.6,
-                sinkhorn_iters: int = 3, box_threshold: float = 0.4,
+                sinkhorn_iters: int = 3, transition_power: int = 2,
+                box_threshold: float = 0.4,
                 colour_k: int = 8, colour_iters: int = 10,
                 colour_space: str = "lab", theta_h: float = 0.4,
                 theta_r: float = 0.5, patch_fraction: float = 0.5,
@@ -259,7 +274,8 @@ def refine_cams(cams: Array, slot_valid: Array, *,
       image, superpixels, valid: [B, H, W, 3] uint8, [B, H, W] int32,
         [B, H, W] bool; needed for the superpixel mask.
       use_clip_attn, use_dino_attn, mask_kind: the Table 3 switches.
-      clip_layers, clip_weight, dino_weight, sinkhorn_iters: the affinity.
+      clip_layers, clip_weight, dino_weight, sinkhorn_iters,
+        transition_power: the affinity and its transition matrix.
       box_threshold: `box_mask` threshold.
       colour_k, colour_iters, colour_space, theta_h, theta_r,
         patch_fraction, num_segments, kmeans_init, kmeans_seed,
@@ -300,7 +316,7 @@ def refine_cams(cams: Array, slot_valid: Array, *,
     if aff.shape != (b, h * w, h * w):
         raise ValueError(f"affinity {aff.shape} does not match the CAM grid "
                          f"{h}x{w} (expected {(b, h * w, h * w)})")
-    trans = transition_matrix(aff, sinkhorn_iters)
+    trans = transition_matrix(aff, sinkhorn_iters, transition_power)
 
     if mask_kind == "superpixel":
         if image is None or superpixels is None or valid is None:
@@ -337,6 +353,7 @@ class SGCParams:
     clip_weight: float = 0.4
     dino_weight: float = 0.6
     sinkhorn_iters: int = 3
+    transition_power: int = 2
     box_threshold: float = 0.4
     colour_k: int = 8
     colour_iters: int = 10

@@ -31,6 +31,52 @@ def test_attention_purity_vs_loops():
     np.testing.assert_array_equal(counts, want_c)
 
 
+def _oracle_mix_loop(aff, labels, alpha):
+    b, n, _ = aff.shape
+    out = np.zeros((b, n, n))
+    for i in range(b):
+        for q in range(n):
+            own = [k for k in range(n) if k == q or (
+                labels[i, q] >= 0 and labels[i, k] == labels[i, q])]
+            row = sum(float(aff[i, q, k]) for k in range(n))
+            for k in range(n):
+                o = row / len(own) if k in own else 0.0
+                out[i, q, k] = (1 - alpha) * aff[i, q, k] + alpha * o
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_oracle_mix_vs_loop_and_linear_purity(alpha):
+    """The mix against a loop; with every key labelled, each query's
+    purity is (1 − α)·p + α. The oracle without the rescaling to A's row
+    sums (a broken variant) breaks that line."""
+    rng = np.random.default_rng(3)
+    b, n = 2, 10
+    aff = (rng.random((b, n, n)) * rng.random((b, n, 1)) * 3).astype(
+        np.float32)
+    labels = rng.integers(-1, 3, (b, n))
+    oracle = diagnostics.oracle_affinity(jnp.asarray(labels))
+    got = np.asarray(diagnostics.oracle_mix(jnp.asarray(aff), oracle, alpha))
+    np.testing.assert_allclose(got, _oracle_mix_loop(aff, labels, alpha),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), aff.sum(-1), rtol=1e-5)
+
+    full = np.abs(labels)  # every key labelled
+    oracle = diagnostics.oracle_affinity(jnp.asarray(full))
+    base, _ = map(np.asarray, diagnostics.attention_purity(
+        jnp.asarray(aff), jnp.asarray(full)))
+    sums, counts = map(np.asarray, diagnostics.attention_purity(
+        diagnostics.oracle_mix(jnp.asarray(aff), oracle, alpha),
+        jnp.asarray(full)))
+    np.testing.assert_allclose(sums, (1 - alpha) * base + alpha * counts,
+                               rtol=1e-5)
+    if 0 < alpha < 1:
+        raw = (1 - alpha) * aff + alpha * np.asarray(oracle)  # unscaled
+        bad, _ = map(np.asarray, diagnostics.attention_purity(
+            jnp.asarray(raw), jnp.asarray(full)))
+        assert np.abs(bad - ((1 - alpha) * base + alpha * counts)).max() > 0.1
+
+
 def test_oracle_affinity_is_pure():
     labels = jnp.asarray([[0, 1, 1, -1, 2, 0]])
     aff = diagnostics.oracle_affinity(labels)
@@ -194,7 +240,7 @@ def test_config_check_names_the_new_fields():
     c = config_defaults.base_config()
     assert not [e for e in config_check.validate(c)
                 if "ratio_denominator" in e or "zone_unit" in e
-                or "intersect_box" in e]
+                or "intersect_box" in e or "transition_power" in e]
     c.sgc.ratio_denominator = "whole"
     c.sgc.zone_unit = "region"
     del c.sgc["intersect_box"]  # ConfigDict would refuse a str for a bool
@@ -203,6 +249,13 @@ def test_config_check_names_the_new_fields():
     for name in ("sgc.ratio_denominator", "sgc.zone_unit",
                  "sgc.intersect_box"):
         assert any(name in e for e in errors), (name, errors)
+    for bad in (3, 0, True, "2"):
+        c = config_defaults.base_config()
+        c.sgc.unlock()
+        del c.sgc["transition_power"]
+        c.sgc.transition_power = bad
+        assert any("sgc.transition_power" in e
+                   for e in config_check.validate(c)), bad
     c = config_defaults.base_config()
     c.cmpa.background_pool = True
     assert not [e for e in config_check.validate(c) if "background_pool" in e]

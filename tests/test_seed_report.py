@@ -32,7 +32,7 @@ def _synthetic_config(arg: str):
     return module.get_config(arg)
 
 
-@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report)
+@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report), 62 s loaded
 def test_seed_report_config_scale_is_the_methods(tmp_path):
     root = tmp_path / "world"
     synthetic.generate(root, seed=0, num_train=4, num_val=2, image_size=64)
@@ -50,7 +50,9 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
                                       logit_scale="config",
                                       mask_grid={"theta_h": (0.4,),
                                                  "theta_r": (0.5,),
-                                                 "kmeans_init": ()})
+                                                 "kmeans_init": ()},
+                                      affinity_mix=(0.0, 1.0),
+                                      affinity_levers=True)
     assert got["num_images"] == 2
     # The mask grid at the config's own settings reproduces the Table 3
     # rows that use the same mask (the method's refine_cams path).
@@ -67,6 +69,29 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
             ("oracle_cam", "oracle_cam_sgc", "oracle_cam_clip_dino")):
         assert math.isclose(sgc_g[row], m[sgc_key], abs_tol=1e-9), row
         assert math.isclose(box_g[row], m[box_key], abs_tol=1e-9), row
+    # The purity threshold at α = 0 reproduces the box-mask rows (the
+    # method's refine_cams path); at α = 1 the mixed affinity is pure.
+    mix = got["affinity_mix"]
+    for base, key in (("clip", "clip_attn"), ("fused", "clip_dino")):
+        p0, p1 = mix[base]["points"]
+        assert math.isclose(p0["miou"]["learned"], m[key], abs_tol=1e-9)
+        assert math.isclose(p0["miou"]["oracle_cam"], m["oracle_cam_" + key],
+                            abs_tol=1e-9)
+        assert p1["purity"][1] == pytest.approx(1.0, abs=1e-5)
+    assert mix["clip"]["points"][0]["purity"] == pytest.approx(
+        got["purity"]["clip"], abs=1e-6)
+    assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
+    # The lever at the config's own setting reproduces the same rows.
+    levers = got["affinity_levers"]
+    assert len(levers) == 2 * 2 + 3 * 2  # 2 blocks x 2 powers + Sinkhorn
+    own = [g for g in levers if (g["clip_layers"], g["sinkhorn_iters"],
+                                 g["transition_power"]) == (
+        c.sgc.clip_layers, c.sgc.sinkhorn_iters, 2)]
+    assert len(own) == 1
+    for row in ("clip_attn", "clip_dino", "oracle_cam_clip_attn"):
+        assert math.isclose(own[0]["miou"][row], m[row], abs_tol=1e-9), row
+    assert own[0]["purity"]["fused_transition"] == pytest.approx(
+        got["purity"]["transition"], abs=1e-6)
     for g in got["mask_grid"]:
         for cam in ("learned_cam", "oracle_cam"):
             assert all(v is None or 0 <= v <= 1 for v in g[cam].values())
@@ -80,4 +105,132 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     printed = report_format.format_seed_diagnostics(got)
     assert "Table 3 rows" in printed and "oracle CMPA heads" in printed
     assert "target-zone masks" in printed
+    assert "affinity mixed toward the oracle" in printed
+    assert "CLIP affinity levers" in printed
     assert all(k in printed for k in got["miou"])
+
+
+def test_purity_threshold_interpolates_the_first_crossing():
+    a, p = [0.0, 0.5, 1.0], [0.4, 0.7, 1.0]
+    got = pretrain_report.purity_threshold(a, p, [0.25, 0.46, 0.57], 0.358)
+    f = (0.358 - 0.25) / (0.46 - 0.25)
+    assert got["alpha_star"] == 0.5 and got["purity_star"] == 0.7
+    assert math.isclose(got["alpha_cross"], 0.5 * f)
+    assert math.isclose(got["purity_cross"], 0.4 + 0.3 * f)
+    # Already above at the first point; never above; equal is not above.
+    got = pretrain_report.purity_threshold(a, p, [0.4, 0.2, 0.5], 0.3)
+    assert got["alpha_star"] == 0.0 and got["alpha_cross"] == 0.0
+    got = pretrain_report.purity_threshold(a, p, [0.1, 0.2, 0.3], 0.3)
+    assert got == {"alpha_star": None, "purity_star": None,
+                   "alpha_cross": None, "purity_cross": None}
+    with pytest.raises(ValueError, match="increasing weights in"):
+        pretrain_report.affinity_mix_weights(["0.5", "0.2"])
+    with pytest.raises(ValueError, match="increasing weights in"):
+        pretrain_report.affinity_mix_weights(["0", "x"])
+    assert pretrain_report.affinity_mix_weights(["0", "1"]) == [0.0, 1.0]
+
+
+def test_affinity_mix_vs_loops():
+    """`_affinity_mix` (purity of the mixed affinity and its transition,
+    box-mask mIoU rows) against loops and the method's own refine_cams
+    with the mixed affinity given as clip_aff, on tiny random inputs."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from ssr_jax import diagnostics, metrics, par, sgc  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    b, k, gh, gw, c, px = 2, 2, 4, 4, 4, 8
+    n = gh * gw
+    cams = rng.random((b, k, gh, gw)).astype(np.float32)
+    ocams = (rng.random((b, k, gh, gw)) > 0.6).astype(np.float32)
+    slot = np.array([[True, True], [True, False]])
+    cls_ids = np.where(slot, rng.integers(0, c - 1, (b, k)), -1)
+    gt = rng.integers(0, c, (b, gh * px, gw * px))
+    gt[0, :3] = 255
+    plab = np.asarray(pretrain_report.patch_labels(
+        jnp.asarray(gt), px, c))
+    oracle = diagnostics.oracle_affinity(jnp.asarray(plab))
+    bases = {name: jnp.asarray(rng.random((b, n, n)).astype(np.float32)
+                               * (1 + i))
+             for i, name in enumerate(pretrain_report.AFFINITY_MIX_BASES)}
+    s = sgc.SGCParams(box_threshold=0.4, sinkhorn_iters=3)
+    alphas = (0.0, 0.4, 1.0)
+    pur, conf = map(np.asarray, jax.jit(
+        lambda *a: pretrain_report._affinity_mix(*a, s, c, 255))(
+        jnp.asarray(alphas), bases, oracle, jnp.asarray(plab),
+        jnp.asarray(cams), jnp.asarray(ocams), jnp.asarray(slot),
+        jnp.asarray(cls_ids), jnp.asarray(gt)))
+    assert pur.shape == (3, 2, 2, 2, 2) and conf.shape == (3, 2, 2, c, c)
+
+    trans_fn = jax.jit(lambda a: sgc.transition_matrix(a, 3))
+
+    @jax.jit
+    def ref_fn(cm, mixed):  # the method's path, the mix as clip_aff
+        out = sgc.refine_cams(cm, jnp.asarray(slot), clip_aff=mixed,
+                              use_dino_attn=False, mask_kind="box",
+                              clip_weight=1.0, box_threshold=0.4)
+        _, lab = par.cams_to_labels(out, jnp.asarray(cls_ids), gt.shape[1:])
+        return metrics.confusion_matrix_jnp(lab, jnp.asarray(gt), c, 255)
+
+    def purity_loop(aff):
+        sums, counts = np.zeros(2), np.zeros(2)
+        for i in range(b):
+            for q in range(n):
+                if plab[i, q] < 0:
+                    continue
+                keys = [j for j in range(n) if plab[i, j] >= 0]
+                tot = sum(aff[i, q, j] for j in keys)
+                own = sum(aff[i, q, j] for j in keys
+                          if plab[i, j] == plab[i, q])
+                f = int(plab[i, q] > 0)
+                sums[f] += own / tot if tot > 0 else 0.0
+                counts[f] += 1
+        return sums, counts
+
+    for ai, alpha in enumerate(alphas):
+        for bi, name in enumerate(pretrain_report.AFFINITY_MIX_BASES):
+            base = np.asarray(bases[name], np.float64)
+            mixed = np.zeros_like(base)
+            for i in range(b):
+                for q in range(n):
+                    own = [j for j in range(n) if j == q or (
+                        plab[i, q] >= 0 and plab[i, j] == plab[i, q])]
+                    for j in range(n):
+                        o = base[i, q].sum() / len(own) if j in own else 0
+                        mixed[i, q, j] = (1 - alpha) * base[i, q, j] + (
+                            alpha * o)
+            trans = np.asarray(trans_fn(jnp.asarray(mixed, jnp.float32)))
+            for t, arr in enumerate((mixed, trans)):
+                sums, counts = purity_loop(arr)
+                np.testing.assert_allclose(pur[ai, bi, t, 0], sums,
+                                           rtol=1e-4)
+                np.testing.assert_array_equal(pur[ai, bi, t, 1], counts)
+            for r, cm in enumerate((cams, ocams)):
+                want = np.asarray(ref_fn(jnp.asarray(cm),
+                                         jnp.asarray(mixed, jnp.float32)))
+                np.testing.assert_array_equal(conf[ai, bi, r], want)
+    # The rows differ across α (the mix is not ignored).
+    assert (conf[0] != conf[-1]).any()
+
+
+def test_seed_report_rejects_clip_layers_beyond_the_encoder(tmp_path):
+    """sgc.clip_layers above the CLIP's depth is a ConfigError naming the
+    field, raised before any jitted step (it used to end in a traceback
+    from inside the seed function)."""
+    from ssr_jax import config_check
+
+    root = tmp_path / "world"
+    synthetic.generate(root, seed=0, num_train=2, num_val=1, image_size=64)
+    fg, bg, _ = text.dataset_prompts("synthetic", str(root))
+    clip_path, dino_path = ssr_fixtures.make_tiny_encoders(
+        str(tmp_path / "enc"), list(fg) + list(bg), layers=2)
+    c = _synthetic_config("tiny")
+    c.data.crop_size = 64
+    c.sgc.clip_layers = 3
+    with pytest.raises(config_check.ConfigError,
+                       match=r"sgc.clip_layers=3: CLIP has 2 blocks"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=1, batch_size=1,
+                                    oracle_cmpa=False)

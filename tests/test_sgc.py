@@ -480,7 +480,7 @@ def _attn(seed, layers=12, n=GH * GW):
     return (a / a.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def _trans_ref(a, iters):
+def _trans_ref(a, iters, power=2):
     t = np.array(a, np.float64)
     n = t.shape[0]
     for _ in range(iters):
@@ -489,6 +489,8 @@ def _trans_ref(a, iters):
         for i in range(n):
             t[i, :] = t[i, :] / t[i, :].sum()
     t = (t + t.T) / 2
+    if power == 1:
+        return t
     out = np.zeros_like(t)
     for i in range(n):
         for j in range(n):
@@ -531,6 +533,39 @@ def test_transition_matrix_vs_loops(iters):
                                    rtol=1e-5, atol=1e-7)
     assert np.isfinite(np.asarray(
         sgc.transition_matrix(jnp.zeros((1, 4, 4)), 3))).all()
+
+
+@pytest.mark.parametrize("iters", [0, 3])
+def test_transition_power_vs_explicit_formula(iters):
+    """power 1 = S, the symmetrised Sinkhorn matrix (Eq. 11 read
+    literally); power 2 = S·S (WeCLIP) — the default. The two differ (a
+    broken power that ignored the argument would fail one of these)."""
+    a = _attn(12, 1)[0][:, 1:, 1:]
+    one = np.asarray(sgc.transition_matrix(jnp.asarray(a), iters, power=1))
+    two = np.asarray(sgc.transition_matrix(jnp.asarray(a), iters, power=2))
+    default = np.asarray(sgc.transition_matrix(jnp.asarray(a), iters))
+    for b in range(B):
+        np.testing.assert_allclose(one[b], _trans_ref(a[b], iters, 1),
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(two[b], one[b] @ one[b], rtol=1e-5,
+                                   atol=1e-7)
+    np.testing.assert_array_equal(default, two)
+    assert np.abs(one - two).max() > 1e-3
+    with pytest.raises(ValueError, match="transition power 3"):
+        sgc.transition_matrix(jnp.asarray(a), iters, power=3)
+    # Through refine_cams: the no-mask refinement is S·CAM at power 1.
+    cams = np.random.default_rng(5).random((B, K, GH, GW), np.float32)
+    slot = jnp.ones((B, K), bool)
+    attn = _attn(13, 2)
+    got = np.asarray(sgc.refine_cams(
+        jnp.asarray(cams), slot, clip_attn=jnp.asarray(attn),
+        use_dino_attn=False, mask_kind="none", clip_layers=2,
+        clip_weight=1.0, sinkhorn_iters=iters, transition_power=1))
+    aff = attn.mean(0)[:, 1:, 1:]
+    for b in range(B):
+        want = _trans_ref(aff[b], iters, 1) @ cams[b].reshape(K, -1).T
+        np.testing.assert_allclose(got[b].reshape(K, -1), want.T,
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_propagate_vs_loops():
