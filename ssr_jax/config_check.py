@@ -147,6 +147,14 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
     _choice(e, "sgc.kmeans_init", s.get("kmeans_init", "lightness_ranks"),
             ("lightness_ranks", "kmeans++"))
     _choice(e, "sgc.segment_impl", s.segment_impl, ("segment", "onehot"))
+    _choice(e, "sgc.ratio_denominator", s.get("ratio_denominator", "cluster"),
+            ("cluster", "image"))
+    _choice(e, "sgc.zone_unit", s.get("zone_unit", "cluster"),
+            ("cluster", "superpixel", "cluster_seeded"))
+    ib = s.get("intersect_box", False)
+    if not isinstance(ib, bool):
+        e.append(f"sgc.intersect_box={ib!r}: must be True or False (True "
+                 "intersects the SGC zone with the box mask)")
     tp = s.get("transition_power", 2)
     if isinstance(tp, bool) or tp not in (1, 2):
         e.append(f"sgc.transition_power={tp!r}: choose 1 (Eq. 11 read "

@@ -170,6 +170,18 @@ def base_config() -> config_dict.ConfigDict:
     # paper's Eq. 8): each superpixel point also holds its mean position
     # x 100 x this, so one colour far apart can split (docs/diagnostics.md)
     s.position_weight = 0.0
+    # [choice] readings of Eq. 7 (issue 10, docs/diagnostics.md; defaults =
+    # the reading the embedded table was measured with):
+    # the ratio r_k's denominator: cluster (the cluster's own activation) |
+    # image (the class's total activation over the valid image)
+    s.ratio_denominator = "cluster"
+    # the unit that passes θ_r: cluster (a colour cluster, whole) |
+    # superpixel (each SLIC superpixel, no colour K-means) | cluster_seeded
+    # (a passing cluster's superpixels holding a pixel with CAM > θ_h)
+    s.zone_unit = "cluster"
+    # True: the zone is intersected with the box mask (box_threshold), SGC
+    # correcting CAA's box instead of replacing it
+    s.intersect_box = False
     s.theta_h = 0.4  # [choice] high-confidence threshold (COCO 0.7)
     s.theta_r = 0.5  # [choice] ratio threshold for a target cluster
     s.patch_fraction = 0.5  # [choice] patch is target if >= this pixel share

@@ -63,7 +63,10 @@ def method_params(config) -> MethodParams:
             impl=s.get("segment_impl", "segment"),
             kmeans_init=s.get("kmeans_init", "lightness_ranks"),
             kmeans_seed=s.get("kmeans_seed", 0),
-            position_weight=s.get("position_weight", 0.0)),
+            position_weight=s.get("position_weight", 0.0),
+            ratio_denominator=s.get("ratio_denominator", "cluster"),
+            zone_unit=s.get("zone_unit", "cluster"),
+            intersect_box=s.get("intersect_box", False)),
         cmpa=cmpa.CMPAParams(
             variant=p.variant, hidden_dim=p.hidden_dim, dim=p.dim,
             tau_init=p.tau_init, tau_min=p.tau_min,

@@ -463,7 +463,11 @@ def _mask_grid(settings, cams, ocams, slot_valid, cls_ids, gt, batch,
                 sgc_mask.cluster_target_mask(
                     c, cl, valid, slot_valid, colour_k=k, theta_h=a,
                     theta_r=r, patch_fraction=s.patch_fraction,
-                    impl=s.impl))(th, tr)
+                    impl=s.impl, ratio_denominator=s.ratio_denominator,
+                    zone_unit=s.zone_unit, superpixels=batch["superpixels"],
+                    num_segments=s.num_segments,
+                    intersect_box=s.intersect_box,
+                    box_threshold=s.box_threshold))(th, tr)
             for j, g in enumerate(idx):
                 out[g] = masks[j]
     ml, mo = jnp.stack(ml), jnp.stack(mo)

@@ -245,7 +245,10 @@ def refine_cams(cams: Array, slot_valid: Array, *,
                 num_segments: int = 256, impl: str = "segment",
                 kmeans_init: str = "lightness_ranks",
                 kmeans_seed: int = 0,
-                position_weight: float = 0.0) -> Array:
+                position_weight: float = 0.0,
+                ratio_denominator: str = "cluster",
+                zone_unit: str = "cluster",
+                intersect_box: bool = False) -> Array:
     """CAM refinement for each step of SSR's Table 3 (Eq. 7-11).
 
     - no attention: the input CAMs (Table 3, row 1);
@@ -276,7 +279,9 @@ def refine_cams(cams: Array, slot_valid: Array, *,
       box_threshold: `box_mask` threshold.
       colour_k, colour_iters, colour_space, theta_h, theta_r,
         patch_fraction, num_segments, kmeans_init, kmeans_seed,
-        position_weight: `superpixel_target_mask`.
+        position_weight, ratio_denominator, zone_unit, intersect_box:
+        `superpixel_target_mask` (the box of `intersect_box` uses
+        `box_threshold`).
       impl: segment_ops implementation.
 
     Returns:
@@ -322,8 +327,10 @@ def refine_cams(cams: Array, slot_valid: Array, *,
             colour_iters=colour_iters, colour_space=colour_space,
             theta_h=theta_h, theta_r=theta_r, patch_fraction=patch_fraction,
             num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
-            kmeans_seed=kmeans_seed,
-            position_weight=position_weight).reshape(b, nk, h * w)
+            kmeans_seed=kmeans_seed, position_weight=position_weight,
+            ratio_denominator=ratio_denominator, zone_unit=zone_unit,
+            intersect_box=intersect_box,
+            box_threshold=box_threshold).reshape(b, nk, h * w)
     elif mask_kind == "box":
         mask = box_mask(cams, box_threshold, impl).reshape(b, nk, h * w)
     else:
@@ -359,6 +366,9 @@ class SGCParams:
     kmeans_init: str = "lightness_ranks"
     kmeans_seed: int = 0
     position_weight: float = 0.0
+    ratio_denominator: str = "cluster"
+    zone_unit: str = "cluster"
+    intersect_box: bool = False
 
     def knobs(self) -> dict:
         """The fields as `refine_cams` keywords."""

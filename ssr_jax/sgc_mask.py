@@ -8,6 +8,11 @@ function of batched arrays with static shapes:
   (`superpixel_colours`, CIELAB as skimage `rgb2lab`) are clustered by a
   colour K-means (`colour_kmeans`, C = K-means(SLIC(I))); clusters whose
   high-confidence CAM share (`target_ratio`) exceeds θ_r form the zone.
+  [choice] readings of Eq. 7 in `cluster_target_mask` (defaults = the
+  reading above): the ratio's denominator (`sgc.ratio_denominator`), the
+  unit that passes θ_r (`sgc.zone_unit`: clusters, superpixels, or
+  clusters cut to their superpixels above θ_h) and an intersection with
+  the box mask (`sgc.intersect_box`).
 - `box_mask` (the baseline): CLIP-ES `scoremap2bbox` boxes of the CAM's
   8-connected components.
 
@@ -37,6 +42,10 @@ Array = jax.Array
 _HP = jax.lax.Precision.HIGHEST
 COLOUR_SPACES = ("lab", "rgb")
 KMEANS_INITS = ("lightness_ranks", "kmeans++")
+# [choice] readings of Eq. 7 (issue 10; ssr_paper.md §3.1, §9.11):
+# the ratio's denominator and the unit that passes or fails θ_r.
+RATIO_DENOMINATORS = ("cluster", "image")
+ZONE_UNITS = ("cluster", "superpixel", "cluster_seeded")
 
 
 # skimage.color.rgb2lab constants: sRGB primaries to XYZ and the D65 white
@@ -264,23 +273,34 @@ def colour_kmeans(colours: Array, seg_valid: Array, k: int, iters: int,
 
 
 def target_ratio(cams_pix: Array, pixel_cluster: Array, k: int,
-                 theta_h: float, impl: str = "segment") -> Array:
+                 theta_h: float, impl: str = "segment",
+                 denominator: str = "cluster") -> Array:
     """High-confidence activation share of every colour cluster (SSR §3.1).
 
-    r_{c,k} = Σ_{p∈C_k} CAM_c(p)·[CAM_c(p) > θ_h] / Σ_{p∈C_k} CAM_c(p),
-    0 where the denominator is 0.
+    r_{c,k} = Σ_{p∈C_k} CAM_c(p)·[CAM_c(p) > θ_h] / D_{c,k}, 0 where the
+    denominator is 0, with D_{c,k} = Σ_{p∈C_k} CAM_c(p) (`denominator=
+    "cluster"`, the default reading) or the class's total activation over
+    every pixel that has a unit, Σ_{p: id(p) ≥ 0} CAM_c(p) (`"image"`,
+    [choice] `sgc.ratio_denominator`: the paper's "total activation" may be
+    the whole image's, ssr_paper.md §9.11). The units need not be colour
+    clusters: any [B, H, W] id map works (superpixels for `sgc.zone_unit=
+    "superpixel"`).
 
     Args:
       cams_pix: [B, K, H, W] CAMs on the pixel grid.
-      pixel_cluster: [B, H, W] int cluster id per pixel, -1 = ignored
-        (crop padding, empty superpixels).
-      k: static number of colour clusters.
+      pixel_cluster: [B, H, W] int cluster (unit) id per pixel, -1 =
+        ignored (crop padding, empty superpixels).
+      k: static number of clusters (units).
       theta_h: high-confidence threshold θ_h (strict).
       impl: segment_ops implementation.
+      denominator: "cluster" | "image".
 
     Returns:
       [B, K, k] float32 ratios in [0, 1].
     """
+    if denominator not in RATIO_DENOMINATORS:
+        raise ValueError(f"sgc.ratio_denominator={denominator!r}: choose one "
+                         f"of {RATIO_DENOMINATORS}")
     b, nk, h, w = cams_pix.shape
     v = cams_pix.astype(jnp.float32).reshape(b, nk, h * w).transpose(0, 2, 1)
     high = jnp.where(v > theta_h, v, 0.0)
@@ -288,6 +308,8 @@ def target_ratio(cams_pix: Array, pixel_cluster: Array, k: int,
         jnp.concatenate([high, v], axis=-1), pixel_cluster.reshape(b, h * w),
         k, "sum", impl)  # [B, k, 2K]: one pass for numerator and denominator
     num, den = sums[..., :nk], sums[..., nk:]
+    if denominator == "image":  # every pixel with a unit: the valid image
+        den = jnp.broadcast_to(den.sum(axis=1, keepdims=True), den.shape)
     r = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
     return r.transpose(0, 2, 1)
 
@@ -351,40 +373,99 @@ def colour_clusters(image: Array, superpixels: Array, valid: Array, *,
     return pixel_cluster.reshape(b, big_h, big_w)
 
 
-def cluster_target_mask(cams: Array, pixel_cluster: Array, valid: Array,
-                        slot_valid: Array, *, colour_k: int = 8,
-                        theta_h: float = 0.4, theta_r: float = 0.5,
-                        patch_fraction: float = 0.5,
-                        impl: str = "segment") -> Array:
+def _units_to_pixels(unit_values: Array, units: Array) -> Array:
+    """[B, K, U] bool per unit -> [B, K, P] bool per pixel (False where the
+    pixel's unit id is -1 or out of range)."""
+    per_pixel = segment_ops.gather_segments(
+        unit_values.transpose(0, 2, 1).astype(jnp.float32), units)
+    return per_pixel.transpose(0, 2, 1) > 0
+
+
+def cluster_target_mask(cams: Array, pixel_cluster: Array | None,
+                        valid: Array, slot_valid: Array, *,
+                        colour_k: int = 8, theta_h: float = 0.4,
+                        theta_r: float = 0.5, patch_fraction: float = 0.5,
+                        impl: str = "segment",
+                        ratio_denominator: str = "cluster",
+                        zone_unit: str = "cluster",
+                        superpixels: Array | None = None,
+                        num_segments: int = 256,
+                        intersect_box: bool = False,
+                        box_threshold: float = 0.4) -> Array:
     """The CAM-dependent half of `superpixel_target_mask` (Eq. 7).
+
+    The zone's unit (`zone_unit`, [choice] `sgc.zone_unit`, issue 10):
+    - "cluster" (default, our reading of Eq. 7): a colour cluster whose
+      ratio r_k (`target_ratio`) exceeds θ_r is target as a whole,
+      wherever its pixels lie;
+    - "superpixel": the same ratio rule applied to each SLIC superpixel
+      (a spatial unit, no colour clustering; `pixel_cluster` is unused);
+    - "cluster_seeded": a passing colour cluster contributes only those
+      of its superpixels that hold at least one pixel with CAM > θ_h (so
+      a large background cluster touched by a few high-confidence pixels
+      does not come in whole).
+    `ratio_denominator` is `target_ratio`'s `denominator` (the units'
+    own activation, or the class's over the valid image). With
+    `intersect_box` ([choice] `sgc.intersect_box`) the patch mask is
+    intersected with `box_mask(cams, box_threshold)` (SGC correcting
+    CAA's box rather than replacing it). The empty-mask fallback (a valid
+    class with no target patch gets all ones) applies to the final mask.
 
     Args:
       cams, valid, slot_valid, theta_h, theta_r, patch_fraction, impl: as
         `superpixel_target_mask`.
-      pixel_cluster: [B, H, W] from `colour_clusters`.
+      pixel_cluster: [B, H, W] from `colour_clusters` (None allowed with
+        zone_unit "superpixel").
       colour_k: the number of colour clusters.
+      ratio_denominator: "cluster" | "image".
+      zone_unit: "cluster" | "superpixel" | "cluster_seeded".
+      superpixels: [B, H, W] int ids in [0, num_segments), -1 = padding;
+        needed unless zone_unit is "cluster".
+      num_segments: static S.
+      intersect_box: static; AND the zone with the box mask.
+      box_threshold: the box mask's threshold (static).
 
     Returns:
       [B, K, h, w] float32 in {0, 1}.
     """
+    if zone_unit not in ZONE_UNITS:
+        raise ValueError(f"sgc.zone_unit={zone_unit!r}: choose one of "
+                         f"{ZONE_UNITS}")
+    if zone_unit != "cluster" and superpixels is None:
+        raise ValueError(f"sgc.zone_unit={zone_unit!r} needs the superpixel "
+                         "ids (superpixels=)")
+    if zone_unit != "superpixel" and pixel_cluster is None:
+        raise ValueError(f"sgc.zone_unit={zone_unit!r} needs the colour "
+                         "clusters (pixel_cluster=)")
     b, nk, h, w = cams.shape
-    big_h, big_w = pixel_cluster.shape[1:]
+    big_h, big_w = valid.shape[1:]
+    npix = big_h * big_w
     sh, sw = _check_grid(cams, (big_h, big_w))
-    pixel_cluster = pixel_cluster.reshape(b, big_h * big_w)
     cams_pix = resize(cams.astype(jnp.float32), (big_h, big_w),
                       axes=(-2, -1))
-    r = target_ratio(cams_pix, pixel_cluster.reshape(b, big_h, big_w),
-                     colour_k, theta_h, impl)
-    target_cluster = jnp.concatenate(
-        [r > theta_r, jnp.zeros((b, nk, 1), bool)], axis=-1)  # [B, K, k+1]
-    lookup = jnp.where(pixel_cluster < 0, colour_k, pixel_cluster)
-    pix_target = jnp.take_along_axis(
-        target_cluster, jnp.broadcast_to(lookup[:, None, :],
-                                         (b, nk, big_h * big_w)), axis=2)
+    sp_ids = None
+    if superpixels is not None and zone_unit != "cluster":
+        sp_ids = jnp.where(valid, superpixels, -1).reshape(b, npix)
+    if zone_unit == "superpixel":
+        units, num_units = sp_ids, num_segments
+    else:
+        units, num_units = pixel_cluster.reshape(b, npix), colour_k
+    r = target_ratio(cams_pix, units.reshape(b, big_h, big_w), num_units,
+                     theta_h, impl, ratio_denominator)
+    pix_target = _units_to_pixels(r > theta_r, units)  # [B, K, P]
+    if zone_unit == "cluster_seeded":
+        v = cams_pix.reshape(b, nk, npix).transpose(0, 2, 1)  # [B, P, K]
+        seeded = segment_ops.segment_reduce(
+            (v > theta_h).astype(jnp.float32), sp_ids, num_segments, "sum",
+            impl) > 0  # [B, S, K]
+        pix_target = pix_target & _units_to_pixels(
+            seeded.transpose(0, 2, 1), sp_ids)
 
     hits = pix_target.reshape(b, nk, h, sh, w, sw).sum((3, 5))
     nvalid = valid.reshape(b, 1, h, sh, w, sw).sum((3, 5))
     patch = (nvalid > 0) & (hits >= patch_fraction * nvalid)
+    if intersect_box:
+        patch = patch & (box_mask(cams, box_threshold, impl) > 0)
     empty = ~patch.any(axis=(2, 3), keepdims=True)
     mask = jnp.where(empty, True, patch) & slot_valid[:, :, None, None]
     return mask.astype(jnp.float32)
@@ -399,7 +480,11 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
                            impl: str = "segment",
                            kmeans_init: str = "lightness_ranks",
                            kmeans_seed: int = 0,
-                           position_weight: float = 0.0) -> Array:
+                           position_weight: float = 0.0,
+                           ratio_denominator: str = "cluster",
+                           zone_unit: str = "cluster",
+                           intersect_box: bool = False,
+                           box_threshold: float = 0.4) -> Array:
     """SGC column mask on the patch grid (Eq. 7-8).
 
     Superpixel mean colours are clustered (Eq. 8); for each class, clusters
@@ -407,7 +492,9 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
     (pixels of crop padding and empty superpixels never count). A patch is
     target if at least `patch_fraction` of its valid pixels are target. A
     valid class with no target patch falls back to all ones (no mask);
-    padded slots give 0. `colour_clusters` then `cluster_target_mask`.
+    padded slots give 0. `colour_clusters` then `cluster_target_mask`
+    (which holds the [choice] readings `ratio_denominator`, `zone_unit`
+    and `intersect_box`; the defaults are the reading above).
 
     Args:
       cams: [B, K, h, w] CAMs in [0, 1].
@@ -423,20 +510,30 @@ def superpixel_target_mask(cams: Array, image: Array, superpixels: Array,
       impl: segment_ops implementation.
       kmeans_init, kmeans_seed: the colour K-means start (`colour_kmeans`).
       position_weight: the position term of `colour_clusters`.
+      ratio_denominator, zone_unit, intersect_box, box_threshold: as
+        `cluster_target_mask` (zone_unit "superpixel" skips the colour
+        K-means).
 
     Returns:
       [B, K, h, w] float32 in {0, 1}.
     """
     _check_grid(cams, superpixels.shape[1:])
-    pixel_cluster = colour_clusters(
-        image, superpixels, valid, colour_k=colour_k,
-        colour_iters=colour_iters, colour_space=colour_space,
-        num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
-        kmeans_seed=kmeans_seed, position_weight=position_weight)
+    pixel_cluster = None
+    if zone_unit != "superpixel":
+        pixel_cluster = colour_clusters(
+            image, superpixels, valid, colour_k=colour_k,
+            colour_iters=colour_iters, colour_space=colour_space,
+            num_segments=num_segments, impl=impl, kmeans_init=kmeans_init,
+            kmeans_seed=kmeans_seed, position_weight=position_weight)
     return cluster_target_mask(cams, pixel_cluster, valid, slot_valid,
                                colour_k=colour_k, theta_h=theta_h,
                                theta_r=theta_r,
-                               patch_fraction=patch_fraction, impl=impl)
+                               patch_fraction=patch_fraction, impl=impl,
+                               ratio_denominator=ratio_denominator,
+                               zone_unit=zone_unit, superpixels=superpixels,
+                               num_segments=num_segments,
+                               intersect_box=intersect_box,
+                               box_threshold=box_threshold)
 
 
 # --- CLIP-ES / WeCLIP box mask -----------------------------------------------

@@ -239,7 +239,16 @@ def test_config_check_names_the_new_fields():
     assert any("sgc.position_weight" in e for e in config_check.validate(c))
     c = config_defaults.base_config()
     assert not [e for e in config_check.validate(c)
-                if "transition_power" in e]
+                if "ratio_denominator" in e or "zone_unit" in e
+                or "intersect_box" in e or "transition_power" in e]
+    c.sgc.ratio_denominator = "whole"
+    c.sgc.zone_unit = "region"
+    del c.sgc["intersect_box"]  # ConfigDict would refuse a str for a bool
+    c.sgc.intersect_box = "yes"
+    errors = config_check.validate(c)
+    for name in ("sgc.ratio_denominator", "sgc.zone_unit",
+                 "sgc.intersect_box"):
+        assert any(name in e for e in errors), (name, errors)
     for bad in (3, 0, True, "2"):
         c = config_defaults.base_config()
         c.sgc.unlock()

@@ -163,17 +163,19 @@ def test_colour_kmeans_recovers_blobs():
 # --- ratios and the SGC mask --------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_target_ratio_vs_pixel_loop(impl):
+@pytest.mark.parametrize("impl,denominator", [("segment", "cluster"),
+                                              ("onehot", "cluster"),
+                                              ("segment", "image")])
+def test_target_ratio_vs_pixel_loop(impl, denominator):
     rng = np.random.default_rng(3)
     cams = rng.random((2, 2, 8, 8)).astype(np.float32)
     cams[1, 1] = 0.0  # zero denominators
     cams[0, :, :3] = 0.5  # exactly theta: not high confidence (strict >)
     cluster = rng.integers(-1, 3, size=(2, 8, 8)).astype(np.int32)  # 3 unused
     k, theta = 4, 0.5
-    fn = jax.jit(sgc_mask.target_ratio, static_argnums=(2, 3, 4))
+    fn = jax.jit(sgc_mask.target_ratio, static_argnums=(2, 3, 4, 5))
     got = np.asarray(fn(jnp.asarray(cams), jnp.asarray(cluster), k, theta,
-                        impl))
+                        impl, denominator))
     want = np.zeros((2, 2, k))
     for b in range(2):
         for c in range(2):
@@ -186,14 +188,27 @@ def test_target_ratio_vs_pixel_loop(impl):
                     v = float(cams[b, c, y, x])
                     den[q] += v
                     num[q] += v if v > theta else 0.0
+            if denominator == "image":  # every pixel with a cluster
+                den = np.full(k, den.sum())
             for q in range(k):
                 want[b, c, q] = num[q] / den[q] if den[q] > 0 else 0.0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ratio_denominator"):
+        sgc_mask.target_ratio(jnp.asarray(cams), jnp.asarray(cluster), k,
+                              theta, impl, "whole")
 
 
 def _mask_ref(cams, img, sp, valid, slot_valid, *, k, iters, theta_h,
-              theta_r, frac):
-    """SGC mask by loops over images, classes, clusters and patches."""
+              theta_r, frac, denominator="cluster", unit="cluster",
+              box=None):
+    """SGC mask by loops over images, classes, clusters and patches.
+
+    The readings (`sgc_mask.cluster_target_mask`): `denominator` "image"
+    divides by the class's activation over every pixel with a unit;
+    `unit` "superpixel" tests each superpixel instead of each cluster,
+    "cluster_seeded" keeps of a passing cluster only the superpixels with
+    a pixel above theta_h; `box` (a threshold) ANDs the patch mask with
+    `_box_ref` before the fallback."""
     sh, sw = H // GH, W // GW
     out = np.zeros(cams.shape)
     cams_pix = _upsample(cams, (H, W))
@@ -213,20 +228,28 @@ def _mask_ref(cams, img, sp, valid, slot_valid, *, k, iters, theta_h,
             if not slot_valid[b, c]:
                 continue
             cam = cams_pix[b, c]
+            units, n = (ids, S) if unit == "superpixel" else (pc, k)
+            total = cam[units >= 0].sum()
             targets = []
-            for q in range(k):
-                v = cam[pc == q]
-                den = v.sum()
+            for q in range(n):
+                v = cam[units == q]
+                den = total if denominator == "image" else v.sum()
                 r = v[v > theta_h].sum() / den if den > 0 else 0.0
                 if r > theta_r:
                     targets.append(q)
-            pix = np.isin(pc, targets)
+            pix = np.isin(units, targets)
+            if unit == "cluster_seeded":
+                for q in range(S):
+                    if not (cam[ids == q] > theta_h).any():
+                        pix[ids == q] = False
             for i in range(GH):
                 for j in range(GW):
                     blk = (slice(i * sh, (i + 1) * sh),
                            slice(j * sw, (j + 1) * sw))
                     nv = valid[b][blk].sum()
                     out[b, c, i, j] = nv > 0 and pix[blk].sum() >= frac * nv
+            if box is not None:
+                out[b, c] *= _box_ref(cams[b, c], box)
             if not out[b, c].any():
                 out[b, c] = 1.0
     return out
@@ -257,6 +280,81 @@ def test_superpixel_target_mask_vs_loops(impl):
     # (unless the fallback fired for that class).
     if not (got[1, 0] == 1).all():
         assert (got[1, 0][:, 3] == 0).all()
+
+
+# (ratio_denominator, zone_unit, intersect_box, theta_r, impl)
+READINGS = [("image", "cluster", False, 0.1, "segment"),
+            ("cluster", "superpixel", False, 0.5, "onehot"),
+            ("cluster", "cluster_seeded", False, 0.5, "segment"),
+            ("cluster", "cluster", True, 0.5, "segment"),
+            ("image", "cluster_seeded", True, 0.05, "onehot")]
+
+
+@pytest.mark.parametrize("denominator,unit,ibox,theta_r,impl", READINGS)
+def test_target_mask_readings_vs_loops(denominator, unit, ibox, theta_r,
+                                       impl):
+    """Each [choice] reading of Eq. 7 against the loop reference, on random
+    smooth CAMs; the reading must give another mask than the default
+    reading at the same thresholds (so the option is not ignored)."""
+    img, sp, valid, slot_valid = _scene(1)
+    cams = _cams(6)
+    kw = dict(colour_k=4, colour_iters=5, theta_h=0.4, theta_r=theta_r,
+              patch_fraction=0.5, num_segments=S, impl=impl)
+    fn = jax.jit(lambda *a: sgc_mask.superpixel_target_mask(
+        *a, ratio_denominator=denominator, zone_unit=unit,
+        intersect_box=ibox, box_threshold=0.4, **kw))
+    got = np.asarray(fn(*map(jnp.asarray, (cams, img, sp, valid,
+                                            slot_valid))))
+    ref = functools.partial(_mask_ref, cams, img, sp, valid, slot_valid,
+                            k=4, iters=5, theta_h=0.4, theta_r=theta_r,
+                            frac=0.5)
+    want = ref(denominator=denominator, unit=unit,
+               box=0.4 if ibox else None)
+    np.testing.assert_array_equal(got, want)
+    assert (got != ref()).any()  # differs from the default reading
+    assert (got[:, 2] == 0).all() and (got[1, 1] == 0).all()  # padded slots
+
+
+def test_target_mask_readings_on_a_large_background_cluster():
+    """Grey image with a red object (patch rows 2-5, columns 0-1) and one
+    high-confidence CAM patch on the grey at (0, 7); θ_h 0.4, θ_r 0.3.
+    The default reading takes the grey cluster whole (its ratio is 0.38:
+    the spot's high CAM against the object's upsampled low rim), so the
+    far corner (7, 7) becomes a target. "cluster_seeded" keeps only the
+    grey superpixels that hold a pixel above θ_h, "superpixel" tests each
+    superpixel, the "image"
+    denominator weighs the grey cluster's share against the whole CAM
+    (the object's), and the box intersection keeps only the two boxes:
+    none of them takes the far corner; all keep the object."""
+    h = w = 8
+    big = 32
+    image = np.full((1, big, big, 3), 128, np.uint8)
+    image[0, 8:24, 0:8] = (200, 30, 30)
+    ys, xs = np.mgrid[0:big, 0:big]
+    sp = ((ys // 4) * 8 + xs // 4)[None].astype(np.int32)
+    cams = np.zeros((1, 1, h, w), np.float32)
+    cams[0, 0, 2:6, 0:2] = 1.0
+    cams[0, 0, 0, 7] = 1.0
+    valid = np.ones((1, big, big), bool)
+    slot = np.ones((1, 1), bool)
+
+    def mask(**kw):
+        return np.asarray(sgc_mask.superpixel_target_mask(
+            jnp.asarray(cams), jnp.asarray(image), jnp.asarray(sp),
+            jnp.asarray(valid), jnp.asarray(slot), colour_k=2,
+            num_segments=64, theta_h=0.4, theta_r=0.3, **kw))[0, 0]
+
+    default = mask()
+    assert default[7, 7] == 1 and default[2:6, 0:2].all()
+    for kw in (dict(zone_unit="cluster_seeded"),
+               dict(zone_unit="superpixel"),
+               dict(ratio_denominator="image"),
+               dict(intersect_box=True)):
+        m = mask(**kw)
+        assert m[2:6, 0:2].all(), kw  # the object kept
+        assert m[7, 7] == 0 and m.sum() < default.sum(), kw
+    with pytest.raises(ValueError, match="zone_unit"):
+        mask(zone_unit="region")
 
 
 def test_superpixel_target_mask_hand_built():
@@ -589,6 +687,58 @@ def test_refine_cams_with_method_params_uses_config_fields():
                                 x["dino"])))
     want = _run_refine(x, mask_kind="box")
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_refine_cams_with_passes_the_zone_readings():
+    """`sgc.ratio_denominator`, `zone_unit` and `intersect_box` reach the
+    superpixel mask through `method_params` and `refine_cams_with`: the
+    refined CAM is T · (mask · CAM) with the mask of
+    `superpixel_target_mask` at those readings; on this scene each of the
+    three changes the mask (so none can be dropped on the way)."""
+    from ssr_jax import config_defaults, params
+
+    cfg = config_defaults.base_config()
+    cfg.sgc.max_segments = S
+    cfg.sgc.colour_k, cfg.sgc.colour_iters = 4, 5
+    cfg.sgc.zone_unit = "superpixel"
+    cfg.sgc.ratio_denominator = "image"
+    cfg.sgc.theta_r = 0.1
+    cfg.sgc.intersect_box = True
+    sp = params.method_params(cfg).sgc
+    assert (sp.zone_unit, sp.ratio_denominator, sp.intersect_box) == (
+        "superpixel", "image", True)
+    x = _refine_inputs()
+    arrays = dict(clip_attn=jnp.asarray(x["clip"]),
+                  dino_attn=jnp.asarray(x["dino"]),
+                  image=jnp.asarray(x["img"]),
+                  superpixels=jnp.asarray(x["sp"]),
+                  valid=jnp.asarray(x["valid"]))
+    got = np.asarray(jax.jit(lambda c, v: sgc.refine_cams_with(
+        c, v, sp, **arrays))(jnp.asarray(x["cams"]),
+                             jnp.asarray(x["slot_valid"])))
+
+    def masked(**kw):
+        m = np.asarray(sgc_mask.superpixel_target_mask(
+            jnp.asarray(x["cams"]), arrays["image"], arrays["superpixels"],
+            arrays["valid"], jnp.asarray(x["slot_valid"]), colour_k=4,
+            colour_iters=5, theta_r=0.1, num_segments=S, **kw))
+        return _run_refine(x, theta_r=0.1, mask_kind="none",
+                           cams_mask=m) if False else m
+
+    readings = dict(zone_unit="superpixel", ratio_denominator="image",
+                    intersect_box=True)
+    m_new = masked(**readings)
+    for name, default in (("zone_unit", "cluster"),
+                          ("ratio_denominator", "cluster"),
+                          ("intersect_box", False)):
+        assert (m_new != masked(**{**readings, name: default})).any(), name
+    clip_aff = x["clip"][-8:].mean(0)[:, 1:, 1:]
+    dino_aff = x["dino"][:, 1:, 1:]
+    t_both = np.stack([_trans_ref(0.4 * clip_aff[b] + 0.6 * dino_aff[b], 3)
+                       for b in range(B)])
+    np.testing.assert_allclose(
+        got, _expected(t_both, x["cams"], m_new, x["slot_valid"]),
+        rtol=1e-5, atol=1e-7)
 
 
 # --- static structure and robustness ------------------------------------------
