@@ -148,6 +148,18 @@ def _ssr(c: config_dict.ConfigDict) -> None:
     # 0 / 1) on the train split (docs/diagnostics.md, 2026-12-05). The paper's
     # lr 1e-5 may be the CMPA part's own (shared/reference/ssr_paper.md §9.3).
     c.optim.heads_lr_mult = 0.1
+    # [choice] Eq. 9-11 read literally: the fused attention, whose rows the
+    # softmax already normalises, propagates the CAM in one product
+    # (CAM_refine = A*·CAM), without WeCLIP's 3 Sinkhorn rounds and T·T
+    # (kept for the real CLIP). On the tiny encoders the Sinkhorn column
+    # normalisation removes the ~2.3x attention mass that foreground
+    # patches receive (tools/attention_mass.py) and T·T halves the
+    # foreground purity (0.48 -> 0.30); with this reading the train-split
+    # pseudo labels rise 30.0 -> 37.3 and "+CLIP attention" 24.5 -> 34.8
+    # (pretrain_report, docs/diagnostics.md "purity threshold"; 3 seeds in
+    # the README). The transition is still symmetrised, as WeCLIP.
+    c.sgc.sinkhorn_iters = 0
+    c.sgc.transition_power = 1
     c.train.batch_size = 16
     c.train.num_steps = 300
     c.train.log_every = 10

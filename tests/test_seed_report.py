@@ -86,7 +86,7 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert len(levers) == 2 * 2 + 3 * 2  # 2 blocks x 2 powers + Sinkhorn
     own = [g for g in levers if (g["clip_layers"], g["sinkhorn_iters"],
                                  g["transition_power"]) == (
-        c.sgc.clip_layers, c.sgc.sinkhorn_iters, 2)]
+        c.sgc.clip_layers, c.sgc.sinkhorn_iters, c.sgc.transition_power)]
     assert len(own) == 1
     for row in ("clip_attn", "clip_dino", "oracle_cam_clip_attn"):
         assert math.isclose(own[0]["miou"][row], m[row], abs_tol=1e-9), row
