@@ -927,8 +927,9 @@ if __name__ == "__main__":
         "the fused affinity, purity and box-mask mIoU per α (empty = off)")
     _AFFINITY_LEVERS = flags.DEFINE_boolean(
         "affinity_levers", False, "also measure the CLIP affinity's levers "
-        "in one pass (clip_layers 1..L x transition power 1/2, Sinkhorn "
-        "rounds 0/1/10): purity and box-mask mIoU rows")
+        "in one pass (clip_layers 1..L x transition power 1/2, and three "
+        "other Sinkhorn round counts of 0/1/3/10): purity and box-mask mIoU "
+        "rows")
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")

@@ -32,13 +32,20 @@ def _synthetic_config(arg: str):
     return module.get_config(arg)
 
 
-@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report), 62 s loaded
-def test_seed_report_config_scale_is_the_methods(tmp_path):
+def _world_and_encoders(tmp_path, num_train: int, num_val: int):
+    """A written 64 px world and tiny random encoders (2 CLIP blocks)."""
     root = tmp_path / "world"
-    synthetic.generate(root, seed=0, num_train=4, num_val=2, image_size=64)
-    fg, bg, names = text.dataset_prompts("synthetic", str(root))
+    synthetic.generate(root, seed=0, num_train=num_train, num_val=num_val,
+                       image_size=64)
+    fg, bg, _ = text.dataset_prompts("synthetic", str(root))
     clip_path, dino_path = ssr_fixtures.make_tiny_encoders(
         str(tmp_path / "enc"), list(fg) + list(bg), layers=2)
+    return root, clip_path, dino_path
+
+
+@pytest.mark.slow  # ~25 s of CPU (jit of the whole seed report), 62 s loaded
+def test_seed_report_config_scale_is_the_methods(tmp_path):
+    root, clip_path, dino_path = _world_and_encoders(tmp_path, 4, 2)
     c = _synthetic_config("tiny")
     c.data.crop_size = 64
     c.sgc.clip_layers = 1
@@ -221,11 +228,7 @@ def test_seed_report_rejects_clip_layers_beyond_the_encoder(tmp_path):
     from inside the seed function)."""
     from ssr_jax import config_check
 
-    root = tmp_path / "world"
-    synthetic.generate(root, seed=0, num_train=2, num_val=1, image_size=64)
-    fg, bg, _ = text.dataset_prompts("synthetic", str(root))
-    clip_path, dino_path = ssr_fixtures.make_tiny_encoders(
-        str(tmp_path / "enc"), list(fg) + list(bg), layers=2)
+    root, clip_path, dino_path = _world_and_encoders(tmp_path, 2, 1)
     c = _synthetic_config("tiny")
     c.data.crop_size = 64
     c.sgc.clip_layers = 3
