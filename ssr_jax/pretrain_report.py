@@ -229,7 +229,31 @@ AFFINITY_MIX_ROWS = ("learned", "oracle_cam")
 # The round counts measured beside the config's own (the first three of
 # these that differ from it: 0 / 1 / 10 at WeCLIP's 3, 1 / 3 / 10 at 0).
 LEVER_SINKHORN = (0, 1, 3, 10)
-LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn")
+# Besides the Table 3 rows, three stand-ins for A_DINO in Eq. 9's fusion
+# (learned CAM, box mask), separating the two properties an affinity
+# brings to the propagation: purity (the share of a patch's row on its
+# own region) and saliency (the attention a patch *receives*, its column
+# sum; tools/attention_mass.py: the tiny CLIP gives foreground patches
+# 2.3x what background ones get, the tiny DINO none):
+# - "clip_oracle_dino": A_DINO := the row-normalised ground-truth oracle
+#   (pure, flat columns);
+# - "clip_salient_dino": A_DINO with CLIP's saliency, `salient(A_DINO)`
+#   (its purity, CLIP's column profile);
+# - "clip_salient_oracle_dino": salient(oracle) (pure and salient).
+LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn",
+              "clip_oracle_dino", "clip_salient_dino",
+              "clip_salient_oracle_dino")
+
+
+def salient(aff: Array, received: Array) -> Array:
+    """`aff` [B, N, N] with each key column k weighted by `received`
+    [B, N] (e.g. another affinity's column sums), rows rescaled to
+    `aff`'s own row sums: row i is aff[i, k]·r[k] / Σ_k aff[i, k]·r[k] ·
+    Σ_k aff[i, k]. Where `aff` is pure (a row's mass inside the query's
+    region) so is the result; the columns take r's profile."""
+    w = aff * received[:, None, :]
+    rows = jnp.sum(aff, axis=-1, keepdims=True)
+    return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12) * rows
 
 
 def lever_settings(sgc: sgc_lib.SGCParams, num_blocks: int,
@@ -249,8 +273,8 @@ def lever_settings(sgc: sgc_lib.SGCParams, num_blocks: int,
     return out
 
 
-def _levers(settings, attn, dino_aff, plab, cams, ocams, slot_valid,
-            cls_ids, gt, s: sgc_lib.SGCParams, num_classes: int,
+def _levers(settings, attn, dino_aff, oracle, plab, cams, ocams,
+            slot_valid, cls_ids, gt, s: sgc_lib.SGCParams, num_classes: int,
             ignore_index: int):
     """(purity [G, 4 (clip, its transition, fused, its transition), 2
     (sums, counts), 2 (bg, fg)], confusions [G, len(LEVER_ROWS), C, C])
@@ -275,14 +299,20 @@ def _levers(settings, attn, dino_aff, plab, cams, ocams, slot_valid,
                                     s.dino_weight)
         a_f = sgc_lib.fuse_affinity(clip_aff, dino_aff, s.clip_weight,
                                     s.dino_weight)
-        t_c, t_f = (sgc_lib.transition_matrix(a, st["sinkhorn_iters"],
-                                              st["transition_power"])
-                    for a in (a_c, a_f))
+        received = jnp.sum(clip_aff, axis=1)
+        stand_ins = [sgc_lib.fuse_affinity(clip_aff, d, s.clip_weight,
+                                           s.dino_weight)
+                     for d in (oracle, salient(dino_aff, received),
+                               salient(oracle, received))]
+        t_c, t_f, *t_s = (sgc_lib.transition_matrix(
+            a, st["sinkhorn_iters"], st["transition_power"])
+            for a in (a_c, a_f, *stand_ins))
         purs.append(jnp.stack([jnp.stack(affinity_purity(x, plab))
                                for x in (a_c, t_c, a_f, t_f)]))
         confs.append(jnp.stack([row(t_c, cams, masks[0]),
                                 row(t_f, cams, masks[0]),
-                                row(t_c, ocams, masks[1])]))
+                                row(t_c, ocams, masks[1])]
+                               + [row(t, cams, masks[0]) for t in t_s]))
     return jnp.stack(purs), jnp.stack(confs)
 
 
@@ -609,6 +639,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         for i, a in enumerate(attn):
             affs[f"clip_block{i + 1}"] = sgc_lib.drop_cls(
                 a.astype(jnp.float32))
+        # Each DINO block alone on CLIP's grid (SSR fuses the last one).
+        _, dout = dino(ssr.normalise(image, encoders.NORMALIZATION[dino_kind]))
+        for i, a in enumerate(dout["attn"]):
+            affs[f"dino_block{i + 1}"] = encoders.patch_affinity(
+                a.astype(jnp.float32), dino.layout, dout["grid"], grid,
+                target_patch=patch)
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
         mgrid = None
         if mask_settings:
@@ -630,7 +666,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                                 config.data.ignore_index)
         lev = None
         if levers:
-            lev = _levers(levers, attn, dino_aff, plab, cams, ocams,
+            lev = _levers(levers, attn, dino_aff, oracle, plab, cams, ocams,
                           slot_valid, cls_ids, gt, s, num_classes,
                           config.data.ignore_index)
         return jnp.stack(confs), purity, errors, pool, mgrid, mix, lev

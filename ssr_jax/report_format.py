@@ -184,7 +184,8 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
     affinity and of their transitions, and the box-mask rows."""
     lines = ["CLIP affinity levers (box mask; fg purity: CLIP, its "
              "transition, fused, its transition; mIoU %: +CLIP, +DINO, "
-             "oracle CAM +CLIP):"]
+             "oracle CAM +CLIP; +DINO with A_DINO := oracle, DINO with "
+             "CLIP's saliency, oracle with CLIP's saliency):"]
     for g in levers:
         p, m = g["purity"], g["miou"]
         lines.append(
@@ -193,5 +194,8 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
             + " ".join(f"{p[k][1]:.2f}" for k in (
                 "clip", "clip_transition", "fused", "fused_transition"))
             + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
-                "clip_attn", "clip_dino", "oracle_cam_clip_attn")))
+                "clip_attn", "clip_dino", "oracle_cam_clip_attn"))
+            + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
+                "clip_oracle_dino", "clip_salient_dino",
+                "clip_salient_oracle_dino") if r in m))
     return "\n".join(lines)

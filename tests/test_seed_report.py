@@ -14,6 +14,8 @@ import importlib.util
 import math
 import os
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import ssr_fixtures
 
@@ -88,6 +90,10 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert mix["clip"]["points"][0]["purity"] == pytest.approx(
         got["purity"]["clip"], abs=1e-6)
     assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
+    # SSR's A_DINO is the last DINO block's (ssr.affinity_encoder_affinity).
+    last = max(k for k in got["purity"] if k.startswith("dino_block"))
+    assert got["purity"][last] == pytest.approx(got["purity"]["dino"],
+                                                abs=1e-6)
     # The lever at the config's own setting reproduces the same rows.
     levers = got["affinity_levers"]
     assert len(levers) == 2 * 2 + 3 * 2  # 2 blocks x 2 powers + Sinkhorn
@@ -97,6 +103,9 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert len(own) == 1
     for row in ("clip_attn", "clip_dino", "oracle_cam_clip_attn"):
         assert math.isclose(own[0]["miou"][row], m[row], abs_tol=1e-9), row
+    for g in levers:  # the A_DINO stand-ins are scored in every setting
+        assert all(0 <= g["miou"][r] <= 1
+                   for r in pretrain_report.LEVER_ROWS), g
     assert own[0]["purity"]["fused_transition"] == pytest.approx(
         got["purity"]["transition"], abs=1e-6)
     for g in got["mask_grid"]:
@@ -237,3 +246,27 @@ def test_seed_report_rejects_clip_layers_beyond_the_encoder(tmp_path):
         pretrain_report.seed_report(c, clip_path, dino_path, str(root),
                                     max_images=1, batch_size=1,
                                     oracle_cmpa=False)
+
+
+def test_salient_reweights_columns_and_keeps_rows_and_purity():
+    rng = np.random.default_rng(0)
+    b, n = 2, 6
+    aff = rng.random((b, n, n)).astype(np.float32)
+    aff[0, :3, 3:] = 0.0  # patches 0-2 attend only inside their region
+    aff[0, 3:, :3] = 0.0
+    r = rng.random((b, n)).astype(np.float32) + 0.1
+    got = np.asarray(pretrain_report.salient(jnp.asarray(aff),
+                                             jnp.asarray(r)))
+    want = np.zeros_like(aff)
+    for i in range(b):
+        for q in range(n):
+            w = [aff[i, q, k] * r[i, k] for k in range(n)]
+            want[i, q] = [x / sum(w) * aff[i, q].sum() for x in w]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), aff.sum(-1), rtol=1e-5)
+    assert np.all(got[0, :3, 3:] == 0) and np.all(got[0, 3:, :3] == 0)
+    # Flat saliency is the identity.
+    np.testing.assert_allclose(
+        np.asarray(pretrain_report.salient(jnp.asarray(aff),
+                                           jnp.ones((b, n)))), aff,
+        rtol=1e-5)

@@ -16,15 +16,16 @@ CAM grows with the attention it receives.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from ssr_jax import input_pipeline, pretrain, pretrain_report
+from ssr_jax import input_pipeline, pretrain, pretrain_report, ssr
 from ssr_jax import sgc as sgc_lib
-from ssr_jax.models import loading
+from ssr_jax.models import encoders, loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,16 +34,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="")
     ap.add_argument("--max_images", type=int, default=100)
+    ap.add_argument("--set", action="append", default=[],
+                    metavar="KEY=VALUE",
+                    help="config override, e.g. pretrain.dino.steps=600 "
+                         "(the encoders' cache key follows)")
     args = ap.parse_args()
     spec = importlib.util.spec_from_file_location(
         "synthetic_config", os.path.join(ROOT, "configs", "synthetic.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = type(node[leaf])(ast.literal_eval(value))
     root = pretrain.ensure_world(config)
     config.data.root = root
-    clip_path, _ = pretrain.ensure_encoders(config, root)
+    clip_path, dino_path = pretrain.ensure_encoders(config, root)
     clip = loading.load_clip(clip_path)
+    dino_kind = config.model.get("dino_kind", "dino")
+    dino, _ = encoders.load_affinity_encoder(dino_kind, dino_path)
     vision = clip.vision
     num_blocks = len(vision.blocks)
     acc: dict[tuple, list[float]] = {}
@@ -59,20 +73,35 @@ def main() -> None:
         labels = np.asarray(pretrain_report.patch_labels(
             jnp.asarray(gt), vision.config.patch_size,
             config.data.num_classes, config.data.ignore_index))
-        for k in range(1, num_blocks + 1):
-            aff = np.asarray(sgc_lib.clip_affinity(list(out["attn"]), k))
+        affs = {f"CLIP last {k} of {num_blocks} blocks":
+                np.asarray(sgc_lib.clip_affinity(list(out["attn"]), k))
+                for k in range(1, num_blocks + 1)}
+        # DINO: the affinity SSR fuses (last block, on CLIP's grid).
+        ph = vision.config.patch_size
+        grid = (batch["image"].shape[1] // ph, batch["image"].shape[2] // ph)
+        affs["DINO last block (SSR's A_DINO)"] = np.asarray(
+            ssr.affinity_encoder_affinity(
+                dino, jnp.asarray(batch["image"]), grid,
+                vision.config.patch_size, dino_kind))
+        _, dout = dino(ssr.normalise(jnp.asarray(batch["image"]),
+                                     encoders.NORMALIZATION[dino_kind]))
+        for i, a in enumerate(dout["attn"]):
+            affs[f"DINO block {i + 1}"] = np.asarray(encoders.patch_affinity(
+                a, dino.layout, dout["grid"], grid,
+                target_patch=vision.config.patch_size))
+        for name, aff in affs.items():
             for kind, v in (("received", aff.sum(1)), ("given", aff.sum(2))):
                 for part, sel in (("fg", labels > 0), ("bg", labels == 0)):
-                    s = acc.setdefault((k, kind, part), [0.0, 0.0])
+                    s = acc.setdefault((name, kind, part), [0.0, 0.0])
                     s[0] += float(v[sel].sum())
                     s[1] += float(sel.sum())
-    for k in range(1, num_blocks + 1):
-        means = {(kind, part): acc[(k, kind, part)][0]
-                 / max(acc[(k, kind, part)][1], 1.0)
+    for name in dict.fromkeys(k[0] for k in acc):
+        means = {(kind, part): acc[(name, kind, part)][0]
+                 / max(acc[(name, kind, part)][1], 1.0)
                  for kind in ("received", "given") for part in ("fg", "bg")}
         cells = ", ".join(f"{kind} {part} {v:.3f}"
                           for (kind, part), v in means.items())
-        print(f"last {k} of {num_blocks} blocks: {cells}")
+        print(f"{name}: {cells}")
 
 
 if __name__ == "__main__":
