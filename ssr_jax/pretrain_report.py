@@ -216,7 +216,14 @@ MASK_GRID_ROWS = ("learned", "oracle_attn", "oracle_cam")
 # "clip_attn" ("clip": w_clip·A_CLIP) and "clip_dino" ("fused": Eq. 9).
 # Each α is scored on the learned CAM and on the oracle CAM
 # (`AFFINITY_MIX_ROWS`); α = 0 reproduces those rows.
-AFFINITY_MIX_BASES = ("clip", "fused")
+# "dino": only A_DINO is mixed, inside Eq. 9's fusion with the learned
+# A_CLIP (w_clip·A_CLIP + w_dino·mix(A_DINO)); its purity columns are the
+# mixed A_DINO's and its threshold is against "+CLIP attention" (the
+# ordering "+DINO > +CLIP"), not the initial CAM.
+AFFINITY_MIX_BASES = ("clip", "fused", "dino")
+AFFINITY_MIX_REFS = {"clip": ("initial", "oracle_cam"),
+                     "fused": ("initial", "oracle_cam"),
+                     "dino": ("clip_attn", "oracle_cam_clip_attn")}
 AFFINITY_MIX_ROWS = ("learned", "oracle_cam")
 
 
@@ -371,7 +378,9 @@ def _affinity_mix(alphas, bases, oracle, plab, cams, ocams, slot_valid,
     """(purity [A, bases, 2 (affinity, transition), 2 (sums, counts), 2
     (bg, fg)], confusions [A, bases, len(AFFINITY_MIX_ROWS), C, C]) of
     the `AFFINITY_MIX_BASES` affinities `bases` mixed toward `oracle` at
-    each of `alphas` [A]."""
+    each of `alphas` [A]. A base given as a tuple (A_CLIP, A_DINO) mixes
+    A_DINO only and fuses it with A_CLIP (Eq. 9); its purity is the
+    mixed A_DINO's (then the fused transition's)."""
     b, nk, h, w = cams.shape
     hw = gt.shape[1:]
     keep = slot_valid[:, :, None, None]
@@ -380,11 +389,16 @@ def _affinity_mix(alphas, bases, oracle, plab, cams, ocams, slot_valid,
 
     def curve(base):
         def at(alpha):
-            a = diagnostics.oracle_mix(base, oracle, alpha)
+            if isinstance(base, tuple):  # "dino": (A_CLIP, A_DINO)
+                mixed = diagnostics.oracle_mix(base[1], oracle, alpha)
+                a = sgc_lib.fuse_affinity(base[0], mixed, s.clip_weight,
+                                          s.dino_weight)
+            else:
+                mixed = a = diagnostics.oracle_mix(base, oracle, alpha)
             t = sgc_lib.transition_matrix(a, s.sinkhorn_iters,
                                           s.transition_power)
             pur = jnp.stack([jnp.stack(affinity_purity(x, plab))
-                             for x in (a, t)])
+                             for x in (mixed, t)])
             confs = []
             for c, m in zip((cams, ocams), masks, strict=True):
                 out = sgc_lib.propagate(t, c.reshape(b, nk, h * w), m)
@@ -422,8 +436,8 @@ def _affinity_mix_summary(alphas: Sequence[float], pur: np.ndarray,
                 "miou": {r: metrics.scores(conf[i, j, k], names)["miou"]
                          for k, r in enumerate(AFFINITY_MIX_ROWS)}})
         thr = {}
-        for row, ref in (("learned", "initial"),
-                         ("oracle_cam", "oracle_cam")):
+        for row, ref in zip(AFFINITY_MIX_ROWS, AFFINITY_MIX_REFS[base],
+                            strict=True):
             m = [p["miou"][row] for p in points]
             thr[row] = {
                 "initial": miou[ref],
@@ -659,7 +673,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         if mix_alphas:
             bases = {"clip": sgc_lib.fuse_affinity(
                 clip_aff, None, s.clip_weight, s.dino_weight),
-                "fused": fused}
+                "fused": fused, "dino": (clip_aff, dino_aff)}
             mix = _affinity_mix(jnp.asarray(mix_alphas, jnp.float32), bases,
                                 oracle, plab, cams, ocams, slot_valid,
                                 cls_ids, gt, s, num_classes,

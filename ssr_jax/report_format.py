@@ -150,11 +150,14 @@ def format_affinity_mix(mix: dict[str, Any]) -> str:
     CAM, then where each first beats its initial CAM."""
     lines = [f"affinity mixed toward the oracle, (1-a)*A + a*oracle "
              f"({mix['scaling']}); box mask; mIoU %:"]
-    for base in ("clip", "fused"):
+    for base in ("clip", "fused", "dino"):
         if base not in mix:
             continue
-        lines.append(f"  {base}: alpha | purity [bg, fg] | transition "
-                     "[bg, fg] | learned CAM | oracle CAM")
+        ref = "+CLIP attention" if base == "dino" else "its initial CAM"
+        what = (" (A_DINO mixed, fused with the learned A_CLIP; purity of "
+                "the mixed A_DINO)" if base == "dino" else "")
+        lines.append(f"  {base}{what}: alpha | purity [bg, fg] | "
+                     "transition [bg, fg] | learned CAM | oracle CAM")
         for p in mix[base]["points"]:
             a, t = p["purity"], p["purity_transition"]
             lines.append(
@@ -164,12 +167,12 @@ def format_affinity_mix(mix: dict[str, Any]) -> str:
         for row, thr in mix[base]["threshold"].items():
             f = thr["fg_purity"]
             if f["alpha_star"] is None:
-                lines.append(f"    {row}: never beats its initial CAM "
+                lines.append(f"    {row}: never beats {ref} "
                              f"({100 * thr['initial']:.1f})")
                 continue
             ft = thr["fg_purity_transition"]
             lines.append(
-                f"    {row}: beats its initial CAM ({100 * thr['initial']:.1f})"
+                f"    {row}: beats {ref} ({100 * thr['initial']:.1f})"
                 f" first at alpha {f['alpha_star']:.2f} (fg purity "
                 f"{f['purity_star']:.2f}); interpolated crossing alpha "
                 f"{f['alpha_cross']:.2f}, fg purity {f['purity_cross']:.2f} "

@@ -81,7 +81,8 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     # The purity threshold at α = 0 reproduces the box-mask rows (the
     # method's refine_cams path); at α = 1 the mixed affinity is pure.
     mix = got["affinity_mix"]
-    for base, key in (("clip", "clip_attn"), ("fused", "clip_dino")):
+    for base, key in (("clip", "clip_attn"), ("fused", "clip_dino"),
+                      ("dino", "clip_dino")):
         p0, p1 = mix[base]["points"]
         assert math.isclose(p0["miou"]["learned"], m[key], abs_tol=1e-9)
         assert math.isclose(p0["miou"]["oracle_cam"], m["oracle_cam_" + key],
@@ -89,6 +90,10 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
         assert p1["purity"][1] == pytest.approx(1.0, abs=1e-5)
     assert mix["clip"]["points"][0]["purity"] == pytest.approx(
         got["purity"]["clip"], abs=1e-6)
+    assert mix["dino"]["points"][0]["purity"] == pytest.approx(
+        got["purity"]["dino"], abs=1e-6)
+    # The DINO mix is judged against "+CLIP attention" (its ordering).
+    assert mix["dino"]["threshold"]["learned"]["initial"] == m["clip_attn"]
     assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
     # SSR's A_DINO is the last DINO block's (ssr.affinity_encoder_affinity).
     last = max(k for k in got["purity"] if k.startswith("dino_block"))
@@ -171,6 +176,9 @@ def test_affinity_mix_vs_loops():
     bases = {name: jnp.asarray(rng.random((b, n, n)).astype(np.float32)
                                * (1 + i))
              for i, name in enumerate(pretrain_report.AFFINITY_MIX_BASES)}
+    # "dino" mixes A_DINO only and fuses it with A_CLIP (Eq. 9).
+    clip_aff = jnp.asarray(rng.random((b, n, n)).astype(np.float32))
+    bases["dino"] = (clip_aff, bases["dino"])
     s = sgc.SGCParams(box_threshold=0.4, sinkhorn_iters=3)
     alphas = (0.0, 0.4, 1.0)
     pur, conf = map(np.asarray, jax.jit(
@@ -178,7 +186,8 @@ def test_affinity_mix_vs_loops():
         jnp.asarray(alphas), bases, oracle, jnp.asarray(plab),
         jnp.asarray(cams), jnp.asarray(ocams), jnp.asarray(slot),
         jnp.asarray(cls_ids), jnp.asarray(gt)))
-    assert pur.shape == (3, 2, 2, 2, 2) and conf.shape == (3, 2, 2, c, c)
+    nb = len(pretrain_report.AFFINITY_MIX_BASES)
+    assert pur.shape == (3, nb, 2, 2, 2) and conf.shape == (3, nb, 2, c, c)
 
     trans_fn = jax.jit(lambda a: sgc.transition_matrix(a, 3))
 
@@ -207,7 +216,11 @@ def test_affinity_mix_vs_loops():
 
     for ai, alpha in enumerate(alphas):
         for bi, name in enumerate(pretrain_report.AFFINITY_MIX_BASES):
-            base = np.asarray(bases[name], np.float64)
+            fused_with = None
+            base = bases[name]
+            if isinstance(base, tuple):
+                fused_with, base = np.asarray(base[0], np.float64), base[1]
+            base = np.asarray(base, np.float64)
             mixed = np.zeros_like(base)
             for i in range(b):
                 for q in range(n):
@@ -217,7 +230,9 @@ def test_affinity_mix_vs_loops():
                         o = base[i, q].sum() / len(own) if j in own else 0
                         mixed[i, q, j] = (1 - alpha) * base[i, q, j] + (
                             alpha * o)
-            trans = np.asarray(trans_fn(jnp.asarray(mixed, jnp.float32)))
+            used = mixed if fused_with is None else (
+                0.4 * fused_with + 0.6 * mixed)
+            trans = np.asarray(trans_fn(jnp.asarray(used, jnp.float32)))
             for t, arr in enumerate((mixed, trans)):
                 sums, counts = purity_loop(arr)
                 np.testing.assert_allclose(pur[ai, bi, t, 0], sums,
@@ -225,7 +240,7 @@ def test_affinity_mix_vs_loops():
                 np.testing.assert_array_equal(pur[ai, bi, t, 1], counts)
             for r, cm in enumerate((cams, ocams)):
                 want = np.asarray(ref_fn(jnp.asarray(cm),
-                                         jnp.asarray(mixed, jnp.float32)))
+                                         jnp.asarray(used, jnp.float32)))
                 np.testing.assert_array_equal(conf[ai, bi, r], want)
     # The rows differ across α (the mix is not ignored).
     assert (conf[0] != conf[-1]).any()
