@@ -3,14 +3,19 @@
 levers").
 
 For the tiny CLIP's affinity (mean attention of the last k blocks, CLS
-dropped, `sgc.clip_affinity`) on the first train images of the synthetic
-world, prints the mean column sum (attention a patch *receives* as a key)
-and row sum (attention it gives as a query) over foreground and background
-patches (ground-truth majority label per patch). Sinkhorn's column
-normalisation makes every column sum equal; without it a patch's refined
-CAM grows with the attention it receives.
+dropped, `sgc.clip_affinity`) and each tiny-DINO block's (on CLIP's grid,
+`encoders.patch_affinity`; the last one is SSR's A_DINO) on the first
+train images of the synthetic world, prints the mean column sum
+(attention a patch *receives* as a key) and row sum (attention it gives
+as a query) over foreground and background patches (ground-truth majority
+label per patch). Sinkhorn's column normalisation makes every column sum
+equal; without it a patch's refined CAM grows with the attention it
+receives (docs/diagnostics.md, session 20: the tiny DINO has no such
+saliency).
 
     XDG_CACHE_HOME=<cache> python tools/attention_mass.py --max_images 100
+    XDG_CACHE_HOME=<cache> python tools/attention_mass.py \
+        --set pretrain.dino.steps=600   # another (cached) encoder
 """
 
 from __future__ import annotations
@@ -48,9 +53,14 @@ def main() -> None:
         key, _, value = item.partition("=")
         node = config
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = type(node[leaf])(ast.literal_eval(value))
+        try:
+            for part in parents:
+                node = node[part]
+            node[leaf] = type(node[leaf])(ast.literal_eval(value))
+        except (KeyError, ValueError, SyntaxError, TypeError) as e:
+            raise SystemExit(f"--set {item!r}: {e!r}; give an existing "
+                             "config field and a Python literal, e.g. "
+                             "pretrain.dino.steps=600") from None
     root = pretrain.ensure_world(config)
     config.data.root = root
     clip_path, dino_path = pretrain.ensure_encoders(config, root)
@@ -76,19 +86,18 @@ def main() -> None:
         affs = {f"CLIP last {k} of {num_blocks} blocks":
                 np.asarray(sgc_lib.clip_affinity(list(out["attn"]), k))
                 for k in range(1, num_blocks + 1)}
-        # DINO: the affinity SSR fuses (last block, on CLIP's grid).
+        # Each DINO block on CLIP's grid, as ssr.affinity_encoder_affinity
+        # reads the last one (SSR's A_DINO).
         ph = vision.config.patch_size
         grid = (batch["image"].shape[1] // ph, batch["image"].shape[2] // ph)
-        affs["DINO last block (SSR's A_DINO)"] = np.asarray(
-            ssr.affinity_encoder_affinity(
-                dino, jnp.asarray(batch["image"]), grid,
-                vision.config.patch_size, dino_kind))
         _, dout = dino(ssr.normalise(jnp.asarray(batch["image"]),
                                      encoders.NORMALIZATION[dino_kind]))
+        depth = len(dout["attn"])
         for i, a in enumerate(dout["attn"]):
-            affs[f"DINO block {i + 1}"] = np.asarray(encoders.patch_affinity(
-                a, dino.layout, dout["grid"], grid,
-                target_patch=vision.config.patch_size))
+            last = " (SSR's A_DINO)" if i == depth - 1 else ""
+            affs[f"DINO block {i + 1}{last}"] = np.asarray(
+                encoders.patch_affinity(a, dino.layout, dout["grid"], grid,
+                                        target_patch=ph))
         for name, aff in affs.items():
             for kind, v in (("received", aff.sum(1)), ("given", aff.sum(2))):
                 for part, sel in (("fg", labels > 0), ("bg", labels == 0)):
