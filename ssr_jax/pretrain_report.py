@@ -584,8 +584,9 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                                      text_bg, config,
                                      logit_scale=logit_scale)
         attn = tuple(out["attn"]) + (aux["attn12"],)
-        dino_aff = ssr.affinity_encoder_affinity(dino, image, grid, patch,
-                                                 dino_kind)
+        dino_affs = ssr.affinity_encoder_affinity(dino, image, grid, patch,
+                                                  dino_kind, all_blocks=True)
+        dino_aff = dino_affs[-1]
 
         def table3(c):
             return ssr.table3_steps(
@@ -654,11 +655,8 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
             affs[f"clip_block{i + 1}"] = sgc_lib.drop_cls(
                 a.astype(jnp.float32))
         # Each DINO block alone on CLIP's grid (SSR fuses the last one).
-        _, dout = dino(ssr.normalise(image, encoders.NORMALIZATION[dino_kind]))
-        for i, a in enumerate(dout["attn"]):
-            affs[f"dino_block{i + 1}"] = encoders.patch_affinity(
-                a.astype(jnp.float32), dino.layout, dout["grid"], grid,
-                target_patch=patch)
+        for i, a in enumerate(dino_affs):
+            affs[f"dino_block{i + 1}"] = a
         purity = {k: affinity_purity(v, plab) for k, v in affs.items()}
         mgrid = None
         if mask_settings:

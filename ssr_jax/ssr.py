@@ -186,7 +186,9 @@ def loss_inputs(hidden: Array, grid: tuple[int, int], labels: Array,
 
 
 def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
-                              clip_patch: int, kind: str = "dino") -> Array:
+                              clip_patch: int, kind: str = "dino", *,
+                              all_blocks: bool = False
+                              ) -> Array | list[Array]:
     """A_DINO on CLIP's patch grid (SPEC 1.6; `models/encoders.py`).
 
     Args:
@@ -195,16 +197,19 @@ def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
       grid: CLIP's patch grid (h, w).
       clip_patch: CLIP's patch size in pixels.
       kind: `model.dino_kind` (picks the input normalisation).
+      all_blocks: also return every earlier block's (diagnostics).
 
     Returns:
       [B, h·w, h·w] float32 patch-to-patch affinity of the last block's
       head-averaged attention, prefix tokens dropped, resampled onto
-      CLIP's grid when the encoder's differs (`encoders.patch_affinity`).
+      CLIP's grid when the encoder's differs (`encoders.patch_affinity`);
+      with `all_blocks`, the list of every block's, the last being A_DINO.
     """
     _, dout = dino(normalise(image, encoders.NORMALIZATION[kind]))
-    return encoders.patch_affinity(dout["attn"][-1], dino.layout,
-                                   dout["grid"], grid,
-                                   target_patch=clip_patch)
+    attn = dout["attn"] if all_blocks else dout["attn"][-1:]
+    affs = [encoders.patch_affinity(a, dino.layout, dout["grid"], grid,
+                                    target_patch=clip_patch) for a in attn]
+    return affs if all_blocks else affs[0]
 
 
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,

@@ -14,53 +14,38 @@ receives (docs/diagnostics.md, session 20: the tiny DINO has no such
 saliency).
 
     XDG_CACHE_HOME=<cache> python tools/attention_mass.py --max_images 100
-    XDG_CACHE_HOME=<cache> python tools/attention_mass.py \
-        --set pretrain.dino.steps=600   # another (cached) encoder
+    XDG_CACHE_HOME=<cache> python tools/attention_mass.py \\
+        --config.pretrain.dino.steps=600   # another (cached) encoder
+
+`--config` is the project's config file flag (default
+configs/synthetic.py; e.g. configs/synthetic.py:smoke) with the usual
+`--config.FIELD=VALUE` overrides.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
 import os
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from ssr_jax import input_pipeline, pretrain, pretrain_report, ssr
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import encoders, loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "synthetic.py"), "config file")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 100,
+                                   "first train images read")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="")
-    ap.add_argument("--max_images", type=int, default=100)
-    ap.add_argument("--set", action="append", default=[],
-                    metavar="KEY=VALUE",
-                    help="config override, e.g. pretrain.dino.steps=600 "
-                         "(the encoders' cache key follows)")
-    args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_config", os.path.join(ROOT, "configs", "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for part in parents:
-                node = node[part]
-            node[leaf] = type(node[leaf])(ast.literal_eval(value))
-        except (KeyError, ValueError, SyntaxError, TypeError) as e:
-            raise SystemExit(f"--set {item!r}: {e!r}; give an existing "
-                             "config field and a Python literal, e.g. "
-                             "pretrain.dino.steps=600") from None
+def main(argv: Sequence[str]) -> None:
+    del argv
+    config = _CONFIG.value
     root = pretrain.ensure_world(config)
     config.data.root = root
     clip_path, dino_path = pretrain.ensure_encoders(config, root)
@@ -72,7 +57,8 @@ def main() -> None:
     acc: dict[tuple, list[float]] = {}
     for batch in input_pipeline.seed_batches(
             config, config.data.seed_split, 20, config.data.crop_size,
-            max_images=args.max_images, process_index=0, process_count=1):
+            max_images=_MAX_IMAGES.value, process_index=0,
+            process_count=1):
         pixels = pretrain.normalise(
             jnp.asarray(batch["image"]).astype(jnp.float32),
             config.pretrain.clip.normalization)
@@ -86,18 +72,15 @@ def main() -> None:
         affs = {f"CLIP last {k} of {num_blocks} blocks":
                 np.asarray(sgc_lib.clip_affinity(list(out["attn"]), k))
                 for k in range(1, num_blocks + 1)}
-        # Each DINO block on CLIP's grid, as ssr.affinity_encoder_affinity
-        # reads the last one (SSR's A_DINO).
+        # Each DINO block on CLIP's grid; the last is SSR's A_DINO.
         ph = vision.config.patch_size
         grid = (batch["image"].shape[1] // ph, batch["image"].shape[2] // ph)
-        _, dout = dino(ssr.normalise(jnp.asarray(batch["image"]),
-                                     encoders.NORMALIZATION[dino_kind]))
-        depth = len(dout["attn"])
-        for i, a in enumerate(dout["attn"]):
-            last = " (SSR's A_DINO)" if i == depth - 1 else ""
-            affs[f"DINO block {i + 1}{last}"] = np.asarray(
-                encoders.patch_affinity(a, dino.layout, dout["grid"], grid,
-                                        target_patch=ph))
+        dino_affs = ssr.affinity_encoder_affinity(
+            dino, jnp.asarray(batch["image"]), grid, ph, dino_kind,
+            all_blocks=True)
+        for i, a in enumerate(dino_affs):
+            last = " (SSR's A_DINO)" if i == len(dino_affs) - 1 else ""
+            affs[f"DINO block {i + 1}{last}"] = np.asarray(a)
         for name, aff in affs.items():
             for kind, v in (("received", aff.sum(1)), ("given", aff.sum(2))):
                 for part, sel in (("fg", labels > 0), ("bg", labels == 0)):
@@ -114,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
