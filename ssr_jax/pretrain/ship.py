@@ -231,6 +231,18 @@ def run(config, argv: Sequence[str], write: bool, shipped_dir: str,
             print(f"updated {os.path.join(shipped_dir, cache.MANIFEST_FILE)}")
             return 0
         ok = True
+        here = build_info()
+        for kind in kinds:
+            shipped = cache.shipped_entry(kind, keys[kind], shipped_dir)
+            if shipped is None:
+                continue
+            there = shipped[1]["built"]
+            for field in ("backend", "jaxlib", "xla_flags"):
+                if here[field] != there.get(field):
+                    print(f"note: {kind}-{keys[kind]} was built with "
+                          f"{field}={there.get(field)!r}, this rebuild has "
+                          f"{here[field]!r}: the bits need not match (the "
+                          "shipped ones are CPU builds: JAX_PLATFORMS=cpu)")
         print(f"{'entry':<26} {'file':<36} {'rebuilt':<16} "
               f"{'shipped':<16} verdict")
         for kind, path in zip(kinds, paths, strict=True):
