@@ -17,6 +17,12 @@ difference, 0 when everything matches.
 (`TIMING_FIELDS`), which no rerun can repeat: it is compared with those
 fields left out (its losses, logit scale, key and step count must match).
 
+Bit-for-bit needs the build's setting: the CPU backend
+(`JAX_PLATFORMS=cpu` where there is an accelerator), the same jaxlib and
+XLA_FLAGS, and as many CPUs as the build could use (XLA:CPU's thread pool
+follows the CPU affinity; on a bigger machine `taskset -c 0,1`). The table
+is preceded by a note for each of these that differs from the manifest.
+
 `--write` stores the rebuilt snapshots as the shipped ones instead (each
 replaced atomically) and records in the manifest, per entry: kind, key,
 the config argument, the world's identity, every file's sha256, the
@@ -128,6 +134,13 @@ def build_info() -> dict[str, Any]:
             "%Y-%m-%dT%H:%M:%SZ"),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        # XLA:CPU sizes its thread pool by the CPUs this process may run
+        # on, and the float reductions' order follows it: the bits are
+        # reproduced with the same number (measured: smoke under
+        # `taskset -c 0` differs from the 2-CPU build).
+        "schedulable_cpus": (len(os.sched_getaffinity(0))
+                             if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count()),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "backend": jax.default_backend(),
@@ -236,13 +249,18 @@ def run(config, argv: Sequence[str], write: bool, shipped_dir: str,
             shipped = cache.shipped_entry(kind, keys[kind], shipped_dir)
             if shipped is None:
                 continue
-            there = shipped[1]["built"]
-            for field in ("backend", "jaxlib", "xla_flags"):
+            there = dict(shipped[1]["built"])
+            # entries written before the field existed: built unpinned
+            there.setdefault("schedulable_cpus", there.get("cpu_count"))
+            for field in ("backend", "cpu", "jaxlib", "xla_flags",
+                          "schedulable_cpus"):
                 if here[field] != there.get(field):
                     print(f"note: {kind}-{keys[kind]} was built with "
                           f"{field}={there.get(field)!r}, this rebuild has "
-                          f"{here[field]!r}: the bits need not match (the "
-                          "shipped ones are CPU builds: JAX_PLATFORMS=cpu)")
+                          f"{here[field]!r}: the bits need not match "
+                          "(docs/pretrain.md, 'Shipped encoders': CPU, "
+                          "JAX_PLATFORMS=cpu, as many CPUs, e.g. taskset "
+                          "-c 0,1)")
         print(f"{'entry':<26} {'file':<36} {'rebuilt':<16} "
               f"{'shipped':<16} verdict")
         for kind, path in zip(kinds, paths, strict=True):
