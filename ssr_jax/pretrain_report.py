@@ -982,4 +982,8 @@ if __name__ == "__main__":
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")
     _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
-    app.run(main)
+    from ssr_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser(
+        "pretrain_report", "Run with --helpshort for the flags; the config "
+        "fields are those of configs/synthetic.py."))

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssr_jax import input_pipeline, pretrain, pretrain_report, ssr
+from ssr_jax import cli, input_pipeline, pretrain, pretrain_report, ssr
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import encoders, loading
 
@@ -97,4 +97,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("attention_mass"))
