@@ -586,7 +586,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         attn = tuple(out["attn"]) + (aux["attn12"],)
         dino_affs = ssr.affinity_encoder_affinity(dino, image, grid, patch,
                                                   dino_kind, all_blocks=True)
-        dino_aff = dino_affs[-1]
+        n_dino = config.sgc.get("dino_layers", 1)
+        if not 1 <= n_dino <= len(dino_affs):
+            raise config_check.ConfigError(
+                f"sgc.dino_layers={n_dino}: the affinity encoder has "
+                f"{len(dino_affs)} blocks")
+        dino_aff = ssr.mean_affinity(dino_affs[-n_dino:])
 
         def table3(c):
             return ssr.table3_steps(
