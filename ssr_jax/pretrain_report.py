@@ -246,10 +246,25 @@ LEVER_SINKHORN = (0, 1, 3, 10)
 #   (pure, flat columns);
 # - "clip_salient_dino": A_DINO with CLIP's saliency, `salient(A_DINO)`
 #   (its purity, CLIP's column profile);
-# - "clip_salient_oracle_dino": salient(oracle) (pure and salient).
+# - "clip_salient_oracle_dino": salient(oracle) (pure and salient);
+# - "clip_offself_dino": A_DINO without its diagonal, `off_self(A_DINO)`
+#   (tools/attention_mass.py: the tiny DINO keeps 17-30% of a foreground
+#   row on the patch itself, the tiny CLIP 5-9%; what it propagates is the
+#   rest).
 LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn",
               "clip_oracle_dino", "clip_salient_dino",
-              "clip_salient_oracle_dino")
+              "clip_salient_oracle_dino", "clip_offself_dino")
+
+
+def off_self(aff: Array) -> Array:
+    """`aff` [B, N, N] with its diagonal set to 0 and each row rescaled to
+    its old sum (a row with nothing off the diagonal keeps itself)."""
+    n = aff.shape[-1]
+    eye = jnp.eye(n, dtype=bool)[None]
+    off = jnp.where(eye, 0.0, aff)
+    rows = jnp.sum(aff, axis=-1, keepdims=True)
+    rest = jnp.sum(off, axis=-1, keepdims=True)
+    return jnp.where(rest > 0, off / jnp.maximum(rest, 1e-12) * rows, aff)
 
 
 def salient(aff: Array, received: Array) -> Array:
@@ -310,7 +325,8 @@ def _levers(settings, attn, dino_aff, oracle, plab, cams, ocams,
         stand_ins = [sgc_lib.fuse_affinity(clip_aff, d, s.clip_weight,
                                            s.dino_weight)
                      for d in (oracle, salient(dino_aff, received),
-                               salient(oracle, received))]
+                               salient(oracle, received),
+                               off_self(dino_aff))]
         t_c, t_f, *t_s = (sgc_lib.transition_matrix(
             a, st["sinkhorn_iters"], st["transition_power"])
             for a in (a_c, a_f, *stand_ins))

@@ -188,7 +188,8 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
     lines = ["CLIP affinity levers (box mask; fg purity: CLIP, its "
              "transition, fused, its transition; mIoU %: +CLIP, +DINO, "
              "oracle CAM +CLIP; +DINO with A_DINO := oracle, DINO with "
-             "CLIP's saliency, oracle with CLIP's saliency):"]
+             "CLIP's saliency, oracle with CLIP's saliency, DINO without "
+             "its diagonal):"]
     for g in levers:
         p, m = g["purity"], g["miou"]
         lines.append(
@@ -200,5 +201,5 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
                 "clip_attn", "clip_dino", "oracle_cam_clip_attn"))
             + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
                 "clip_oracle_dino", "clip_salient_dino",
-                "clip_salient_oracle_dino") if r in m))
+                "clip_salient_oracle_dino", "clip_offself_dino") if r in m))
     return "\n".join(lines)

@@ -285,3 +285,21 @@ def test_salient_reweights_columns_and_keeps_rows_and_purity():
         np.asarray(pretrain_report.salient(jnp.asarray(aff),
                                            jnp.ones((b, n)))), aff,
         rtol=1e-5)
+
+
+def test_off_self_drops_the_diagonal_and_keeps_row_sums():
+    rng = np.random.default_rng(1)
+    b, n = 2, 5
+    aff = rng.random((b, n, n)).astype(np.float32)
+    aff[1, 2] = 0.0
+    aff[1, 2, 2] = 0.7  # a row with nothing off the diagonal keeps itself
+    got = np.asarray(pretrain_report.off_self(jnp.asarray(aff)))
+    want = aff.copy()
+    for i in range(b):
+        for q in range(n):
+            rest = aff[i, q].sum() - aff[i, q, q]
+            if rest > 0:
+                want[i, q] = aff[i, q] / rest * aff[i, q].sum()
+                want[i, q, q] = 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), aff.sum(-1), rtol=1e-5)
