@@ -72,6 +72,8 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
         lines.append(format_mask_grid(seeds["mask_grid"]))
     if seeds.get("affinity_mix"):
         lines.append(format_affinity_mix(seeds["affinity_mix"]))
+    if seeds.get("cam_mix"):
+        lines.append(format_cam_mix(seeds["cam_mix"]))
     if seeds.get("affinity_levers"):
         lines.append(format_affinity_levers(seeds["affinity_levers"]))
     if "boundary_recall" in seeds:
@@ -141,6 +143,24 @@ def format_mask_grid(grid: list[dict[str, Any]]) -> str:
             f" {100 * m['learned']:8.1f} {100 * m['oracle_attn']:8.1f} "
             f"{100 * m['oracle_cam']:8.1f}")
     return "\n".join(out)
+
+
+def format_cam_mix(mix: dict[str, Any]) -> str:
+    """The initial-CAM threshold (`pretrain_report.cam_mix_summary`)."""
+    lines = ["Table 3 rows with the initial CAM moved toward the oracle "
+             "((1-a)·learned + a·oracle), mIoU %:",
+             "     a   initial  +CLIP  +DINO   +SGC"]
+    for p in mix["points"]:
+        m = p["miou"]
+        lines.append(f"  {p['alpha']:4.2f}  " + "  ".join(
+            f"{100 * m[k]:6.1f}" for k in ("initial_cam", "clip_attn",
+                                            "clip_dino", "sgc")))
+    for name, hit in mix["first_holds"].items():
+        lines.append(f"  {name}: " + (
+            "holds at no a" if hit is None else
+            f"holds from a {hit['alpha']:.2f} (initial CAM "
+            f"{100 * hit['initial_cam']:.1f})"))
+    return "\n".join(lines)
 
 
 def format_affinity_mix(mix: dict[str, Any]) -> str:

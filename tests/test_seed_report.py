@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import ssr_fixtures
 
-from ssr_jax import pretrain_report, report_format, text
+from ssr_jax import pretrain_report, report_format, ssr, text
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 
@@ -61,7 +61,8 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
                                                  "theta_r": (0.5,),
                                                  "kmeans_init": ()},
                                       affinity_mix=(0.0, 1.0),
-                                      affinity_levers=True)
+                                      affinity_levers=True,
+                                      cam_mix=(0.0, 0.5, 1.0))
     assert got["num_images"] == 2
     # The mask grid at the config's own settings reproduces the Table 3
     # rows that use the same mask (the method's refine_cams path).
@@ -92,6 +93,21 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
         got["purity"]["clip"], abs=1e-6)
     assert mix["dino"]["points"][0]["purity"] == pytest.approx(
         got["purity"]["dino"], abs=1e-6)
+    # The CAM mix's ends are the learned and the oracle-CAM Table 3 rows.
+    cmix = got["cam_mix"]
+    assert cmix["alphas"] == [0.0, 0.5, 1.0]
+    for (row, key), (_, okey) in zip(
+            zip(ssr.TABLE3_STEPS, ("initial", "clip_attn", "clip_dino",
+                                   "sgc"), strict=True),
+            zip(ssr.TABLE3_STEPS, ("oracle_cam", "oracle_cam_clip_attn",
+                                   "oracle_cam_clip_dino", "oracle_cam_sgc"),
+                strict=True), strict=True):
+        assert math.isclose(cmix["points"][0]["miou"][row], m[key],
+                            abs_tol=1e-9), row
+        assert math.isclose(cmix["points"][-1]["miou"][row], m[okey],
+                            abs_tol=1e-9), row
+    assert set(cmix["first_holds"]) == {
+        f"{r} > {q}" for r, q in pretrain_report.CAM_MIX_ORDERINGS}
     # The DINO mix is judged against "+CLIP attention" (its ordering).
     assert mix["dino"]["threshold"]["learned"]["initial"] == m["clip_attn"]
     assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
@@ -128,6 +144,7 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert "target-zone masks" in printed
     assert "affinity mixed toward the oracle" in printed
     assert "CLIP affinity levers" in printed
+    assert "initial CAM moved toward the oracle" in printed
     assert all(k in printed for k in got["miou"])
 
 
