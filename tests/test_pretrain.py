@@ -616,3 +616,39 @@ def test_train_dino_with_ibot_runs_and_reports(world):
     assert info["final_patch_loss"] > 0 and np.isfinite(info["final_loss"])
     assert isinstance(backbone, ViT)  # the saved backbone has no mask token
     assert "mask_token" not in nnx.to_pure_dict(nnx.state(backbone))
+
+
+def test_dino_sweep_variants_and_table():
+    """tools/dino_sweep.py: the variant syntax and the summary table."""
+    import sys
+
+    sys.path.insert(0, ROOT)
+    from tools import dino_sweep  # noqa: PLC0415
+
+    assert dino_sweep.parse_variant("base:") == ("base", [])
+    assert dino_sweep.parse_variant(
+        "ibot:pretrain.dino.ibot_weight=1,sgc.dino_layers=2") == (
+        "ibot", ["--config.pretrain.dino.ibot_weight=1",
+                 "--config.sgc.dino_layers=2"])
+    for bad in ("noname", ":x=1", "a b:x=1", "v:x"):
+        with pytest.raises(ValueError, match="--variant"):
+            dino_sweep.parse_variant(bad)
+    report = {
+        "encoders": {"dino": {"key": "k", "steps": 150, "seconds": 1.0,
+                              "first_loss": 4.2, "final_loss": 4.0,
+                              "teacher_entropy": 3.5,
+                              "teacher_mean_entropy": 4.6}},
+        "seeds_scale_21": {
+            "miou": {"initial": 0.354, "clip_attn": 0.394,
+                     "clip_dino": 0.353, "sgc": 0.349, "oracle_cam": 0.7},
+            "purity": {"dino": [0.92, 0.53], "dino_block1": [0.94, 0.67],
+                       "clip": [0.7, 0.46], "uniform": [0.8, 0.15]}}}
+    row = dino_sweep.summarise({"name": "base", "rc": 0, "seconds": 9.0,
+                                "report": report})
+    assert row["purity_fg"] == {"dino": 0.53, "dino_block1": 0.67,
+                                "clip": 0.46}
+    table = dino_sweep.format_table(
+        [row, dino_sweep.summarise({"name": "bad", "rc": 1,
+                                    "seconds": 1.0})])
+    assert "0.530 (0.67" in table and "-4.1" in table
+    assert "bad              FAILED (rc 1)" in table

@@ -35,23 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from absl import app, flags
-
-_CONFIG = flags.DEFINE_string("config", "configs/synthetic.py",
-                              "config file (with an optional :variant)")
-_VARIANTS = flags.DEFINE_multi_string(
-    "variant", [], "NAME:key=value,key=value (config overrides without "
-    "--config.; NAME: alone = the config as it is)")
-_JOBS = flags.DEFINE_integer("jobs", 1, "variants run at once")
-_WORK = flags.DEFINE_string("work", "dino_sweep", "working directory")
-_SEED_CACHE = flags.DEFINE_string(
-    "seed_cache", "", "encoder cache whose entries every variant's cache "
-    "starts with (copied), e.g. $XDG_CACHE_HOME/ssr_jax/encoders")
-_REPORT_ARGS = flags.DEFINE_list(
-    "report_args", ["--nooracle_cmpa", "--logit_scales=config"],
-    "more pretrain_report arguments")
-_OUT = flags.DEFINE_string("out", "", "summary JSON")
-_TAR = flags.DEFINE_string("tar", "", "tar file of the trained snapshots")
+from absl import app
 
 ROWS = ("initial", "clip_attn", "clip_dino", "sgc")
 
@@ -74,7 +58,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def run_variant(name: str, overrides: list[str], work: str,
-                seed_cache: str) -> dict[str, Any]:
+                seed_cache: str, config: str,
+                report_args: Sequence[str]) -> dict[str, Any]:
+    """Runs pretrain_report for one variant in its own encoder cache (seeded
+    with copies of `seed_cache`'s entries); the result with its report."""
     cache = os.path.join(work, "cache", name)
     os.makedirs(cache, exist_ok=True)
     seeded = set()
@@ -88,9 +75,9 @@ def run_variant(name: str, overrides: list[str], work: str,
                 shutil.copytree(src, os.path.join(cache, entry))
     out = os.path.join(work, f"{name}.json")
     cmd = [sys.executable, "-m", "ssr_jax.pretrain_report",
-           f"--config={_CONFIG.value}", *overrides,
+           f"--config={config}", *overrides,
            f"--config.pretrain.cache_dir={cache}", "--config.pretrain."
-           "progress=False", f"--out={out}", *_REPORT_ARGS.value]
+           "progress=False", f"--out={out}", *report_args]
     start = time.perf_counter()
     with open(os.path.join(work, f"{name}.log"), "w") as log:
         log.write(" ".join(cmd) + "\n")
@@ -166,7 +153,8 @@ def main(argv: Sequence[str]) -> None:
     os.makedirs(work, exist_ok=True)
     with ThreadPoolExecutor(max(1, _JOBS.value)) as pool:
         results = list(pool.map(
-            lambda v: run_variant(v[0], v[1], work, _SEED_CACHE.value),
+            lambda v: run_variant(v[0], v[1], work, _SEED_CACHE.value,
+                                  _CONFIG.value, _REPORT_ARGS.value),
             variants))
     rows = [summarise(r) for r in results]
     print(format_table(rows))
@@ -188,4 +176,21 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from absl import flags
+
+    _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py",
+                                  "config file (with an optional :variant)")
+    _VARIANTS = flags.DEFINE_multi_string(
+        "variant", [], "NAME:key=value,key=value (config overrides without "
+        "--config.; NAME: alone = the config as it is)")
+    _JOBS = flags.DEFINE_integer("jobs", 1, "variants run at once")
+    _WORK = flags.DEFINE_string("work", "dino_sweep", "working directory")
+    _SEED_CACHE = flags.DEFINE_string(
+        "seed_cache", "", "encoder cache whose entries every variant's cache "
+        "starts with (copied), e.g. $XDG_CACHE_HOME/ssr_jax/encoders")
+    _REPORT_ARGS = flags.DEFINE_list(
+        "report_args", ["--nooracle_cmpa", "--logit_scales=config"],
+        "more pretrain_report arguments")
+    _OUT = flags.DEFINE_string("out", "", "summary JSON")
+    _TAR = flags.DEFINE_string("tar", "", "tar file of the trained snapshots")
     app.run(main)
