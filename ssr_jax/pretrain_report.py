@@ -569,14 +569,16 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray, mask_settings: Sequence[dict] = (),
              mix_alphas: Sequence[float] = (),
-             levers: Sequence[dict] = (), cam_alphas: Sequence[float] = ()):
+             levers: Sequence[dict] = (), cam_alphas: Sequence[float] = (),
+             cam_mix_affinity: float = 0.0):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
     tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
     (None when empty), the `_affinity_mix` outputs for `mix_alphas`, the
     `_levers` outputs for `levers` and the CAM mix's confusions [A,
-    len(TABLE3_STEPS), C, C] for `cam_alphas` (None when empty))."""
+    len(TABLE3_STEPS), C, C] for `cam_alphas`, with A_CLIP and A_DINO
+    moved toward the oracle by `cam_mix_affinity` (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -707,9 +709,24 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                           config.data.ignore_index)
         cmix = None
         if cam_alphas:
+            beta = float(cam_mix_affinity)
+            mixed_table3 = table3
+            if beta > 0:  # both affinities moved toward the oracle by β
+                a_clip = diagnostics.oracle_mix(
+                    sgc_lib.clip_affinity(attn, s.clip_layers), oracle, beta)
+                a_dino = diagnostics.oracle_mix(dino_aff, oracle, beta)
+
+                def mixed_table3(c):
+                    return ssr.table3_steps(
+                        c, ssr.refine_fn(c, slot_valid, s, clip_aff=a_clip,
+                                         dino_aff=a_dino, image=image,
+                                         superpixels=batch["superpixels"],
+                                         valid=batch["valid"]),
+                        has_dino=True, base_mask="box")
+
             def at(alpha):
                 """The Table 3 rows from (1-α)·learned + α·oracle CAM."""
-                st = table3((1.0 - alpha) * cams + alpha * ocams)
+                st = mixed_table3((1.0 - alpha) * cams + alpha * ocams)
                 out = []
                 for key in ssr.TABLE3_STEPS:
                     _, labels = par_lib.cams_to_labels(st[key], cls_ids,
@@ -732,6 +749,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 affinity_mix: Sequence[float] = (),
                 affinity_levers: bool = False,
                 cam_mix: Sequence[float] = (),
+                cam_mix_affinity: float = 0.0,
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -761,6 +779,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         rows with the initial CAM moved toward the oracle CAM,
         (1-α)·learned + α·oracle, everything else as learned (`cam_mix`
         in the result: at which initial-CAM quality each ordering holds).
+      cam_mix_affinity: β in [0, 1]: in the CAM mix, A_CLIP and A_DINO are
+        also moved toward the oracle affinity, (1-β)·A + β·oracle
+        (`diagnostics.oracle_mix`); 0 = as learned.
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -776,6 +797,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     start = time.perf_counter()
     alphas = affinity_mix_weights(affinity_mix)
     cam_alphas = affinity_mix_weights(cam_mix, "cam_mix")
+    if not 0.0 <= cam_mix_affinity <= 1.0:
+        raise ValueError(f"cam_mix_affinity={cam_mix_affinity}: give a "
+                         "weight in [0, 1]")
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
@@ -803,7 +827,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                              len(clip.vision.blocks))
               if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
-                  home, settings, tuple(alphas), levers, tuple(cam_alphas))
+                  home, settings, tuple(alphas), levers, tuple(cam_alphas),
+                  float(cam_mix_affinity))
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
@@ -923,7 +948,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
             "logit_scale": float(logit_scale), "num_images": n,
             "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
             "affinity_mix": mix_out, "affinity_levers": lev_out,
-            "cam_mix": (cam_mix_summary(cam_alphas, cmix_conf, names)
+            "cam_mix": ({**cam_mix_summary(cam_alphas, cmix_conf, names),
+                         "affinity_alpha": float(cam_mix_affinity)}
                         if cam_alphas else None),
             "seconds": time.perf_counter() - start}
 
@@ -994,6 +1020,9 @@ def main(argv: Sequence[str]) -> None:
     try:
         alphas = affinity_mix_weights(_AFFINITY_MIX.value)
         cam_alphas = affinity_mix_weights(_CAM_MIX.value, "cam_mix")
+        if not 0.0 <= _CAM_MIX_AFFINITY.value <= 1.0:
+            raise ValueError(f"cam_mix_affinity={_CAM_MIX_AFFINITY.value}: "
+                             "give a weight in [0, 1]")
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
     errors = config_check.validate(config, check_devices=False)
@@ -1018,7 +1047,8 @@ def main(argv: Sequence[str]) -> None:
                 oracle_cmpa=_ORACLE_CMPA.value,
                 mask_grid=MASK_GRID if _MASK_GRID.value else None,
                 affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value,
-                cam_mix=cam_alphas)
+                cam_mix=cam_alphas,
+                cam_mix_affinity=_CAM_MIX_AFFINITY.value)
         except config_check.ConfigError as e:
             raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
@@ -1058,6 +1088,9 @@ if __name__ == "__main__":
         "cam_mix", [], "the initial-CAM threshold: weights α (e.g. "
         "0,0.25,0.5,0.75,1) of (1-α)·learned + α·oracle initial CAM, the "
         "Table 3 rows at each (empty = off)")
+    _CAM_MIX_AFFINITY = flags.DEFINE_float(
+        "cam_mix_affinity", 0.0, "with --cam_mix: also move A_CLIP and "
+        "A_DINO toward the oracle affinity by this weight (0 = learned)")
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")

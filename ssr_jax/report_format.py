@@ -147,8 +147,11 @@ def format_mask_grid(grid: list[dict[str, Any]]) -> str:
 
 def format_cam_mix(mix: dict[str, Any]) -> str:
     """The initial-CAM threshold (`pretrain_report.cam_mix_summary`)."""
+    beta = mix.get("affinity_alpha", 0.0)
     lines = ["Table 3 rows with the initial CAM moved toward the oracle "
-             "((1-a)·learned + a·oracle), mIoU %:",
+             "((1-a)·learned + a·oracle)"
+             + (f", A_CLIP and A_DINO moved toward it by {beta:g}"
+                if beta else "") + ", mIoU %:",
              "     a   initial  +CLIP  +DINO   +SGC"]
     for p in mix["points"]:
         m = p["miou"]

@@ -148,6 +148,36 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert all(k in printed for k in got["miou"])
 
 
+@pytest.mark.slow  # two jits of a small seed report, ~20 s
+def test_cam_mix_affinity_path_is_the_learned_one_at_zero(tmp_path):
+    """--cam_mix_affinity: a vanishing β gives the β = 0 rows (the mixed
+    path reads the same A_CLIP and A_DINO as the method), β = 1 moves
+    them."""
+    root, clip_path, dino_path = _world_and_encoders(tmp_path, 4, 2)
+    c = _synthetic_config("tiny")
+    c.data.crop_size = 64
+    c.sgc.clip_layers = 1
+
+    def rows(beta):
+        got = pretrain_report.seed_report(
+            c, clip_path, dino_path, str(root), max_images=2, batch_size=2,
+            oracle_cmpa=False, cam_mix=(0.0, 1.0), cam_mix_affinity=beta)
+        assert got["cam_mix"]["affinity_alpha"] == beta
+        return [p["miou"] for p in got["cam_mix"]["points"]]
+
+    plain, tiny, full = rows(0.0), rows(1e-6), rows(1.0)
+    for p, t in zip(plain, tiny, strict=True):
+        for k in ssr.TABLE3_STEPS:
+            assert math.isclose(p[k], t[k], abs_tol=1e-3), (k, p, t)
+    assert full[0]["initial_cam"] == plain[0]["initial_cam"]
+    assert any(full[i][k] != plain[i][k] for i in range(2)
+               for k in ("clip_attn", "clip_dino")), (plain, full)
+    with pytest.raises(ValueError, match="cam_mix_affinity"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=2, cam_mix=(0.0,),
+                                    cam_mix_affinity=1.5)
+
+
 def test_purity_threshold_interpolates_the_first_crossing():
     a, p = [0.0, 0.5, 1.0], [0.4, 0.7, 1.0]
     got = pretrain_report.purity_threshold(a, p, [0.25, 0.46, 0.57], 0.358)
