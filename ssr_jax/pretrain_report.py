@@ -570,15 +570,17 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              home: np.ndarray, mask_settings: Sequence[dict] = (),
              mix_alphas: Sequence[float] = (),
              levers: Sequence[dict] = (), cam_alphas: Sequence[float] = (),
-             cam_mix_affinity: float = 0.0):
+             cam_mix_affinity: float = 0.0,
+             cam_mix_affinity_dino: float | None = None):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
     tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
     (None when empty), the `_affinity_mix` outputs for `mix_alphas`, the
     `_levers` outputs for `levers` and the CAM mix's confusions [A,
-    len(TABLE3_STEPS), C, C] for `cam_alphas`, with A_CLIP and A_DINO
-    moved toward the oracle by `cam_mix_affinity` (None when empty))."""
+    len(TABLE3_STEPS), C, C] for `cam_alphas`, with A_CLIP moved toward
+    the oracle by `cam_mix_affinity` and A_DINO by `cam_mix_affinity_dino`
+    (None: the same) (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -710,11 +712,13 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         cmix = None
         if cam_alphas:
             beta = float(cam_mix_affinity)
+            beta_d = (beta if cam_mix_affinity_dino is None
+                      else float(cam_mix_affinity_dino))
             mixed_table3 = table3
-            if beta > 0:  # both affinities moved toward the oracle by β
+            if beta > 0 or beta_d > 0:  # affinities moved toward the oracle
                 a_clip = diagnostics.oracle_mix(
                     sgc_lib.clip_affinity(attn, s.clip_layers), oracle, beta)
-                a_dino = diagnostics.oracle_mix(dino_aff, oracle, beta)
+                a_dino = diagnostics.oracle_mix(dino_aff, oracle, beta_d)
 
                 def mixed_table3(c):
                     return ssr.table3_steps(
@@ -750,6 +754,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 affinity_levers: bool = False,
                 cam_mix: Sequence[float] = (),
                 cam_mix_affinity: float = 0.0,
+                cam_mix_affinity_dino: float | None = None,
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -782,6 +787,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       cam_mix_affinity: β in [0, 1]: in the CAM mix, A_CLIP and A_DINO are
         also moved toward the oracle affinity, (1-β)·A + β·oracle
         (`diagnostics.oracle_mix`); 0 = as learned.
+      cam_mix_affinity_dino: A_DINO's own β (None = `cam_mix_affinity`).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -797,9 +803,10 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     start = time.perf_counter()
     alphas = affinity_mix_weights(affinity_mix)
     cam_alphas = affinity_mix_weights(cam_mix, "cam_mix")
-    if not 0.0 <= cam_mix_affinity <= 1.0:
-        raise ValueError(f"cam_mix_affinity={cam_mix_affinity}: give a "
-                         "weight in [0, 1]")
+    for name, b in (("cam_mix_affinity", cam_mix_affinity),
+                    ("cam_mix_affinity_dino", cam_mix_affinity_dino)):
+        if b is not None and not 0.0 <= b <= 1.0:
+            raise ValueError(f"{name}={b}: give a weight in [0, 1]")
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
@@ -828,7 +835,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
               if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
                   home, settings, tuple(alphas), levers, tuple(cam_alphas),
-                  float(cam_mix_affinity))
+                  float(cam_mix_affinity), cam_mix_affinity_dino)
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
@@ -949,7 +956,10 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
             "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
             "affinity_mix": mix_out, "affinity_levers": lev_out,
             "cam_mix": ({**cam_mix_summary(cam_alphas, cmix_conf, names),
-                         "affinity_alpha": float(cam_mix_affinity)}
+                         "affinity_alpha": float(cam_mix_affinity),
+                         "affinity_alpha_dino": float(
+                             cam_mix_affinity if cam_mix_affinity_dino is None
+                             else cam_mix_affinity_dino)}
                         if cam_alphas else None),
             "seconds": time.perf_counter() - start}
 
@@ -1020,9 +1030,11 @@ def main(argv: Sequence[str]) -> None:
     try:
         alphas = affinity_mix_weights(_AFFINITY_MIX.value)
         cam_alphas = affinity_mix_weights(_CAM_MIX.value, "cam_mix")
-        if not 0.0 <= _CAM_MIX_AFFINITY.value <= 1.0:
-            raise ValueError(f"cam_mix_affinity={_CAM_MIX_AFFINITY.value}: "
-                             "give a weight in [0, 1]")
+        for name, b in (("cam_mix_affinity", _CAM_MIX_AFFINITY.value),
+                        ("cam_mix_affinity_dino",
+                         _CAM_MIX_AFFINITY_DINO.value)):
+            if b is not None and not 0.0 <= b <= 1.0:
+                raise ValueError(f"{name}={b}: give a weight in [0, 1]")
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
     errors = config_check.validate(config, check_devices=False)
@@ -1048,7 +1060,8 @@ def main(argv: Sequence[str]) -> None:
                 mask_grid=MASK_GRID if _MASK_GRID.value else None,
                 affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value,
                 cam_mix=cam_alphas,
-                cam_mix_affinity=_CAM_MIX_AFFINITY.value)
+                cam_mix_affinity=_CAM_MIX_AFFINITY.value,
+                cam_mix_affinity_dino=_CAM_MIX_AFFINITY_DINO.value)
         except config_check.ConfigError as e:
             raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
@@ -1091,6 +1104,9 @@ if __name__ == "__main__":
     _CAM_MIX_AFFINITY = flags.DEFINE_float(
         "cam_mix_affinity", 0.0, "with --cam_mix: also move A_CLIP and "
         "A_DINO toward the oracle affinity by this weight (0 = learned)")
+    _CAM_MIX_AFFINITY_DINO = flags.DEFINE_float(
+        "cam_mix_affinity_dino", None, "A_DINO's own weight toward the "
+        "oracle in --cam_mix (default: --cam_mix_affinity)")
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")

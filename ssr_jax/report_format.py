@@ -148,10 +148,15 @@ def format_mask_grid(grid: list[dict[str, Any]]) -> str:
 def format_cam_mix(mix: dict[str, Any]) -> str:
     """The initial-CAM threshold (`pretrain_report.cam_mix_summary`)."""
     beta = mix.get("affinity_alpha", 0.0)
+    beta_d = mix.get("affinity_alpha_dino", beta)
+    moved = ""
+    if beta or beta_d:
+        moved = (f", A_CLIP and A_DINO moved toward it by {beta:g}"
+                 if beta == beta_d else
+                 f", A_CLIP moved toward it by {beta:g} and A_DINO by "
+                 f"{beta_d:g}")
     lines = ["Table 3 rows with the initial CAM moved toward the oracle "
-             "((1-a)·learned + a·oracle)"
-             + (f", A_CLIP and A_DINO moved toward it by {beta:g}"
-                if beta else "") + ", mIoU %:",
+             "((1-a)·learned + a·oracle)" + moved + ", mIoU %:",
              "     a   initial  +CLIP  +DINO   +SGC"]
     for p in mix["points"]:
         m = p["miou"]

@@ -158,14 +158,20 @@ def test_cam_mix_affinity_path_is_the_learned_one_at_zero(tmp_path):
     c.data.crop_size = 64
     c.sgc.clip_layers = 1
 
-    def rows(beta):
+    def rows(beta, beta_dino=None):
         got = pretrain_report.seed_report(
             c, clip_path, dino_path, str(root), max_images=2, batch_size=2,
-            oracle_cmpa=False, cam_mix=(0.0, 1.0), cam_mix_affinity=beta)
+            oracle_cmpa=False, cam_mix=(0.0, 1.0), cam_mix_affinity=beta,
+            cam_mix_affinity_dino=beta_dino)
         assert got["cam_mix"]["affinity_alpha"] == beta
+        assert got["cam_mix"]["affinity_alpha_dino"] == (
+            beta if beta_dino is None else beta_dino)
         return [p["miou"] for p in got["cam_mix"]["points"]]
 
     plain, tiny, full = rows(0.0), rows(1e-6), rows(1.0)
+    dino_only = rows(0.0, 1.0)  # A_CLIP as learned, A_DINO := oracle
+    for p, d in zip(plain, dino_only, strict=True):
+        assert math.isclose(p["clip_attn"], d["clip_attn"], abs_tol=1e-3)
     for p, t in zip(plain, tiny, strict=True):
         for k in ssr.TABLE3_STEPS:
             assert math.isclose(p[k], t[k], abs_tol=1e-3), (k, p, t)
@@ -176,6 +182,10 @@ def test_cam_mix_affinity_path_is_the_learned_one_at_zero(tmp_path):
         pretrain_report.seed_report(c, clip_path, dino_path, str(root),
                                     max_images=2, cam_mix=(0.0,),
                                     cam_mix_affinity=1.5)
+    with pytest.raises(ValueError, match="cam_mix_affinity_dino"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=2, cam_mix=(0.0,),
+                                    cam_mix_affinity_dino=-0.1)
 
 
 def test_purity_threshold_interpolates_the_first_crossing():
