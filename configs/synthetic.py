@@ -124,6 +124,11 @@ def _pretrain(c: config_dict.ConfigDict) -> None:
     d.center_momentum = 0.9  # DINO
     d.freeze_prototypes_epochs = 1  # DINO freezes the last layer 1 epoch
     d.tied_qk_scale = 1.5  # [choice] W_k = W_q init (mimetic); 0 = off
+    # iBOT's masked-patch loss (pretrain.dino.IBOT_FIELDS); 0 = DINO only.
+    d.ibot_weight = 0.0
+    d.mask_prob = 0.5
+    d.mask_ratio = (0.1, 0.5)
+    d.mask_min_patches = 4
 
 
 def _encoder_dependent(c: config_dict.ConfigDict) -> None:

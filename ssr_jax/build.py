@@ -88,13 +88,18 @@ def check_models(config, clip, dino, *, pseudo_labels: bool = True) -> None:
     """Config fields that depend on the loaded encoders (clear errors).
 
     `pseudo_labels=False` (eval: decoder only) skips the fields that only
-    the pseudo-label path reads (crop size, sgc.clip_layers, RFM). The
-    affinity encoder's patch grid may differ from CLIP's
-    (`encoders.patch_affinity` resamples it), so `dino` is not checked.
+    the pseudo-label path reads (crop size, sgc.clip_layers,
+    sgc.dino_layers, RFM). The affinity encoder's patch grid may differ
+    from CLIP's (`encoders.patch_affinity` resamples it); only its depth is
+    checked.
     """
-    del dino  # any grid: encoders.patch_affinity resamples
     v = clip.vision.config
     problems = []
+    depth = None if dino is None else dino.config.num_hidden_layers
+    n = config.sgc.get("dino_layers", 1)
+    if pseudo_labels and depth is not None and not 1 <= n <= depth:
+        problems.append(f"sgc.dino_layers={n}: the affinity encoder has "
+                        f"{depth} blocks")
     if pseudo_labels and config.data.crop_size % v.patch_size:
         problems.append(f"data.crop_size={config.data.crop_size} is not a "
                         f"multiple of the CLIP patch size {v.patch_size}")

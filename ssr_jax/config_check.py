@@ -170,6 +170,7 @@ def validate(config: config_dict.ConfigDict, check_devices: bool = True):
                  "patch_fraction", "box_threshold"):
         _unit(e, f"sgc.{name}", s[name])
     _positive(e, "sgc.clip_layers", s.clip_layers)
+    _positive(e, "sgc.dino_layers", s.get("dino_layers", 1))
     _positive(e, "sgc.slic_segments", s.slic_segments)
     if s.max_segments < s.slic_segments:
         e.append(f"sgc.max_segments={s.max_segments} must be >= "

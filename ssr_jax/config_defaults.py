@@ -145,6 +145,10 @@ def base_config() -> config_dict.ConfigDict:
     s.clip_weight = 0.4  # [paper] CLIP:DINO = 0.4:0.6
     s.dino_weight = 0.6  # [paper]
     s.clip_layers = 8  # [WeCLIP] mean of the last 8 blocks' attention
+    # [paper assumption] A_DINO = the last block's head-mean attention
+    # (shared/reference/ssr_paper.md ambiguity 12); n > 1 = the mean of the
+    # last n blocks, as for CLIP.
+    s.dino_layers = 1
     s.sinkhorn_iters = 3  # [WeCLIP] column/row normalisation rounds
     # [choice] power of the symmetrised transition matrix: 2 = WeCLIP's
     # T·T (compute_trans_mat) | 1 = the paper's Eq. 11 read literally

@@ -246,10 +246,25 @@ LEVER_SINKHORN = (0, 1, 3, 10)
 #   (pure, flat columns);
 # - "clip_salient_dino": A_DINO with CLIP's saliency, `salient(A_DINO)`
 #   (its purity, CLIP's column profile);
-# - "clip_salient_oracle_dino": salient(oracle) (pure and salient).
+# - "clip_salient_oracle_dino": salient(oracle) (pure and salient);
+# - "clip_offself_dino": A_DINO without its diagonal, `off_self(A_DINO)`
+#   (tools/attention_mass.py: the tiny DINO keeps 17-30% of a foreground
+#   row on the patch itself, the tiny CLIP 5-9%; what it propagates is the
+#   rest).
 LEVER_ROWS = ("clip_attn", "clip_dino", "oracle_cam_clip_attn",
               "clip_oracle_dino", "clip_salient_dino",
-              "clip_salient_oracle_dino")
+              "clip_salient_oracle_dino", "clip_offself_dino")
+
+
+def off_self(aff: Array) -> Array:
+    """`aff` [B, N, N] with its diagonal set to 0 and each row rescaled to
+    its old sum (a row with nothing off the diagonal keeps itself)."""
+    n = aff.shape[-1]
+    eye = jnp.eye(n, dtype=bool)[None]
+    off = jnp.where(eye, 0.0, aff)
+    rows = jnp.sum(aff, axis=-1, keepdims=True)
+    rest = jnp.sum(off, axis=-1, keepdims=True)
+    return jnp.where(rest > 0, off / jnp.maximum(rest, 1e-12) * rows, aff)
 
 
 def salient(aff: Array, received: Array) -> Array:
@@ -310,7 +325,8 @@ def _levers(settings, attn, dino_aff, oracle, plab, cams, ocams,
         stand_ins = [sgc_lib.fuse_affinity(clip_aff, d, s.clip_weight,
                                            s.dino_weight)
                      for d in (oracle, salient(dino_aff, received),
-                               salient(oracle, received))]
+                               salient(oracle, received),
+                               off_self(dino_aff))]
         t_c, t_f, *t_s = (sgc_lib.transition_matrix(
             a, st["sinkhorn_iters"], st["transition_power"])
             for a in (a_c, a_f, *stand_ins))
@@ -323,16 +339,18 @@ def _levers(settings, attn, dino_aff, oracle, plab, cams, ocams,
     return jnp.stack(purs), jnp.stack(confs)
 
 
-def affinity_mix_weights(values: Sequence[float | str]) -> list[float]:
-    """The --affinity_mix weights as floats; ValueError (saying what to
-    give) unless they are distinct, increasing and in [0, 1]."""
+def affinity_mix_weights(values: Sequence[float | str],
+                         flag: str = "affinity_mix") -> list[float]:
+    """The --affinity_mix (or --cam_mix, `flag`) weights as floats;
+    ValueError (saying what to give) unless they are distinct, increasing
+    and in [0, 1]."""
     try:
         alphas = [float(a) for a in values]
     except ValueError:
         alphas = None
     if alphas is None or any(not 0.0 <= a <= 1.0 for a in alphas) or (
             alphas != sorted(set(alphas))):
-        raise ValueError(f"affinity_mix={','.join(map(str, values))}: give "
+        raise ValueError(f"{flag}={','.join(map(str, values))}: give "
                          "distinct increasing weights in [0, 1], e.g. "
                          "0,0.25,0.5,0.75,1")
     return alphas
@@ -551,13 +569,18 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              text_fg: Array, text_bg: Array, logit_scale: float,
              home: np.ndarray, mask_settings: Sequence[dict] = (),
              mix_alphas: Sequence[float] = (),
-             levers: Sequence[dict] = ()):
+             levers: Sequence[dict] = (), cam_alphas: Sequence[float] = (),
+             cam_mix_affinity: float = 0.0,
+             cam_mix_affinity_dino: float | None = None):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
     tokens, the mask grid's `_mask_grid` outputs for `mask_settings`
-    (None when empty), the `_affinity_mix` outputs for `mix_alphas` and
-    the `_levers` outputs for `levers` (None when empty))."""
+    (None when empty), the `_affinity_mix` outputs for `mix_alphas`, the
+    `_levers` outputs for `levers` and the CAM mix's confusions [A,
+    len(TABLE3_STEPS), C, C] for `cam_alphas`, with A_CLIP moved toward
+    the oracle by `cam_mix_affinity` and A_DINO by `cam_mix_affinity_dino`
+    (None: the same) (None when empty))."""
     home = jnp.asarray(home, jnp.int32)
     cg, cs = nnx.split(clip)
     dg, ds = nnx.split(dino)
@@ -586,7 +609,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         attn = tuple(out["attn"]) + (aux["attn12"],)
         dino_affs = ssr.affinity_encoder_affinity(dino, image, grid, patch,
                                                   dino_kind, all_blocks=True)
-        dino_aff = dino_affs[-1]
+        n_dino = config.sgc.get("dino_layers", 1)
+        if not 1 <= n_dino <= len(dino_affs):
+            raise config_check.ConfigError(
+                f"sgc.dino_layers={n_dino}: the affinity encoder has "
+                f"{len(dino_affs)} blocks")
+        dino_aff = ssr.mean_affinity(dino_affs[-n_dino:])
 
         def table3(c):
             return ssr.table3_steps(
@@ -681,7 +709,38 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
             lev = _levers(levers, attn, dino_aff, oracle, plab, cams, ocams,
                           slot_valid, cls_ids, gt, s, num_classes,
                           config.data.ignore_index)
-        return jnp.stack(confs), purity, errors, pool, mgrid, mix, lev
+        cmix = None
+        if cam_alphas:
+            beta = float(cam_mix_affinity)
+            beta_d = (beta if cam_mix_affinity_dino is None
+                      else float(cam_mix_affinity_dino))
+            mixed_table3 = table3
+            if beta > 0 or beta_d > 0:  # affinities moved toward the oracle
+                a_clip = diagnostics.oracle_mix(
+                    sgc_lib.clip_affinity(attn, s.clip_layers), oracle, beta)
+                a_dino = diagnostics.oracle_mix(dino_aff, oracle, beta_d)
+
+                def mixed_table3(c):
+                    return ssr.table3_steps(
+                        c, ssr.refine_fn(c, slot_valid, s, clip_aff=a_clip,
+                                         dino_aff=a_dino, image=image,
+                                         superpixels=batch["superpixels"],
+                                         valid=batch["valid"]),
+                        has_dino=True, base_mask="box")
+
+            def at(alpha):
+                """The Table 3 rows from (1-α)·learned + α·oracle CAM."""
+                st = mixed_table3((1.0 - alpha) * cams + alpha * ocams)
+                out = []
+                for key in ssr.TABLE3_STEPS:
+                    _, labels = par_lib.cams_to_labels(st[key], cls_ids,
+                                                       (hp, wp))
+                    out.append(metrics.confusion_matrix_jnp(
+                        labels, gt, num_classes, config.data.ignore_index))
+                return jnp.stack(out)
+            cmix = jax.lax.map(at, jnp.asarray(cam_alphas, jnp.float32))
+        return (jnp.stack(confs), purity, errors, pool, mgrid, mix, lev,
+                cmix)
 
     return lambda batch: fn(cs, ds, batch)
 
@@ -693,6 +752,9 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 mask_grid: dict[str, Sequence] | None = None,
                 affinity_mix: Sequence[float] = (),
                 affinity_levers: bool = False,
+                cam_mix: Sequence[float] = (),
+                cam_mix_affinity: float = 0.0,
+                cam_mix_affinity_dino: float | None = None,
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -718,6 +780,14 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
       affinity_mix: mixing weights α in [0, 1], increasing (empty = off):
         the purity threshold (`_affinity_mix`, `AFFINITY_MIX_BASES`).
       affinity_levers: also measure `lever_settings` (`_levers`).
+      cam_mix: weights α in [0, 1], increasing (empty = off): the Table 3
+        rows with the initial CAM moved toward the oracle CAM,
+        (1-α)·learned + α·oracle, everything else as learned (`cam_mix`
+        in the result: at which initial-CAM quality each ordering holds).
+      cam_mix_affinity: β in [0, 1]: in the CAM mix, A_CLIP and A_DINO are
+        also moved toward the oracle affinity, (1-β)·A + β·oracle
+        (`diagnostics.oracle_mix`); 0 = as learned.
+      cam_mix_affinity_dino: A_DINO's own β (None = `cam_mix_affinity`).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -732,6 +802,11 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     """
     start = time.perf_counter()
     alphas = affinity_mix_weights(affinity_mix)
+    cam_alphas = affinity_mix_weights(cam_mix, "cam_mix")
+    for name, b in (("cam_mix_affinity", cam_mix_affinity),
+                    ("cam_mix_affinity_dino", cam_mix_affinity_dino)):
+        if b is not None and not 0.0 <= b <= 1.0:
+            raise ValueError(f"{name}={b}: give a weight in [0, 1]")
     config = config_dict.ConfigDict(config.to_dict())
     config.data.root = root
     clip = loading.load_clip(clip_path)
@@ -759,7 +834,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                              len(clip.vision.blocks))
               if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
-                  home, settings, tuple(alphas), levers)
+                  home, settings, tuple(alphas), levers, tuple(cam_alphas),
+                  float(cam_mix_affinity), cam_mix_affinity_dino)
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
@@ -773,6 +849,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     mix_pur = np.zeros((len(alphas), nb, 2, 2, 2))
     mix_conf = np.zeros((len(alphas), nb, nr, num_classes, num_classes),
                         np.int64)
+    cmix_conf = np.zeros((len(cam_alphas), len(ssr.TABLE3_STEPS),
+                          num_classes, num_classes), np.int64)
     pur: dict[str, np.ndarray] = {}
     err: dict[str, np.ndarray] = {}
     bnd = {1: [0, 0], 2: [0, 0]}
@@ -788,9 +866,11 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
     for batch in batches:
         batch = dict(batch)
         batch["bg_kind"] = _bg_kinds(batch, meta, split_names, kinds, size)
-        c, purity, errors, pool, mgrid, mix, lev = fn(
+        c, purity, errors, pool, mgrid, mix, lev, cmix = fn(
             {k: jnp.asarray(v) for k, v in batch.items()
              if k not in ("name",)})
+        if cmix is not None:
+            cmix_conf += np.asarray(cmix, np.int64)
         if lev is not None:
             lev_pur += np.asarray(lev[0], np.float64)
             lev_conf += np.asarray(lev[1], np.int64)
@@ -875,7 +955,37 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
             "logit_scale": float(logit_scale), "num_images": n,
             "oracle_cmpa": cmpa_info, "mask_grid": grid_out,
             "affinity_mix": mix_out, "affinity_levers": lev_out,
+            "cam_mix": ({**cam_mix_summary(cam_alphas, cmix_conf, names),
+                         "affinity_alpha": float(cam_mix_affinity),
+                         "affinity_alpha_dino": float(
+                             cam_mix_affinity if cam_mix_affinity_dino is None
+                             else cam_mix_affinity_dino)}
+                        if cam_alphas else None),
             "seconds": time.perf_counter() - start}
+
+
+# The orderings the CAM mix judges: (row, the row it must beat).
+CAM_MIX_ORDERINGS = (("clip_attn", "initial_cam"), ("clip_dino", "clip_attn"),
+                     ("sgc", "clip_dino"))
+
+
+def cam_mix_summary(alphas: Sequence[float], conf: np.ndarray,
+                    names: Sequence[str]) -> dict[str, Any]:
+    """The JSON of the CAM mix: per α the Table 3 rows' mIoU; per ordering
+    of `CAM_MIX_ORDERINGS` the first α at which it holds (and the initial
+    CAM's mIoU there), or None."""
+    points = [{"alpha": float(a),
+               "miou": {k: metrics.scores(conf[i, j], names)["miou"]
+                        for j, k in enumerate(ssr.TABLE3_STEPS)}}
+              for i, a in enumerate(alphas)]
+    first = {}
+    for row, ref in CAM_MIX_ORDERINGS:
+        hit = next((p for p in points if p["miou"][row] > p["miou"][ref]),
+                   None)
+        first[f"{row} > {ref}"] = None if hit is None else {
+            "alpha": hit["alpha"], "initial_cam": hit["miou"]["initial_cam"]}
+    return {"alphas": [float(a) for a in alphas], "points": points,
+            "first_holds": first}
 
 
 def _home_from_classes(root: str, names: Sequence[str],
@@ -919,6 +1029,12 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     try:
         alphas = affinity_mix_weights(_AFFINITY_MIX.value)
+        cam_alphas = affinity_mix_weights(_CAM_MIX.value, "cam_mix")
+        for name, b in (("cam_mix_affinity", _CAM_MIX_AFFINITY.value),
+                        ("cam_mix_affinity_dino",
+                         _CAM_MIX_AFFINITY_DINO.value)):
+            if b is not None and not 0.0 <= b <= 1.0:
+                raise ValueError(f"{name}={b}: give a weight in [0, 1]")
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
     errors = config_check.validate(config, check_devices=False)
@@ -942,7 +1058,10 @@ def main(argv: Sequence[str]) -> None:
                 max_images=_MAX_IMAGES.value, logit_scale=scale,
                 oracle_cmpa=_ORACLE_CMPA.value,
                 mask_grid=MASK_GRID if _MASK_GRID.value else None,
-                affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value)
+                affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value,
+                cam_mix=cam_alphas,
+                cam_mix_affinity=_CAM_MIX_AFFINITY.value,
+                cam_mix_affinity_dino=_CAM_MIX_AFFINITY_DINO.value)
         except config_check.ConfigError as e:
             raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
@@ -978,8 +1097,22 @@ if __name__ == "__main__":
         "in one pass (clip_layers 1..L x transition power 1/2, and three "
         "other Sinkhorn round counts of 0/1/3/10): purity and box-mask mIoU "
         "rows")
+    _CAM_MIX = flags.DEFINE_list(
+        "cam_mix", [], "the initial-CAM threshold: weights α (e.g. "
+        "0,0.25,0.5,0.75,1) of (1-α)·learned + α·oracle initial CAM, the "
+        "Table 3 rows at each (empty = off)")
+    _CAM_MIX_AFFINITY = flags.DEFINE_float(
+        "cam_mix_affinity", 0.0, "with --cam_mix: also move A_CLIP and "
+        "A_DINO toward the oracle affinity by this weight (0 = learned)")
+    _CAM_MIX_AFFINITY_DINO = flags.DEFINE_float(
+        "cam_mix_affinity_dino", None, "A_DINO's own weight toward the "
+        "oracle in --cam_mix (default: --cam_mix_affinity)")
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")
     _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
-    app.run(main)
+    from ssr_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser(
+        "pretrain_report", "Run with --helpshort for the flags; the config "
+        "fields are those of configs/synthetic.py."))

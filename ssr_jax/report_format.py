@@ -72,6 +72,8 @@ def format_seed_diagnostics(seeds: dict[str, Any]) -> str:
         lines.append(format_mask_grid(seeds["mask_grid"]))
     if seeds.get("affinity_mix"):
         lines.append(format_affinity_mix(seeds["affinity_mix"]))
+    if seeds.get("cam_mix"):
+        lines.append(format_cam_mix(seeds["cam_mix"]))
     if seeds.get("affinity_levers"):
         lines.append(format_affinity_levers(seeds["affinity_levers"]))
     if "boundary_recall" in seeds:
@@ -143,6 +145,32 @@ def format_mask_grid(grid: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def format_cam_mix(mix: dict[str, Any]) -> str:
+    """The initial-CAM threshold (`pretrain_report.cam_mix_summary`)."""
+    beta = mix.get("affinity_alpha", 0.0)
+    beta_d = mix.get("affinity_alpha_dino", beta)
+    moved = ""
+    if beta or beta_d:
+        moved = (f", A_CLIP and A_DINO moved toward it by {beta:g}"
+                 if beta == beta_d else
+                 f", A_CLIP moved toward it by {beta:g} and A_DINO by "
+                 f"{beta_d:g}")
+    lines = ["Table 3 rows with the initial CAM moved toward the oracle "
+             "((1-a)·learned + a·oracle)" + moved + ", mIoU %:",
+             "     a   initial  +CLIP  +DINO   +SGC"]
+    for p in mix["points"]:
+        m = p["miou"]
+        lines.append(f"  {p['alpha']:4.2f}  " + "  ".join(
+            f"{100 * m[k]:6.1f}" for k in ("initial_cam", "clip_attn",
+                                            "clip_dino", "sgc")))
+    for name, hit in mix["first_holds"].items():
+        lines.append(f"  {name}: " + (
+            "holds at no a" if hit is None else
+            f"holds from a {hit['alpha']:.2f} (initial CAM "
+            f"{100 * hit['initial_cam']:.1f})"))
+    return "\n".join(lines)
+
+
 def format_affinity_mix(mix: dict[str, Any]) -> str:
     """The purity threshold (`pretrain_report._affinity_mix_summary`): per
     base affinity and α, [bg, fg] purity of the mixed affinity and of its
@@ -188,7 +216,8 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
     lines = ["CLIP affinity levers (box mask; fg purity: CLIP, its "
              "transition, fused, its transition; mIoU %: +CLIP, +DINO, "
              "oracle CAM +CLIP; +DINO with A_DINO := oracle, DINO with "
-             "CLIP's saliency, oracle with CLIP's saliency):"]
+             "CLIP's saliency, oracle with CLIP's saliency, DINO without "
+             "its diagonal):"]
     for g in levers:
         p, m = g["purity"], g["miou"]
         lines.append(
@@ -200,5 +229,5 @@ def format_affinity_levers(levers: list[dict[str, Any]]) -> str:
                 "clip_attn", "clip_dino", "oracle_cam_clip_attn"))
             + " | " + " ".join(f"{100 * m[r]:.1f}" for r in (
                 "clip_oracle_dino", "clip_salient_dino",
-                "clip_salient_oracle_dino") if r in m))
+                "clip_salient_oracle_dino", "clip_offself_dino") if r in m))
     return "\n".join(lines)

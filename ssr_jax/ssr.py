@@ -14,7 +14,7 @@ benchmarks share. Everything here runs inside jit:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -187,7 +187,7 @@ def loss_inputs(hidden: Array, grid: tuple[int, int], labels: Array,
 
 def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
                               clip_patch: int, kind: str = "dino", *,
-                              all_blocks: bool = False
+                              all_blocks: bool = False, layers: int = 1,
                               ) -> Array | list[Array]:
     """A_DINO on CLIP's patch grid (SPEC 1.6; `models/encoders.py`).
 
@@ -197,19 +197,30 @@ def affinity_encoder_affinity(dino, image: Array, grid: tuple[int, int],
       grid: CLIP's patch grid (h, w).
       clip_patch: CLIP's patch size in pixels.
       kind: `model.dino_kind` (picks the input normalisation).
-      all_blocks: also return every earlier block's (diagnostics).
+      all_blocks: return every block's affinity instead (diagnostics).
+      layers: A_DINO = the mean of the last `layers` blocks' affinities
+        (`sgc.dino_layers`; 1 = the last block's, the paper's reading).
 
     Returns:
-      [B, h·w, h·w] float32 patch-to-patch affinity of the last block's
-      head-averaged attention, prefix tokens dropped, resampled onto
-      CLIP's grid when the encoder's differs (`encoders.patch_affinity`);
-      with `all_blocks`, the list of every block's, the last being A_DINO.
+      [B, h·w, h·w] float32 patch-to-patch affinity of the head-averaged
+      attention (`layers` last blocks, averaged), prefix tokens dropped,
+      resampled onto CLIP's grid when the encoder's differs
+      (`encoders.patch_affinity`); with `all_blocks`, the list of every
+      block's.
     """
     _, dout = dino(normalise(image, encoders.NORMALIZATION[kind]))
-    attn = dout["attn"] if all_blocks else dout["attn"][-1:]
+    if not 1 <= layers <= len(dout["attn"]):
+        raise ValueError(f"sgc.dino_layers={layers}: the affinity encoder "
+                         f"has {len(dout['attn'])} blocks")
+    attn = dout["attn"] if all_blocks else dout["attn"][-layers:]
     affs = [encoders.patch_affinity(a, dino.layout, dout["grid"], grid,
                                     target_patch=clip_patch) for a in attn]
-    return affs if all_blocks else affs[0]
+    return affs if all_blocks else mean_affinity(affs)
+
+
+def mean_affinity(affs: Sequence[Array]) -> Array:
+    """The mean of block affinities (one block: itself, unchanged)."""
+    return affs[0] if len(affs) == 1 else sum(affs) / len(affs)
 
 
 def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
@@ -285,7 +296,8 @@ def pseudo_label_path(clip, dino, heads, batch: Batch, text_fg: Array,
     if dino is not None and (s.use_dino_attn or all_steps):
         dino_aff = affinity_encoder_affinity(
             dino, image, grid, clip.vision.config.patch_size,
-            config.model.get("dino_kind", "dino"))
+            config.model.get("dino_kind", "dino"),
+            layers=s.get("dino_layers", 1))
 
     refine = refine_fn(cams, slot_valid, params_lib.method_params(config).sgc,
                        clip_attn=clip_attn, dino_aff=dino_aff,

@@ -260,3 +260,30 @@ def test_patch_affinity_under_jit(snapshots):
                            target_patch=16)
     np.testing.assert_allclose(np.asarray(affinity(model, pixels)),
                                np.asarray(eager), atol=1e-6)
+
+
+def test_dino_layers_averages_the_last_blocks(snapshots):
+    """sgc.dino_layers: A_DINO = the mean of the last n blocks' affinities
+    (1 = the last block's, the paper's reading); more than the encoder has
+    is a clear error."""
+    from ssr_jax import ssr
+
+    model, _ = load_affinity_encoder("dino", snapshots["dino"])
+    image = jnp.asarray(np.random.default_rng(6).integers(
+        0, 256, (2, 64, 64, 3)), jnp.uint8)
+    every = ssr.affinity_encoder_affinity(model, image, (4, 4), 16,
+                                          all_blocks=True)
+    depth = len(every)
+    assert depth >= 2
+    last = ssr.affinity_encoder_affinity(model, image, (4, 4), 16)
+    np.testing.assert_array_equal(last, every[-1])
+    two = ssr.affinity_encoder_affinity(model, image, (4, 4), 16, layers=2)
+    np.testing.assert_allclose(two, (every[-1] + every[-2]) / 2, rtol=1e-6)
+    assert not np.allclose(two, last)
+    with pytest.raises(ValueError, match="sgc.dino_layers"):
+        ssr.affinity_encoder_affinity(model, image, (4, 4), 16,
+                                      layers=depth + 1)
+    c = config_defaults.base_config()
+    c.sgc.dino_layers = 0
+    assert any("sgc.dino_layers" in e for e in
+               config_check.validate(c, check_devices=False))

@@ -155,3 +155,25 @@ def test_second_training_run_on_a_workdir_is_refused(tmp_path):
         held.close()
     _short_error(r, f"workdir {tmp_path} is in use by another training run",
                  f"pid {os.getpid()}", "another --workdir")
+
+
+@pytest.mark.parametrize("module,prog", [
+    ("ssr_jax.pretrain_report", "pretrain_report"),
+    ("tools.attention_mass", "attention_mass"),
+])
+def test_other_programs_report_config_typos_briefly(module, prog):
+    """The diagnostics programs share main's flag parser (ssr_jax.cli)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    syn = os.path.join(ROOT, "configs", "synthetic.py")
+    r = subprocess.run(
+        [sys.executable, "-m", module, f"--config={syn}:tiny",
+         "--config.pretrain.dino.stpes=3"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120)
+    _short_error(r, f"{prog}: error in the command line",
+                 "unknown config field 'pretrain.dino.stpes' (did you mean "
+                 "pretrain.dino.steps")
+    r = subprocess.run(
+        [sys.executable, "-m", module, f"--config={syn}:tiny",
+         "--config.pretrain.dino.steps=many"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120)
+    _short_error(r, f"{prog}: error in the command line", "many")

@@ -479,3 +479,176 @@ def test_interrupted_write_is_not_a_cache_hit(fake_trainers, config, world,
     assert clip_path == final and pretrain.is_complete(final, key)
     info = json.load(open(os.path.join(final, pretrain.INFO_FILE)))
     assert info["key"] == key and info["kind"] == "clip"
+
+
+# --- iBOT masked-patch loss (pretrain.dino.ibot_weight) ---------------------
+
+
+def test_block_masks_cover_the_drawn_share():
+    rng = np.random.default_rng(0)
+    grid = (10, 10)
+    none = pretrain.block_masks(rng, 50, grid, 0.0, (0.1, 0.5), 4)
+    assert none.shape == (50, 100) and not none.any()
+    masks = pretrain.block_masks(rng, 200, grid, 1.0, (0.1, 0.5), 4)
+    counts = masks.sum(1)
+    # every crop masked, never above the largest drawn share (50 patches),
+    # mostly at its target (rectangles are added until it is reached)
+    assert counts.min() >= 4 and counts.max() <= 50, counts
+    assert 20 <= counts.mean() <= 32, counts.mean()
+    half = pretrain.block_masks(rng, 400, grid, 0.5, (0.3, 0.3), 4)
+    share = (half.sum(1) > 0).mean()
+    assert 0.4 < share < 0.6, share
+    # blocks, not scattered patches: most masked patches have a masked
+    # 4-neighbour
+    m = masks.reshape(-1, 10, 10)
+    nb = np.zeros_like(m)
+    nb[:, 1:] |= m[:, :-1]
+    nb[:, :-1] |= m[:, 1:]
+    nb[:, :, 1:] |= m[:, :, :-1]
+    nb[:, :, :-1] |= m[:, :, 1:]
+    assert (nb & m).sum() / m.sum() > 0.9
+
+
+def test_ibot_patch_loss_matches_loop():
+    rng = np.random.default_rng(2)
+    g, b, n, k = 2, 3, 5, 7
+    s = rng.normal(size=(g, b, n, k)).astype(np.float32)
+    t = rng.normal(size=(g, b, n, k)).astype(np.float32)
+    c = rng.normal(size=k).astype(np.float32)
+    masks = rng.random((g, b, n)) < 0.4
+    masks[0, 0] = False  # a crop without masked patches counts 0
+    got = float(pretrain.ibot_patch_loss(
+        jnp.asarray(s), jnp.asarray(t), jnp.asarray(masks), jnp.asarray(c),
+        0.1, jnp.asarray(0.04)))
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    per_crop = []
+    for i in range(g):
+        for j in range(b):
+            terms = [-(softmax((t[i, j, p] - c) / 0.04)
+                       * np.log(softmax(s[i, j, p].astype(np.float64)
+                                        / 0.1))).sum()
+                     for p in range(n) if masks[i, j, p]]
+            per_crop.append(np.mean(terms) if terms else 0.0)
+    np.testing.assert_allclose(got, np.mean(per_crop), rtol=1e-5)
+
+
+def test_masked_patches_take_the_mask_token(config):
+    cfg = config.pretrain.dino
+    vit = ViT(pretrain.dino_model_config(cfg, cfg.global_size),
+              rngs=nnx.Rngs(0))
+    pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    token = jnp.arange(cfg.width, dtype=jnp.float32)
+    mask = jnp.zeros((2, 16), bool).at[0, 3].set(True).at[1, 0].set(True)
+    plain, masked = vit.embed(pixels), vit.embed(pixels, mask, token)
+    diff = np.abs(np.asarray(masked - plain)).max(-1)
+    rows, cols = np.nonzero(diff)
+    assert set(zip(rows, cols, strict=True)) == {(0, 4), (1, 1)}  # CLS 0
+    pos = vit.embed(jnp.zeros_like(pixels))  # bias + positions
+    bias = vit.patch_embedding.bias[...]
+    np.testing.assert_allclose(masked[0, 4], token + pos[0, 4] - bias,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mask_token"):
+        vit.embed(pixels, mask)
+
+
+def test_ibot_fields_leave_the_dino_key_unless_on(config, world):
+    c = synthetic_config("tiny")
+    off = pretrain.cache_key(c, "dino", world)
+    for name in pretrain.IBOT_FIELDS:
+        del c.pretrain.dino[name]
+    assert pretrain.cache_key(c, "dino", world) == off  # absent = off
+    c = synthetic_config("tiny")
+    c.pretrain.dino.mask_prob = 0.9  # irrelevant while the loss is off
+    assert pretrain.cache_key(c, "dino", world) == off
+    c.pretrain.dino.ibot_weight = 1.0
+    on = pretrain.cache_key(c, "dino", world)
+    assert on != off
+    c.pretrain.dino.mask_prob = 0.5
+    assert pretrain.cache_key(c, "dino", world) not in (on, off)
+
+
+def test_ibot_steps_train_both_losses(world):
+    c = synthetic_config("tiny")
+    cfg = c.pretrain.dino
+    cfg.ibot_weight, cfg.mask_prob = 1.0, 1.0
+    # a fixed target: the teacher and the centres do not move
+    cfg.teacher_momentum, cfg.center_momentum = 1.0, 1.0
+    images = pretrain.read_images(world, synthetic.read_split(world,
+                                                              "train"))
+    vcfg = pretrain.dino_model_config(cfg, cfg.global_size)
+    graphdef, params = pretrain.build(
+        lambda: pretrain.DINO(vcfg, cfg, rngs=nnx.Rngs(0)))
+    assert "mask_token" in params
+    tx, step = pretrain.make_dino_step(graphdef, cfg,
+                                       len(images) / cfg.batch_size)
+    state = {"student": params, "teacher": jax.tree.map(jnp.copy, params),
+             "opt": tx.init(params),
+             "center": jnp.zeros((cfg.num_prototypes,)),
+             "center_patch": jnp.zeros((cfg.num_prototypes,)),
+             "step": jnp.zeros((), jnp.int32)}
+    rng = np.random.default_rng(0)
+    glob, loc = pretrain.multi_crops(images[:cfg.batch_size], rng, cfg)
+    masks = pretrain.block_masks(rng, 2 * cfg.batch_size, (4, 4), 1.0,
+                                 (0.3, 0.5), 2).reshape(2, cfg.batch_size,
+                                                        -1)
+    key = jax.random.key(0)
+    hist = []
+    for _ in range(8):
+        state, m = step(state, glob, loc, key, jnp.asarray(masks))
+        hist.append({k: float(v) for k, v in m.items()})
+    assert hist[0]["patch_loss"] > 0
+    np.testing.assert_allclose(
+        hist[0]["loss"], hist[0]["cls_loss"] + hist[0]["patch_loss"],
+        rtol=1e-5)
+    assert hist[-1]["patch_loss"] < hist[0]["patch_loss"] - 0.01, hist
+    assert not np.allclose(state["student"]["mask_token"], 0)
+    np.testing.assert_array_equal(state["teacher"]["mask_token"], 0)
+
+
+def test_train_dino_with_ibot_runs_and_reports(world):
+    c = synthetic_config("tiny")
+    c.pretrain.dino.ibot_weight = 1.0
+    backbone, info = pretrain.train_dino(c, world, False)
+    assert info["final_patch_loss"] > 0 and np.isfinite(info["final_loss"])
+    assert isinstance(backbone, ViT)  # the saved backbone has no mask token
+    assert "mask_token" not in nnx.to_pure_dict(nnx.state(backbone))
+
+
+def test_dino_sweep_variants_and_table():
+    """tools/dino_sweep.py: the variant syntax and the summary table."""
+    import sys
+
+    sys.path.insert(0, ROOT)
+    from tools import dino_sweep  # noqa: PLC0415
+
+    assert dino_sweep.parse_variant("base:") == ("base", [])
+    assert dino_sweep.parse_variant(
+        "ibot:pretrain.dino.ibot_weight=1,sgc.dino_layers=2") == (
+        "ibot", ["--config.pretrain.dino.ibot_weight=1",
+                 "--config.sgc.dino_layers=2"])
+    for bad in ("noname", ":x=1", "a b:x=1", "v:x"):
+        with pytest.raises(ValueError, match="--variant"):
+            dino_sweep.parse_variant(bad)
+    report = {
+        "encoders": {"dino": {"key": "k", "steps": 150, "seconds": 1.0,
+                              "first_loss": 4.2, "final_loss": 4.0,
+                              "teacher_entropy": 3.5,
+                              "teacher_mean_entropy": 4.6}},
+        "seeds_scale_21": {
+            "miou": {"initial": 0.354, "clip_attn": 0.394,
+                     "clip_dino": 0.353, "sgc": 0.349, "oracle_cam": 0.7},
+            "purity": {"dino": [0.92, 0.53], "dino_block1": [0.94, 0.67],
+                       "clip": [0.7, 0.46], "uniform": [0.8, 0.15]}}}
+    row = dino_sweep.summarise({"name": "base", "rc": 0, "seconds": 9.0,
+                                "report": report})
+    assert row["purity_fg"] == {"dino": 0.53, "dino_block1": 0.67,
+                                "clip": 0.46}
+    table = dino_sweep.format_table(
+        [row, dino_sweep.summarise({"name": "bad", "rc": 1,
+                                    "seconds": 1.0})])
+    assert "0.530 (0.67" in table and "-4.1" in table
+    assert "bad              FAILED (rc 1)" in table

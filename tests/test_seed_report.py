@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import ssr_fixtures
 
-from ssr_jax import pretrain_report, report_format, text
+from ssr_jax import pretrain_report, report_format, ssr, text
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 
@@ -61,7 +61,8 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
                                                  "theta_r": (0.5,),
                                                  "kmeans_init": ()},
                                       affinity_mix=(0.0, 1.0),
-                                      affinity_levers=True)
+                                      affinity_levers=True,
+                                      cam_mix=(0.0, 0.5, 1.0))
     assert got["num_images"] == 2
     # The mask grid at the config's own settings reproduces the Table 3
     # rows that use the same mask (the method's refine_cams path).
@@ -92,6 +93,21 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
         got["purity"]["clip"], abs=1e-6)
     assert mix["dino"]["points"][0]["purity"] == pytest.approx(
         got["purity"]["dino"], abs=1e-6)
+    # The CAM mix's ends are the learned and the oracle-CAM Table 3 rows.
+    cmix = got["cam_mix"]
+    assert cmix["alphas"] == [0.0, 0.5, 1.0]
+    for (row, key), (_, okey) in zip(
+            zip(ssr.TABLE3_STEPS, ("initial", "clip_attn", "clip_dino",
+                                   "sgc"), strict=True),
+            zip(ssr.TABLE3_STEPS, ("oracle_cam", "oracle_cam_clip_attn",
+                                   "oracle_cam_clip_dino", "oracle_cam_sgc"),
+                strict=True), strict=True):
+        assert math.isclose(cmix["points"][0]["miou"][row], m[key],
+                            abs_tol=1e-9), row
+        assert math.isclose(cmix["points"][-1]["miou"][row], m[okey],
+                            abs_tol=1e-9), row
+    assert set(cmix["first_holds"]) == {
+        f"{r} > {q}" for r, q in pretrain_report.CAM_MIX_ORDERINGS}
     # The DINO mix is judged against "+CLIP attention" (its ordering).
     assert mix["dino"]["threshold"]["learned"]["initial"] == m["clip_attn"]
     assert {f"clip_block{i}" for i in (1, 2)} <= set(got["purity"])
@@ -128,7 +144,48 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert "target-zone masks" in printed
     assert "affinity mixed toward the oracle" in printed
     assert "CLIP affinity levers" in printed
+    assert "initial CAM moved toward the oracle" in printed
     assert all(k in printed for k in got["miou"])
+
+
+@pytest.mark.slow  # two jits of a small seed report, ~20 s
+def test_cam_mix_affinity_path_is_the_learned_one_at_zero(tmp_path):
+    """--cam_mix_affinity: a vanishing β gives the β = 0 rows (the mixed
+    path reads the same A_CLIP and A_DINO as the method), β = 1 moves
+    them."""
+    root, clip_path, dino_path = _world_and_encoders(tmp_path, 4, 2)
+    c = _synthetic_config("tiny")
+    c.data.crop_size = 64
+    c.sgc.clip_layers = 1
+
+    def rows(beta, beta_dino=None):
+        got = pretrain_report.seed_report(
+            c, clip_path, dino_path, str(root), max_images=2, batch_size=2,
+            oracle_cmpa=False, cam_mix=(0.0, 1.0), cam_mix_affinity=beta,
+            cam_mix_affinity_dino=beta_dino)
+        assert got["cam_mix"]["affinity_alpha"] == beta
+        assert got["cam_mix"]["affinity_alpha_dino"] == (
+            beta if beta_dino is None else beta_dino)
+        return [p["miou"] for p in got["cam_mix"]["points"]]
+
+    plain, tiny, full = rows(0.0), rows(1e-6), rows(1.0)
+    dino_only = rows(0.0, 1.0)  # A_CLIP as learned, A_DINO := oracle
+    for p, d in zip(plain, dino_only, strict=True):
+        assert math.isclose(p["clip_attn"], d["clip_attn"], abs_tol=1e-3)
+    for p, t in zip(plain, tiny, strict=True):
+        for k in ssr.TABLE3_STEPS:
+            assert math.isclose(p[k], t[k], abs_tol=1e-3), (k, p, t)
+    assert full[0]["initial_cam"] == plain[0]["initial_cam"]
+    assert any(full[i][k] != plain[i][k] for i in range(2)
+               for k in ("clip_attn", "clip_dino")), (plain, full)
+    with pytest.raises(ValueError, match="cam_mix_affinity"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=2, cam_mix=(0.0,),
+                                    cam_mix_affinity=1.5)
+    with pytest.raises(ValueError, match="cam_mix_affinity_dino"):
+        pretrain_report.seed_report(c, clip_path, dino_path, str(root),
+                                    max_images=2, cam_mix=(0.0,),
+                                    cam_mix_affinity_dino=-0.1)
 
 
 def test_purity_threshold_interpolates_the_first_crossing():
@@ -285,3 +342,21 @@ def test_salient_reweights_columns_and_keeps_rows_and_purity():
         np.asarray(pretrain_report.salient(jnp.asarray(aff),
                                            jnp.ones((b, n)))), aff,
         rtol=1e-5)
+
+
+def test_off_self_drops_the_diagonal_and_keeps_row_sums():
+    rng = np.random.default_rng(1)
+    b, n = 2, 5
+    aff = rng.random((b, n, n)).astype(np.float32)
+    aff[1, 2] = 0.0
+    aff[1, 2, 2] = 0.7  # a row with nothing off the diagonal keeps itself
+    got = np.asarray(pretrain_report.off_self(jnp.asarray(aff)))
+    want = aff.copy()
+    for i in range(b):
+        for q in range(n):
+            rest = aff[i, q].sum() - aff[i, q, q]
+            if rest > 0:
+                want[i, q] = aff[i, q] / rest * aff[i, q].sum()
+                want[i, q, q] = 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), aff.sum(-1), rtol=1e-5)

@@ -8,10 +8,12 @@ dropped, `sgc.clip_affinity`) and each tiny-DINO block's (on CLIP's grid,
 train images of the synthetic world, prints the mean column sum
 (attention a patch *receives* as a key) and row sum (attention it gives
 as a query) over foreground and background patches (ground-truth majority
-label per patch). Sinkhorn's column normalisation makes every column sum
-equal; without it a patch's refined CAM grows with the attention it
-receives (docs/diagnostics.md, session 20: the tiny DINO has no such
-saliency).
+label per patch), the share of a row on the patch itself ("self") and, of
+the rest, the share on patches of its own label ("pure_off_self": the
+purity that propagation uses; `attention_purity` counts self too).
+Sinkhorn's column normalisation makes every column sum equal; without it
+a patch's refined CAM grows with the attention it receives
+(docs/diagnostics.md, session 20: the tiny DINO has no such saliency).
 
     XDG_CACHE_HOME=<cache> python tools/attention_mass.py --max_images 100
     XDG_CACHE_HOME=<cache> python tools/attention_mass.py \\
@@ -32,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssr_jax import input_pipeline, pretrain, pretrain_report, ssr
+from ssr_jax import cli, input_pipeline, pretrain, pretrain_report, ssr
 from ssr_jax import sgc as sgc_lib
 from ssr_jax.models import encoders, loading
 
@@ -82,7 +84,20 @@ def main(argv: Sequence[str]) -> None:
             last = " (SSR's A_DINO)" if i == len(dino_affs) - 1 else ""
             affs[f"DINO block {i + 1}{last}"] = np.asarray(a)
         for name, aff in affs.items():
-            for kind, v in (("received", aff.sum(1)), ("given", aff.sum(2))):
+            # a row's own share (self-attention) and, of the rest, the share
+            # on its own label: purity counts self, propagation does not use
+            # it (a diagonal affinity is pure and propagates nothing)
+            rows = np.maximum(aff.sum(2), 1e-12)
+            diag = np.diagonal(aff, axis1=1, axis2=2)
+            same = (labels[:, :, None] == labels[:, None, :]) & (
+                labels[:, None, :] >= 0)
+            n = aff.shape[1]
+            off = np.where(np.eye(n, dtype=bool)[None], 0.0, aff)
+            off_same = (off * same).sum(2) / np.maximum(
+                (off * (labels[:, None, :] >= 0)).sum(2), 1e-12)
+            for kind, v in (("received", aff.sum(1)), ("given", aff.sum(2)),
+                            ("self", diag / rows),
+                            ("pure_off_self", off_same)):
                 for part, sel in (("fg", labels > 0), ("bg", labels == 0)):
                     s = acc.setdefault((name, kind, part), [0.0, 0.0])
                     s[0] += float(v[sel].sum())
@@ -90,11 +105,12 @@ def main(argv: Sequence[str]) -> None:
     for name in dict.fromkeys(k[0] for k in acc):
         means = {(kind, part): acc[(name, kind, part)][0]
                  / max(acc[(name, kind, part)][1], 1.0)
-                 for kind in ("received", "given") for part in ("fg", "bg")}
+                 for kind in ("received", "given", "self", "pure_off_self")
+                 for part in ("fg", "bg")}
         cells = ", ".join(f"{kind} {part} {v:.3f}"
                           for (kind, part), v in means.items())
         print(f"{name}: {cells}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("attention_mass"))

@@ -226,10 +226,12 @@ class Dinov2(nnx.Module):
         patch = patch.reshape(grid[0] * grid[1], d).astype(pos.dtype)
         return jnp.concatenate([pos[:1], patch], axis=0)
 
-    def embed(self, pixels: Array) -> Array:
+    def embed(self, pixels: Array, patch_mask: Array | None = None,
+              mask_token: Array | None = None) -> Array:
         """pixels [B, H, W, C] float, normalised → x [B, 1 + R + h·w, D] with
-        (h, w) = (H // p, W // p)."""
-        x, grid = embed_patches(self, pixels)
+        (h, w) = (H // p, W // p) (masked patches as in
+        `vit.embed_patches`)."""
+        x, grid = embed_patches(self, pixels, patch_mask, mask_token)
         b, d = x.shape[0], x.shape[-1]
         x = x + self.positions(grid)[None]
         if self.register_tokens is None:

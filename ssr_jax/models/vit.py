@@ -97,14 +97,25 @@ def init_stem(module: nnx.Module, config: Any, dtype: Any,
 
 
 def embed_patches(module: nnx.Module, pixels: Array,
+                  patch_mask: Array | None = None,
+                  mask_token: Array | None = None,
                   ) -> tuple[Array, tuple[int, int]]:
     """The stem of `init_stem` on pixels [B, H, W, C] → ([CLS, patches]
-    [B, 1 + h·w, D] without positions, (h, w) = (H // p, W // p))."""
+    [B, 1 + h·w, D] without positions, (h, w) = (H // p, W // p)).
+
+    With `patch_mask` (bool [B, h·w]) the masked patches' embeddings are
+    replaced by `mask_token` ([D]) before the positions are added, as HF's
+    `bool_masked_pos` (masked-patch pretraining, e.g. iBOT)."""
     h, w = patch_grid(pixels, module.config.patch_size)
     dtype = module.cls_token.dtype
     x = module.patch_embedding(pixels.astype(dtype))
     b, d = x.shape[0], x.shape[-1]
     x = x.reshape(b, h * w, d)
+    if patch_mask is not None:
+        if mask_token is None:
+            raise ValueError("patch_mask needs a mask_token")
+        x = jnp.where(patch_mask[..., None],
+                      jnp.asarray(mask_token, dtype).reshape(1, 1, d), x)
     cls = jnp.broadcast_to(module.cls_token[...], (b, 1, d))
     return jnp.concatenate([cls, x], axis=1), (h, w)
 
@@ -127,10 +138,12 @@ class ViT(nnx.Module):
         """[CLS, patches] (see `layout.py`)."""
         return TokenLayout(1, self.config.patch_size)
 
-    def embed(self, pixels: Array) -> Array:
+    def embed(self, pixels: Array, patch_mask: Array | None = None,
+              mask_token: Array | None = None) -> Array:
         """pixels [B, H, W, C] float, normalised → x [B, 1 + h·w, D] with
-        (h, w) = (H // p, W // p) and bicubic-resized positions."""
-        x, (h, w) = embed_patches(self, pixels)
+        (h, w) = (H // p, W // p) and bicubic-resized positions (masked
+        patches as in `embed_patches`)."""
+        x, (h, w) = embed_patches(self, pixels, patch_mask, mask_token)
         pos = self.position_embeddings[0]
         grid = resize_grid(pos[1:], self.config.grid, (h, w), "bicubic")
         return x + jnp.concatenate([pos[:1], grid], axis=0)[None]

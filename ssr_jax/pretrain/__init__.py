@@ -77,12 +77,16 @@ from ssr_jax.pretrain.clip import (
 )
 from ssr_jax.pretrain.dino import (
     DINO,
+    IBOT_FIELDS,
     DINOHead,
     affinity_kind,
     backbone_config,
+    block_masks,
     dino_loss,
     dino_model_config,
     dinov2_model_config,
+    ibot_cfg,
+    ibot_patch_loss,
     make_dino_step,
     momentum_schedule,
     pretrain_dino,
@@ -102,12 +106,15 @@ from ssr_jax.pretrain.world import (
 )
 
 __all__ = [
-    "ClipData", "DINO", "DINOHead", "DINOV2_FIELDS", "INFO_FILE",
+    "ClipData", "DINO", "DINOHead", "DINOV2_FIELDS", "IBOT_FIELDS",
+    "INFO_FILE",
     "MAX_LOGIT_SCALE", "PRETRAIN_VERSION", "adamw", "affinity_kind",
-    "backbone_config", "build", "build_tokenizer", "cache_key", "clip_crops",
+    "backbone_config", "block_masks", "build", "build_tokenizer",
+    "cache_key", "clip_crops",
     "clip_loss", "clip_model_config", "colour_jitter", "contrastive_loss",
     "dino_loss", "dino_model_config", "dinov2_model_config",
     "encoder_cache_dir", "ensure_encoders", "ensure_world", "global_logits",
+    "ibot_cfg", "ibot_patch_loss",
     "is_complete", "keep_tokens", "load_clip_data", "lr_schedule",
     "make_clip_step", "make_dino_step", "momentum_schedule", "multi_crops",
     "normalise", "patch_logits", "pretrain_clip", "pretrain_dino",

@@ -33,6 +33,7 @@ from ssr_jax import config_check
 from ssr_jax.models import loading
 from ssr_jax.pretrain.clip import pretrain_clip
 from ssr_jax.pretrain.dino import KINDS, affinity_kind, pretrain_dino
+from ssr_jax.pretrain.dino import key_section as dino_key_section
 from ssr_jax.pretrain.world import encoder_cache_dir, read_json, world_identity
 
 # Bump when a change to this package changes the weights it produces.
@@ -136,6 +137,8 @@ def cache_key(config: config_dict.ConfigDict, kind: str, root: str) -> str:
         raise ValueError(f"kind={kind!r}: choose 'clip', "
                          + " or ".join(repr(k) for k in KINDS))
     section = config.pretrain["clip" if kind == "clip" else "dino"].to_dict()
+    if kind != "clip":
+        section = dino_key_section(section)  # iBOT fields only when on
     if kind == "dino":
         for name in DINOV2_FIELDS:
             section.pop(name, None)

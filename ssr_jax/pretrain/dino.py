@@ -7,11 +7,16 @@ Self-distillation without labels (Caron et al. 2021): a momentum (EMA)
 teacher, multi-crop (2 global + several local crops), a projection head (MLP
 → L2 norm → weight-normalised prototypes), teacher centering and sharpening.
 The teacher backbone is saved. Both kinds train with this same DINO
-objective on the CLS token: [choice] DINOv2's own additions (the iBOT
-masked-patch loss, KoLeo, Sinkhorn-Knopp centering) are not built; what the
-`dinov2` kind exercises is the architecture (LayerScale, registers, patch
-14, bicubic position resizing) and its HF snapshot, read back through the
-encoder seam (`models.encoders`).
+objective on the CLS token, optionally with iBOT's masked-patch loss
+(`pretrain.dino.ibot_weight` > 0; Zhou et al. 2022, also DINOv2's patch
+objective): the student sees the global crops with block-masked patches
+(a learned mask token in place of their embeddings) and predicts, at each
+masked patch, the teacher's prototype distribution of the unmasked patch
+(own centre, same temperatures, the CLS head shared). [choice] KoLeo and
+Sinkhorn-Knopp centering (DINOv2's other additions) are not built; what
+the `dinov2` kind exercises is the architecture (LayerScale, registers,
+patch 14, bicubic position resizing) and its HF snapshot, read back
+through the encoder seam (`models.encoders`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ml_collections import config_dict
 import ssr_jax.pretrain.training as tr
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
+from ssr_jax.models.clip import run_blocks
 from ssr_jax.models.dinov2 import Dinov2, Dinov2Config
 from ssr_jax.models.vit import ViT, ViTConfig
 from ssr_jax.pretrain.augment import colour_jitter, multi_crops, normalise
@@ -38,6 +44,70 @@ from ssr_jax.pretrain.world import read_images
 
 Array = jax.Array
 KINDS = ("dino", "dinov2")  # = models.encoders.KINDS (model.dino_kind)
+# `pretrain.dino` fields of the iBOT masked-patch loss and their defaults
+# (absent = default). With ibot_weight 0 they are left out of the cache key
+# (`key_section`), so adding them changed no existing snapshot's key.
+IBOT_FIELDS = {
+    "ibot_weight": 0.0,  # weight of the patch loss (iBOT: 1); 0 = DINO only
+    "mask_prob": 0.5,  # share of global crops masked (iBOT 0.5)
+    "mask_ratio": (0.1, 0.5),  # masked share of a crop's patches, uniform
+    "mask_min_patches": 4,  # smallest masked block (BEiT/iBOT 16 of 14x14)
+}
+
+
+def ibot_cfg(cfg: config_dict.ConfigDict) -> dict[str, Any]:
+    """The iBOT fields of `pretrain.dino`, defaults filled in."""
+    return {k: cfg.get(k, v) for k, v in IBOT_FIELDS.items()}
+
+
+def key_section(section: dict[str, Any]) -> dict[str, Any]:
+    """`pretrain.dino` as the cache key sees it: without the iBOT fields
+    when the patch loss is off (they change nothing then), with all of them
+    (defaults filled in) when it is on."""
+    section = dict(section)
+    if not section.get("ibot_weight", 0.0):
+        for name in IBOT_FIELDS:
+            section.pop(name, None)
+        return section
+    return {**IBOT_FIELDS, **section}
+
+
+def block_masks(rng: np.random.Generator, n: int, grid: tuple[int, int],
+                prob: float, ratio: Sequence[float], min_patches: int,
+                ) -> np.ndarray:
+    """iBOT's masks: bool [n, h·w]. Each of the n crops is masked with
+    probability `prob`; a masked crop gets a share r ~ U(ratio) of its
+    patches covered by random rectangles (BEiT's block-wise generator:
+    area ≥ `min_patches`, aspect ratio log-uniform in [0.3, 1/0.3]), added
+    until r·h·w patches are covered or no rectangle fits."""
+    h, w = grid
+    out = np.zeros((n, h, w), bool)
+    lo_ar, hi_ar = np.log(0.3), np.log(1 / 0.3)
+    for i in range(n):
+        if rng.random() >= prob:
+            continue
+        target = int(round(rng.uniform(*ratio) * h * w))
+        m, count = out[i], 0
+        while count < target:
+            room, placed = target - count, False
+            for _ in range(10):
+                area = rng.uniform(min(min_patches, room), room)
+                ar = np.exp(rng.uniform(lo_ar, hi_ar))
+                bh = int(round(np.sqrt(area * ar)))
+                bw = int(round(np.sqrt(area / ar)))
+                if not (0 < bh <= h and 0 < bw <= w):
+                    continue
+                top = rng.integers(0, h - bh + 1)
+                left = rng.integers(0, w - bw + 1)
+                new = bh * bw - int(m[top:top + bh, left:left + bw].sum())
+                if 0 < new <= room:
+                    m[top:top + bh, left:left + bw] = True
+                    count += new
+                    placed = True
+                    break
+            if not placed:
+                break
+    return out.reshape(n, h * w)
 
 
 def affinity_kind(config: config_dict.ConfigDict) -> str:
@@ -116,10 +186,25 @@ class DINO(nnx.Module):
         self.head = DINOHead(vit_config.hidden_size, cfg.head_hidden,
                              cfg.head_bottleneck, cfg.num_prototypes,
                              rngs=rngs)
+        # iBOT's mask token (zeros, as iBOT); training only, not saved.
+        self.mask_token = (nnx.Param(jnp.zeros((vit_config.hidden_size,)))
+                           if ibot_cfg(cfg)["ibot_weight"] else None)
 
     def __call__(self, pixels: Array) -> Array:
         tokens, _ = self.backbone(pixels)
         return self.head(tokens[:, 0])
+
+    def logits(self, pixels: Array, patch_mask: Array | None = None,
+               ) -> tuple[Array, Array]:
+        """pixels [B, H, W, 3] (patches masked where `patch_mask` [B, h·w]
+        is True) → (CLS logits [B, K], patch logits [B, h·w, K]), the one
+        head shared (iBOT's shared head)."""
+        bb = self.backbone
+        token = None if patch_mask is None else self.mask_token[...]
+        x, _ = run_blocks(bb.blocks, bb.embed(pixels, patch_mask, token))
+        x = bb.layernorm(x)
+        return (self.head(x[:, 0]),
+                self.head(x[:, bb.layout.patch_start:]))
 
 
 def dino_loss(student: Sequence[Array], teacher: Sequence[Array],
@@ -151,6 +236,30 @@ def dino_loss(student: Sequence[Array], teacher: Sequence[Array],
             total = total + jnp.mean(-jnp.sum(t * s, axis=-1))
             pairs += 1
     return total / pairs
+
+
+def ibot_patch_loss(student: Array, teacher: Array, masks: Array,
+                    center: Array, student_temp: float,
+                    teacher_temp: Array) -> Array:
+    """iBOT's masked-patch cross-entropy: at every masked patch of a global
+    crop, H(P_t, P_s) between the teacher's (unmasked crop, centred,
+    sharpened) and the student's (masked crop) prototype distributions;
+    per crop the mean over its masked patches (crops with none count 0),
+    then the mean over crops.
+
+    Args:
+      student: [G, B, N, K] student patch logits (masked crops).
+      teacher: [G, B, N, K] teacher patch logits (the same crops unmasked).
+      masks: bool [G, B, N].
+      center: [K] the teacher's patch centre.
+      student_temp, teacher_temp: as `dino_loss`.
+    """
+    t = jax.nn.softmax((teacher - center) / teacher_temp, axis=-1)
+    s = jax.nn.log_softmax(student / student_temp, axis=-1)
+    ce = -jnp.sum(t * s, axis=-1)  # [G, B, N]
+    m = masks.astype(ce.dtype)
+    per_crop = jnp.sum(ce * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+    return jnp.mean(per_crop)
 
 
 def momentum_schedule(base: float, steps: int) -> Callable[[Array], Array]:
@@ -198,6 +307,8 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
             cfg.gray_prob)))(x.astype(jnp.float32), keys)
         return normalise(x, "imagenet")
 
+    ibot = ibot_cfg(cfg)["ibot_weight"]
+
     def forward(params, crops):
         """crops [V, B, S, S, 3] → logits [V, B, K]."""
         model = nnx.merge(graphdef, params)
@@ -205,19 +316,42 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
         return model(crops.reshape((v * b,) + crops.shape[2:])).reshape(
             v, b, -1)
 
-    def step(state, glob, loc, key):
+    def forward_patches(params, crops, masks):
+        """crops [V, B, S, S, 3], masks bool [V, B, N] or None → (CLS
+        logits [V, B, K], patch logits [V, B, N, K])."""
+        model = nnx.merge(graphdef, params)
+        v, b = crops.shape[:2]
+        flat = None if masks is None else masks.reshape(v * b, -1)
+        c, p = model.logits(crops.reshape((v * b,) + crops.shape[2:]), flat)
+        return c.reshape(v, b, -1), p.reshape((v, b) + p.shape[1:])
+
+    def step(state, glob, loc, key, masks=None):
         kg, kl = jax.random.split(key)
         glob, loc = photometric(glob, kg), photometric(loc, kl)
-        t_g = jax.lax.stop_gradient(forward(state["teacher"], glob))
         temp = t_temp(state["step"])
+        if ibot:
+            t_g, t_p = jax.lax.stop_gradient(
+                forward_patches(state["teacher"], glob, None))
+        else:
+            t_g = jax.lax.stop_gradient(forward(state["teacher"], glob))
 
         def loss_fn(params):
-            student = (list(forward(params, glob))
-                       + list(forward(params, loc)))
-            return dino_loss(student, list(t_g), state["center"],
-                             cfg.student_temp, temp)
+            if not ibot:
+                student = (list(forward(params, glob))
+                           + list(forward(params, loc)))
+                loss = dino_loss(student, list(t_g), state["center"],
+                                 cfg.student_temp, temp)
+                return loss, (loss, jnp.zeros(()))
+            s_g, s_p = forward_patches(params, glob, masks)
+            cls = dino_loss(list(s_g) + list(forward(params, loc)),
+                            list(t_g), state["center"], cfg.student_temp,
+                            temp)
+            patch = ibot_patch_loss(s_p, t_p, masks, state["center_patch"],
+                                    cfg.student_temp, temp)
+            return cls + ibot * patch, (cls, patch)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["student"])
+        (loss, (cls_loss, patch_loss)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state["student"])
         frozen = state["step"] < freeze
         grads["head"]["prototypes"] = jnp.where(
             frozen, 0.0, grads["head"]["prototypes"])
@@ -232,8 +366,13 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
         used = jnp.mean(probs, axis=(0, 1))
         new = {"student": student, "teacher": teacher, "opt": opt,
                "center": center, "step": state["step"] + 1}
+        if ibot:
+            new["center_patch"] = (
+                cfg.center_momentum * state["center_patch"]
+                + (1 - cfg.center_momentum) * t_p.mean(axis=(0, 1, 2)))
         return new, {
-            "loss": loss, "teacher_temp": temp,
+            "loss": loss, "cls_loss": cls_loss, "patch_loss": patch_loss,
+            "teacher_temp": temp,
             "teacher_entropy": -jnp.sum(
                 probs * jnp.log(probs + 1e-12), -1).mean(),
             "teacher_mean_entropy": -jnp.sum(used * jnp.log(used + 1e-12)),
@@ -273,6 +412,10 @@ def train_dino(config: config_dict.ConfigDict, root: str,
              "opt": tx.init(params),
              "center": jnp.zeros((cfg.num_prototypes,), jnp.float32),
              "step": jnp.zeros((), jnp.int32)}
+    ibot = ibot_cfg(cfg)
+    if ibot["ibot_weight"]:
+        state["center_patch"] = jnp.zeros_like(state["center"])
+        grid = (cfg.global_size // cfg.patch_size,) * 2
     rng = np.random.default_rng([seed, 2])
     key = jax.random.key(seed + 1)
     history = []
@@ -281,7 +424,14 @@ def train_dino(config: config_dict.ConfigDict, root: str,
     bar = tr.progress_bar(batches, cfg.steps, f"pretrain {name}", progress)
     for i, idx in enumerate(bar):
         glob, loc = multi_crops(images[idx], rng, cfg)
-        state, m = step_fn(state, glob, loc, jax.random.fold_in(key, i))
+        masks = None
+        if ibot["ibot_weight"]:  # drawn after the crops: DINO's stream kept
+            masks = block_masks(
+                rng, 2 * len(idx), grid, ibot["mask_prob"],
+                ibot["mask_ratio"], ibot["mask_min_patches"],
+            ).reshape(2, len(idx), -1)
+        state, m = step_fn(state, glob, loc, jax.random.fold_in(key, i),
+                           masks)
         history.append(m)
         if i == 0:
             first = tr.first_step_seconds(m, start, cpu0)
@@ -299,6 +449,11 @@ def train_dino(config: config_dict.ConfigDict, root: str,
             "teacher_mean_entropy": float(last["teacher_mean_entropy"]),
             "seconds": time.perf_counter() - start,
             "cpu_seconds": tr.cpu_seconds() - cpu0}
+    if ibot["ibot_weight"]:
+        info["final_patch_loss"] = float(np.mean(
+            [h["patch_loss"] for h in history[-10:]]))
+        info["final_cls_loss"] = float(np.mean(
+            [h["cls_loss"] for h in history[-10:]]))
     logging.info("%s pretrained: %d steps in %.1f s wall (%.1f s CPU), "
                  "loss %.3f -> %.3f, teacher entropy %.2f (batch mean "
                  "%.2f)", name, cfg.steps, info["seconds"],
