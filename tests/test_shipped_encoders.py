@@ -287,3 +287,13 @@ def test_ship_reports_a_config_typo_without_a_traceback():
     assert "unknown config field 'pretrain.clip.stepz'" in r.stderr
     assert "pretrain.clip.steps" in r.stderr  # the suggestion
     assert "Traceback" not in r.stderr
+
+
+def test_ship_imports_beside_main():
+    """ship defines its flags only when run: importing it next to
+    ssr_jax.main (which defines --config) must not clash."""
+    import importlib
+
+    import ssr_jax.main  # noqa: F401
+
+    importlib.reload(ship)

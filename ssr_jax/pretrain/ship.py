@@ -50,30 +50,16 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import logging
 
-from ssr_jax import config_check
-from ssr_jax import main as ssr_main
+from ssr_jax import cli, config_check
 from ssr_jax.pretrain import cache, world
 from ssr_jax.pretrain.dino import affinity_kind
-
-# main's --config flag (and its parser, `_parse_flags` below): the same
-# loading, overrides and messages for a bad field as `ssr_jax.main`.
-_CONFIG = ssr_main._CONFIG
-_WRITE = flags.DEFINE_bool(
-    "write", False, "store the rebuilt snapshots as the shipped ones and "
-    "update the manifest, instead of comparing")
-_SHIPPED_DIR = flags.DEFINE_string(
-    "shipped_dir", "", "the shipped folder (default: the package's "
-    "ssr_jax/pretrain/shipped)")
-_KEEP = flags.DEFINE_string(
-    "keep", "", "also copy the rebuilt cache entries into this directory "
-    "(for inspection); default: deleted")
 
 # pretrain.json fields that time the run (never repeatable).
 TIMING_FIELDS = ("seconds", "cpu_seconds", "setup_and_compile_seconds")
 EXIT_DIFFER = 1
-EXIT_USER = 2
+EXIT_USER = cli.EXIT_USER
 
 
 def _stable_info(path: str) -> dict[str, Any]:
@@ -285,6 +271,8 @@ def run(config, argv: Sequence[str], write: bool, shipped_dir: str,
 
 
 def main(argv: Sequence[str]) -> None:
+    from absl import app
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -316,6 +304,23 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    # main's parser: a bad flag or config field is a short message (exit 2)
-    # with a suggestion, not a traceback.
-    app.run(main, flags_parser=ssr_main._parse_flags)
+    # Flags only when run, so that tests and tools can import this module
+    # beside ssr_jax.main (which defines its own --config).
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file whose encoders to rebuild, e.g. "
+        "configs/synthetic.py or configs/synthetic.py:smoke.")
+    _WRITE = flags.DEFINE_bool(
+        "write", False, "store the rebuilt snapshots as the shipped ones and "
+        "update the manifest, instead of comparing")
+    _SHIPPED_DIR = flags.DEFINE_string(
+        "shipped_dir", "", "the shipped folder (default: the package's "
+        "ssr_jax/pretrain/shipped)")
+    _KEEP = flags.DEFINE_string(
+        "keep", "", "also copy the rebuilt cache entries into this directory "
+        "(for inspection); default: deleted")
+    # A bad flag or config field: a short message with a suggestion (exit
+    # 2), not a traceback.
+    app.run(main, flags_parser=cli.flags_parser("pretrain.ship"))
