@@ -2,7 +2,11 @@
 caches each snapshot under a hash of (its kind, its config section, the
 world's `world.json`, `PRETRAIN_VERSION`); an entry is written to a
 temporary directory and renamed into place, so an interrupted run never
-leaves a snapshot that looks complete.
+leaves a snapshot that looks complete. On a cache miss a snapshot that
+ships in the package with the same kind and key (`shipped/`, listed with
+its files' sha256 in `shipped/manifest.json`) is checked and copied in
+instead of training; `pretrain.force` trains anyway. `ssr_jax.pretrain.ship`
+rebuilds the shipped snapshots and checks them bit for bit.
 
 The affinity encoder's kind is `model.dino_kind`: "dino" (a DINO ViT,
 cached as `dino-<key>`) or "dinov2" (a DINOv2, `dinov2-<key>`); both are
@@ -160,25 +164,120 @@ def is_complete(path: str, key: str) -> bool:
             and os.path.isfile(os.path.join(path, loading.WEIGHTS)))
 
 
+# --- shipped snapshots -------------------------------------------------------
+
+# Snapshots that ship inside the package (`ssr_jax/pretrain/shipped/`), one
+# directory `<kind>-<key>` each, listed with every file's sha256 in the
+# manifest; `python -m ssr_jax.pretrain.ship` rebuilds and checks them.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "shipped")
+MANIFEST_FILE = "manifest.json"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(shipped_dir: str | None = None) -> dict[str, Any]:
+    """The shipped manifest ({"entries": {}} when there is none)."""
+    path = os.path.join(shipped_dir or SHIPPED_DIR, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return {"entries": {}}
+    return read_json(path)
+
+
+def shipped_entry(kind: str, key: str, shipped_dir: str | None = None
+                  ) -> tuple[str, dict[str, Any]] | None:
+    """(directory, manifest entry) of the shipped `<kind>-<key>`, or None
+    when nothing with that kind and key ships."""
+    shipped_dir = shipped_dir or SHIPPED_DIR
+    name = f"{kind}-{key}"
+    entry = read_manifest(shipped_dir)["entries"].get(name)
+    if entry is None:
+        return None
+    return os.path.join(shipped_dir, name), entry
+
+
+def verify_shipped(path: str, entry: dict[str, Any]) -> None:
+    """Raises `loading.WeightsError` naming the first file of the shipped
+    snapshot at `path` that is missing, extra or whose sha256 differs from
+    the manifest's."""
+    fix = ("The installed ssr_jax is damaged or was edited: restore it "
+           "(`git checkout -- ssr_jax/pretrain/shipped` or reinstall), "
+           "rebuild the shipped snapshots with `python -m "
+           "ssr_jax.pretrain.ship --config <config> --write`, or train the "
+           "encoders instead with --config.pretrain.force=True.")
+    want = entry["files"]
+    have = set(os.listdir(path)) if os.path.isdir(path) else set()
+    for name in sorted(want):
+        f = os.path.join(path, name)
+        if name not in have or not os.path.isfile(f):
+            raise loading.WeightsError(
+                f"shipped encoder file {f} is missing. {fix}")
+        got = file_sha256(f)
+        if got != want[name]:
+            raise loading.WeightsError(
+                f"shipped encoder file {f} has sha256 {got}, the manifest "
+                f"({MANIFEST_FILE}) records {want[name]}. {fix}")
+    extra = sorted(have - set(want))
+    if extra:
+        raise loading.WeightsError(
+            f"shipped encoder {path} holds files the manifest does not "
+            f"list: {', '.join(extra)}. {fix}")
+
+
+def _install_shipped(src: str, entry: dict[str, Any], dst: str) -> None:
+    os.makedirs(dst)
+    for name in sorted(entry["files"]):  # pretrain.json among them
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+# --- the cache ----------------------------------------------------------------
+
+
 def _cached(kind: str, train_fn: Callable[[str], dict[str, Any]], key: str,
-            cache_dir: str) -> str:
-    """The complete entry `<cache_dir>/<kind>-<key>`, trained by
-    `train_fn(tmp_dir)` into a temporary sibling and renamed into place if
-    absent."""
+            cache_dir: str, force: bool = False,
+            shipped_dir: str | None = None) -> str:
+    """The complete entry `<cache_dir>/<kind>-<key>`, made if absent in a
+    temporary sibling and renamed into place: copied from the shipped
+    snapshot of the same kind and key (checked against the manifest's
+    sha256 first) or, when none ships, trained by `train_fn(tmp_dir)`.
+    `force`: train even when the entry is cached or shipped, replacing
+    the cached one."""
     final = os.path.join(cache_dir, f"{kind}-{key}")
-    if is_complete(final, key):
+    if not force and is_complete(final, key):
         logging.info("reusing cached %s encoder %s", kind, final)
         return final
+    shipped = None if force else shipped_entry(kind, key, shipped_dir)
+    if shipped is not None:
+        verify_shipped(*shipped)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = os.path.join(cache_dir, f".{kind}-{key}.tmp-{socket.gethostname()}"
-                       f"-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tag = (f"{socket.gethostname()}-{os.getpid()}-"
+           f"{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(cache_dir, f".{kind}-{key}.tmp-{tag}")
+    old = os.path.join(cache_dir, f".{kind}-{key}.old-{tag}")
     try:
-        info = train_fn(tmp)
-        info.update(kind=kind, key=key)
-        with open(os.path.join(tmp, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        if os.path.isdir(final) and not is_complete(final, key):
-            shutil.rmtree(final)  # a leftover that is not a complete entry
+        if shipped is not None:
+            logging.info("using the shipped %s encoder %s (sha256 checked "
+                         "against %s) -> %s", kind, shipped[0],
+                         MANIFEST_FILE, final)
+            _install_shipped(*shipped, tmp)
+        else:
+            if force:
+                logging.info("pretrain.force: training the %s encoder %s",
+                             kind, final)
+            info = train_fn(tmp)
+            info.update(kind=kind, key=key)
+            with open(os.path.join(tmp, INFO_FILE), "w") as f:
+                json.dump(info, f, indent=2, sort_keys=True)
+        if os.path.isdir(final) and (force or not is_complete(final, key)):
+            # a leftover that is not a complete entry, or the entry `force`
+            # replaces: moved aside, then deleted
+            os.rename(final, old)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -186,30 +285,40 @@ def _cached(kind: str, train_fn: Callable[[str], dict[str, Any]], key: str,
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def ensure_encoders(config: config_dict.ConfigDict, root: str,
-                    cache_dir: str | None = None) -> tuple[str, str]:
+                    cache_dir: str | None = None, *,
+                    force: bool | None = None,
+                    shipped_dir: str | None = None) -> tuple[str, str]:
     """(clip_path, dino_path): HF snapshot directories of the tiny encoders
-    for the world at `root`, pretrained on a cache miss; dino_path holds the
-    affinity encoder of `model.dino_kind` (a DINO ViT or a DINOv2).
+    for the world at `root`; dino_path holds the affinity encoder of
+    `model.dino_kind` (a DINO ViT or a DINOv2).
 
     Each encoder is cached on its own key (`cache_key`), so a change to the
-    CLIP section does not retrain DINO. `cache_dir` defaults to
-    `encoder_cache_dir(config)`.
+    CLIP section does not retrain DINO. On a cache miss the shipped
+    snapshot of the same kind and key (`SHIPPED_DIR`, docs/pretrain.md
+    "Shipped encoders") is checked against its manifest and copied in;
+    only when none ships is the encoder pretrained. `force` (default
+    `pretrain.force`) trains both encoders even when cached or shipped,
+    replacing the cache entries. `cache_dir` defaults to
+    `encoder_cache_dir(config)`, `shipped_dir` to `SHIPPED_DIR`.
     """
     problems = validate(config)
     if problems:
         raise ValueError("bad pretraining config:\n  "
                          + "\n  ".join(problems))
     cache_dir = cache_dir or encoder_cache_dir(config)
+    if force is None:
+        force = bool(config.pretrain.get("force", False))
     progress = bool(config.pretrain.progress)
     clip_path = _cached(
         "clip", lambda d: pretrain_clip(config, root, d, progress),
-        cache_key(config, "clip", root), cache_dir)
+        cache_key(config, "clip", root), cache_dir, force, shipped_dir)
     kind = affinity_kind(config)
     dino_path = _cached(
         kind, lambda d: pretrain_dino(config, root, d, progress),
-        cache_key(config, kind, root), cache_dir)
+        cache_key(config, kind, root), cache_dir, force, shipped_dir)
     return clip_path, dino_path
