@@ -7,10 +7,11 @@ tiny DINO ViT on it (or reuses the cached ones, `ssr_jax/pretrain/`),
 trains SSR on the image-level labels and scores it on the held-out masks.
 Nothing is downloaded.
 
-Arguments: "" (the full default, 15.8 min on 2 quiet CPU cores from
-empty caches and 8 min once cached, 2026-12-05), "smoke" (a shrunk world
-and encoders: 116 s end to end on 2 CPU cores from empty caches on
-2026-11-26, 117 s cached on 2026-12-05, as in the README), "tiny" (about a
+Arguments: "" (the full default, 10.5 min on 2 CPU cores from a fresh
+clone with the shipped encoders and empty caches, 8 min once cached,
+2026-12-05), "smoke" (a shrunk world and encoders: 2 min 13 s from a
+fresh clone with the shipped encoders, 2026-12-05, as in the README),
+"tiny" (about a
 minute from empty caches, seconds once cached; for tests). Each may be
 followed by ",dinov2" (or "dinov2" alone, the full default): the affinity
 encoder is then a tiny DINOv2 with patch 14 (`model.dino_kind="dinov2"`,

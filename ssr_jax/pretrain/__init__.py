@@ -42,7 +42,10 @@ writing `pretrain.ensure_encoders`, `pretrain.train_clip`, ...):
 - `clip`: CLIP contrastive pretraining (`train_clip`, `pretrain_clip`);
 - `dino`: DINO self-distillation (`train_dino`, `pretrain_dino`);
 - `cache`: the config check (`validate`) and the snapshot cache
-  (`cache_key`, `is_complete`, `ensure_encoders`).
+  (`cache_key`, `is_complete`, `ensure_encoders`), which installs the
+  shipped snapshots (`shipped/`, sha256 manifest) on a cache miss;
+- `ship`: `python -m ssr_jax.pretrain.ship --config CFG [--write]`
+  rebuilds the shipped snapshots and checks (or stores) them bit for bit.
 """
 
 from ssr_jax.pretrain.augment import (
