@@ -616,10 +616,14 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 f"{len(dino_affs)} blocks")
         dino_aff = ssr.mean_affinity(dino_affs[-n_dino:])
 
-        def table3(c):
+        def table3(c, clip_aff=None, a_dino=None):
+            """The Table 3 steps from CAM c; A_CLIP from `attn` unless
+            `clip_aff` is given, A_DINO = `dino_aff` unless `a_dino` is."""
             return ssr.table3_steps(
                 c, ssr.refine_fn(c, slot_valid, s, clip_attn=attn,
-                                 dino_aff=dino_aff, image=image,
+                                 clip_aff=clip_aff,
+                                 dino_aff=dino_aff if a_dino is None
+                                 else a_dino, image=image,
                                  superpixels=batch["superpixels"],
                                  valid=batch["valid"]),
                 has_dino=True, base_mask="box")
@@ -721,12 +725,7 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
                 a_dino = diagnostics.oracle_mix(dino_aff, oracle, beta_d)
 
                 def mixed_table3(c):
-                    return ssr.table3_steps(
-                        c, ssr.refine_fn(c, slot_valid, s, clip_aff=a_clip,
-                                         dino_aff=a_dino, image=image,
-                                         superpixels=batch["superpixels"],
-                                         valid=batch["valid"]),
-                        has_dino=True, base_mask="box")
+                    return table3(c, a_clip, a_dino)
 
             def at(alpha):
                 """The Table 3 rows from (1-α)·learned + α·oracle CAM."""
