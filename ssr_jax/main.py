@@ -73,8 +73,6 @@ class WorkdirBusyError(UserError):
 
 
 _parse_flags = cli.flags_parser("ssr_jax")
-_innermost, _chain, _clean = cli.innermost, cli.chain, cli.clean
-suggest_field = cli.suggest_field
 
 
 # --- paths --------------------------------------------------------------------
@@ -116,12 +114,12 @@ _TEXT_ERRNO = (
 
 
 def _os_error(e: BaseException) -> OSError | None:
-    for x in _chain(e):
+    for x in cli.chain(e):
         if isinstance(x, OSError) and x.errno in (
                 errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                 errno.EPERM):
             return x
-    for x in _chain(e):
+    for x in cli.chain(e):
         if isinstance(x, OSError):
             continue
         text = str(x)
@@ -155,7 +153,7 @@ def describe_error(e: BaseException, workdir: str | None = None
             f"cannot write {target}: {os.strerror(os_err.errno)}. Use a "
             "writable --workdir (and data.cache_dir / "
             "train.checkpoint_dir if set)")
-    for x in _chain(e):
+    for x in cli.chain(e):
         if isinstance(x, checkpointing.PreemptedError):
             return EXIT_PREEMPTED, str(x)
         if isinstance(x, WorkdirBusyError | UserError):
@@ -252,7 +250,7 @@ def handle_error(e: BaseException, workdir: str | None) -> None:
     if described is None:
         code = EXIT_FAULT
         message = (f"internal error: {type(e).__name__}: "
-                   f"{_clean(str(e))[:500]}\nThis is a bug in ssr_jax; "
+                   f"{cli.clean(str(e))[:500]}\nThis is a bug in ssr_jax; "
                    "please report it with the log file.")
     else:
         code, message = described
@@ -274,7 +272,7 @@ def main(argv: list[str]) -> None:
         if config is not None:
             config.data.name  # noqa: B018 - forces the lazy config load
     except OSError as e:
-        lines = [ln.strip() for ln in str(_innermost(e)).splitlines()]
+        lines = [ln.strip() for ln in str(cli.innermost(e)).splitlines()]
         _fail("cannot load the config file: "
               + " ".join(ln for ln in lines if ln))
     if config is None:

@@ -609,12 +609,9 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
         attn = tuple(out["attn"]) + (aux["attn12"],)
         dino_affs = ssr.affinity_encoder_affinity(dino, image, grid, patch,
                                                   dino_kind, all_blocks=True)
-        n_dino = config.sgc.get("dino_layers", 1)
-        if not 1 <= n_dino <= len(dino_affs):
-            raise config_check.ConfigError(
-                f"sgc.dino_layers={n_dino}: the affinity encoder has "
-                f"{len(dino_affs)} blocks")
-        dino_aff = ssr.mean_affinity(dino_affs[-n_dino:])
+        # sgc.dino_layers was checked against the depth (build.check_models)
+        dino_aff = ssr.mean_affinity(
+            dino_affs[-config.sgc.get("dino_layers", 1):])
 
         def table3(c, clip_aff=None, a_dino=None):
             """The Table 3 steps from CAM c; A_CLIP from `attn` unless
