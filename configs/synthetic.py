@@ -42,6 +42,14 @@ def _world(c: config_dict.ConfigDict) -> None:
     w.num_val = 300
     w.image_size = 160  # 10x10 patch grid at patch 16
     w.root = ""  # "" = ~/.cache/ssr_jax/synthetic/<parameters>
+    # [choice] P(a train caption names the background) (WorldConfig.
+    # caption_background_prob). 1 = every caption does, the world the
+    # shipped encoders were trained on. Below 1 the tiny CLIP learns from
+    # captions like "a boat." for a boat on water, so its CAM can tie a
+    # class to its home background, the co-occurrence confound CMPA is
+    # meant to correct (docs/diagnostics.md, session 22). Another value is
+    # another world (its own root and encoder cache entries).
+    w.caption_background_prob = 1.0
 
 
 def _pretrain(c: config_dict.ConfigDict) -> None:

@@ -90,10 +90,11 @@ def test_validate_names_each_bad_field(world, tmp_path):
     c.pretrain.clip.image_size = 50
     c.pretrain.clip.vision_heads = 3
     c.pretrain.dino.local_scale = (0.5, 0.2)
+    c.synthetic.caption_background_prob = 2.0
     problems = pretrain.validate(c)
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
     for field in ("dino.patch_size", "clip.image_size", "vision_width",
-                  "local_scale"):
+                  "local_scale", "caption_background_prob"):
         assert any(field in p for p in problems), (field, problems)
     with pytest.raises(ValueError, match="clip.image_size=50"):
         pretrain.ensure_encoders(c, world, str(tmp_path))
@@ -104,6 +105,11 @@ def test_world_root_default_is_named_by_parameters(monkeypatch, tmp_path):
     full, smoke = synthetic_config(""), synthetic_config("smoke")
     a, b = pretrain.world_root(full), pretrain.world_root(smoke)
     assert a != b and a.startswith(str(tmp_path))
+    # Another caption world is another world: its own root (and, through
+    # the world's identity, its own encoder cache entries).
+    full.synthetic.caption_background_prob = 0.2
+    assert pretrain.world_root(full) == a + "-capbg0.2"
+    assert pretrain.world_config(full).caption_background_prob == 0.2
     full.synthetic.root = "/data/w"
     assert pretrain.world_root(full) == "/data/w"
 

@@ -138,6 +138,43 @@ def test_captions_only_for_train_and_name_the_scene(world):
             assert name in words[0] or plural in words[0]
 
 
+def test_caption_background_prob_drops_the_background_phrase(sample):
+    """`caption_background_prob`: 1 is the default world (no draw, field
+    left out of the world's parameters); 0 never names the background
+    while naming every object as before; 0.5 keeps some; out of range is
+    refused with the fix."""
+    cfg, scenes = sample
+    assert "caption_background_prob" not in cfg.to_dict()
+    never = dataclasses.replace(cfg, caption_background_prob=0.0)
+    half = dataclasses.replace(cfg, caption_background_prob=0.5)
+    assert never.to_dict()["caption_background_prob"] == 0.0
+    bg_words = {w for b in cfg.backgrounds for w in [b.name, *b.phrase.split()]
+                } - {"a", "the", "on", "in", "by"} | {"under"}
+    kept = total = 0
+    for i, scene in enumerate(scenes[:80]):
+        if not scene.meta["objects"]:
+            continue
+        def rng(i=i):
+            return np.random.default_rng([11, 2, i])
+
+        base = syn.captions(cfg, scene.meta, rng())
+        assert syn.captions(dataclasses.replace(
+            cfg, caption_background_prob=1.0), scene.meta, rng()) == base
+        bare = syn.captions(never, scene.meta, rng())
+        for b, c in zip(base, bare, strict=True):
+            words = set(c.rstrip(".").replace(",", "").split())
+            assert not words & bg_words, c
+            # the objects are named as in the full caption
+            assert set(c.rstrip(".").replace(",", "").split()) <= set(
+                b.rstrip(".").replace(",", "").split()), (b, c)
+        for c in syn.captions(half, scene.meta, rng()):
+            total += 1
+            kept += bool(set(c.rstrip(".").split()) & bg_words)
+    assert 0.3 < kept / total < 0.7, (kept, total)
+    with pytest.raises(ValueError, match="caption_background_prob"):
+        dataclasses.replace(cfg, caption_background_prob=1.5).validate()
+
+
 # --- masks agree with labels; occlusion -------------------------------------
 
 

@@ -104,6 +104,7 @@ from ssr_jax.pretrain.world import (
     ensure_world,
     read_images,
     tokenizer_words,
+    world_config,
     world_identity,
     world_root,
 )
@@ -123,5 +124,5 @@ __all__ = [
     "normalise", "patch_logits", "pretrain_clip", "pretrain_dino",
     "read_images", "resized_crop", "save_backbone", "teacher_temp_schedule",
     "tie_query_key", "tokenizer_words", "train_clip", "train_dino",
-    "validate", "world_identity", "world_root"
+    "validate", "world_config", "world_identity", "world_root"
 ]

@@ -114,6 +114,10 @@ def validate(config: config_dict.ConfigDict) -> list[str]:
     if k.normalization not in ("clip", "imagenet"):
         e.append(f"pretrain.clip.normalization={k.normalization!r}: choose "
                  "'clip' or 'imagenet'")
+    p = config.get("synthetic", {}).get("caption_background_prob", 1.0)
+    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        e.append(f"synthetic.caption_background_prob={p!r}: must be in "
+                 "[0, 1] (1 = every caption names the background)")
     if k.context_length < 3:
         e.append(f"pretrain.clip.context_length={k.context_length}: needs "
                  "room for BOS, a word and EOS")

@@ -35,7 +35,22 @@ def world_root(config: config_dict.ConfigDict) -> str:
         return os.path.abspath(os.path.expanduser(w.root))
     tag = (f"seed{w.seed}-train{w.num_train}-val{w.num_val}-"
            f"px{w.image_size}")
+    p = caption_background_prob(config)
+    if p != 1.0:
+        tag += f"-capbg{p:g}"
     return os.path.join(_cache_base(), "ssr_jax", "synthetic", tag)
+
+
+def caption_background_prob(config: config_dict.ConfigDict) -> float:
+    """`synthetic.caption_background_prob` (1 where a config predates it)."""
+    return float(config.synthetic.get("caption_background_prob", 1.0))
+
+
+def world_config(config: config_dict.ConfigDict) -> synthetic.WorldConfig:
+    """The `WorldConfig` of `config.synthetic` (the default world's, with
+    the fields the config exposes)."""
+    return synthetic.WorldConfig(
+        caption_background_prob=caption_background_prob(config))
 
 
 def encoder_cache_dir(config: config_dict.ConfigDict) -> str:
@@ -52,6 +67,7 @@ def ensure_world(config: config_dict.ConfigDict) -> str:
     root = world_root(config)
     info = synthetic.generate(root, seed=w.seed, num_train=w.num_train,
                               num_val=w.num_val, image_size=w.image_size,
+                              config=world_config(config),
                               progress=bool(config.pretrain.progress))
     if info["generated"]:
         logging.info("synthetic world written to %s in %.1f s", root,

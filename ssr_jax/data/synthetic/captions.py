@@ -63,7 +63,9 @@ def captions(cfg: WorldConfig, meta: dict[str, Any],
     water." or "water with a boat."); the text bank's template with one noun
     per class ("a clean origami boat and flower on the water."), so that
     "clean" and "origami" are in the vocabulary and carry no meaning. A
-    horizon adds "under the sky".
+    horizon adds "under the sky". With `caption_background_prob` < 1 each
+    caption keeps its background phrase only with that probability
+    ("a boat." instead of "a boat on the water.").
     """
     bg = cfg.backgrounds[cfg.background_names.index(meta["background"])]
     where = bg.phrase + (" under the sky" if meta["horizon"] else "")
@@ -71,13 +73,21 @@ def captions(cfg: WorldConfig, meta: dict[str, Any],
     plain = _phrases(cfg, meta, attributes=False)
     if not plain:
         styles = [f"a photo of {bg.name}.", f"{bg.name}."]
-    else:
-        short = (f"{plain[0][1]} {where}." if rng.random() < 0.5
-                 else f"{bg.name} with {plain[0][1]}.")
-        nouns = _join([name for name, _ in plain])
-        styles = [f"a photo of {_join(full)} {where}.", short,
-                  f"{PROMPT_TEMPLATE.format(nouns)[:-1]} {where}."]
-    return [styles[i % len(styles)] for i in range(cfg.captions_per_image)]
+        return [styles[i % len(styles)]
+                for i in range(cfg.captions_per_image)]
+    short = (f"{plain[0][1]} {where}." if rng.random() < 0.5
+             else f"{bg.name} with {plain[0][1]}.")
+    nouns = _join([name for name, _ in plain])
+    styles = [f"a photo of {_join(full)} {where}.", short,
+              f"{PROMPT_TEMPLATE.format(nouns)[:-1]} {where}."]
+    out = [styles[i % len(styles)] for i in range(cfg.captions_per_image)]
+    p = cfg.caption_background_prob
+    if p < 1.0:  # no draw at 1: the default world's captions stay as they were
+        bare = [f"a photo of {_join(full)}.", f"{plain[0][1]}.",
+                f"{PROMPT_TEMPLATE.format(nouns)}"]
+        out = [bare[i % len(bare)] if rng.random() >= p else c
+               for i, c in enumerate(out)]
+    return out
 
 
 def vocabulary(cfg: WorldConfig) -> list[str]:

@@ -143,6 +143,13 @@ class WorldConfig:
       pixel_noise: Gaussian sensor noise, std in 8-bit levels.
       jpeg_quality: JPEG quality of JPEGImages (4:4:4 chroma).
       captions_per_image: captions written per train image.
+      caption_background_prob: P(a caption names the background), drawn
+        per caption. 1 (default) = every caption names it, so the tiny CLIP
+        can tell a class from its home background. Below 1 the captions say
+        "a boat." where the image shows a boat on water, as much real
+        alt-text does, so language supervision ties a class to its
+        co-occurring background (the confound CMPA targets). Left out of
+        `to_dict()` (so of world.json and the world's identity) at 1.
       placement_tries: placement attempts per group before it is dropped.
     """
 
@@ -161,6 +168,7 @@ class WorldConfig:
     jpeg_quality: int = 95
     captions_per_image: int = 3
     placement_tries: int = 25
+    caption_background_prob: float = 1.0
 
     @property
     def class_names(self) -> list[str]:
@@ -245,6 +253,10 @@ class WorldConfig:
                              f"{len(probs)} groups group_probs allows")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
+        if not 0.0 <= self.caption_background_prob <= 1.0:
+            raise ValueError(
+                f"caption_background_prob={self.caption_background_prob}: "
+                "must be in [0, 1] (1 = every caption names the background)")
         if self.void_width < 0 or self.captions_per_image < 1:
             raise ValueError("void_width >= 0 and captions_per_image >= 1")
         if image_size is not None and (
@@ -254,7 +266,13 @@ class WorldConfig:
                 ">= 64 (the tiny ViTs use patch 16), e.g. 128 or 160")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Added after worlds were shipped with encoders keyed on their
+        # parameters: at its default the field is left out, so those worlds
+        # (and the shipped encoders' keys) keep their identity.
+        if d["caption_background_prob"] == 1.0:
+            del d["caption_background_prob"]
+        return d
 
     def describe(self) -> str:
         """Markdown tables of the classes, backgrounds and difficulties."""
@@ -285,4 +303,7 @@ class WorldConfig:
             f"{self.min_visible_area:.1%} of the image visible; void border "
             f"{self.void_width} px each side of every instance boundary.",
         ]
+        if self.caption_background_prob < 1.0:
+            lines.append(f"A caption names the background with probability "
+                         f"{self.caption_background_prob:.0%}.")
         return "\n".join(lines)
