@@ -50,6 +50,11 @@ def _world(c: config_dict.ConfigDict) -> None:
     # meant to correct (docs/diagnostics.md, session 22). Another value is
     # another world (its own root and encoder cache entries).
     w.caption_background_prob = 1.0
+    # [choice] "all": that probability applies to every caption; "home":
+    # only where the background is the home of a class in the image (the
+    # language ties "boat" to water, yet "water" stays grounded by other
+    # images). Ignored at caption_background_prob=1.
+    w.caption_background_scope = "all"
 
 
 def _pretrain(c: config_dict.ConfigDict) -> None:

@@ -91,13 +91,41 @@ def test_validate_names_each_bad_field(world, tmp_path):
     c.pretrain.clip.vision_heads = 3
     c.pretrain.dino.local_scale = (0.5, 0.2)
     c.synthetic.caption_background_prob = 2.0
+    c.synthetic.caption_background_scope = "house"
     problems = pretrain.validate(c)
-    assert len(problems) == 5, problems
+    assert len(problems) == 6, problems
     for field in ("dino.patch_size", "clip.image_size", "vision_width",
-                  "local_scale", "caption_background_prob"):
+                  "local_scale", "caption_background_prob",
+                  "caption_background_scope"):
         assert any(field in p for p in problems), (field, problems)
     with pytest.raises(ValueError, match="clip.image_size=50"):
         pretrain.ensure_encoders(c, world, str(tmp_path))
+
+
+def test_bad_world_and_pretraining_overrides_are_user_errors(world,
+                                                            tmp_path):
+    """A bad `--config.synthetic.*` or `--config.pretrain.*` override is a
+    config problem (main: exit 2, one line), found before anything is
+    written; it was reported as an internal error ("a bug")."""
+    from ssr_jax import main  # noqa: PLC0415
+
+    for field, value, needle in (
+            ("caption_background_scope", "house", "'all' or 'home'"),
+            ("caption_background_prob", 1.5, r"must be in \[0, 1\]"),
+            ("image_size", 100, "multiple of 16")):
+        c = synthetic_config("tiny")
+        c.synthetic.root = str(tmp_path / "w")
+        c.synthetic[field] = value
+        with pytest.raises(config_check.ConfigError, match=needle) as e:
+            pretrain.ensure_world(c)
+        assert main.describe_error(e.value)[0] == 2
+        assert not (tmp_path / "w").exists()
+    c = synthetic_config("tiny")
+    c.pretrain.clip.image_size = 50
+    with pytest.raises(config_check.ConfigError, match="image_size=50") as e:
+        pretrain.ensure_encoders(c, world, str(tmp_path / "enc"))
+    assert main.describe_error(e.value) == (2, str(e.value))
+    assert not (tmp_path / "enc").exists()
 
 
 def test_world_root_default_is_named_by_parameters(monkeypatch, tmp_path):
@@ -110,6 +138,8 @@ def test_world_root_default_is_named_by_parameters(monkeypatch, tmp_path):
     full.synthetic.caption_background_prob = 0.2
     assert pretrain.world_root(full) == a + "-capbg0.2"
     assert pretrain.world_config(full).caption_background_prob == 0.2
+    full.synthetic.caption_background_scope = "home"
+    assert pretrain.world_root(full) == a + "-capbg0.2-home"
     full.synthetic.root = "/data/w"
     assert pretrain.world_root(full) == "/data/w"
 

@@ -173,6 +173,25 @@ def test_caption_background_prob_drops_the_background_phrase(sample):
     assert 0.3 < kept / total < 0.7, (kept, total)
     with pytest.raises(ValueError, match="caption_background_prob"):
         dataclasses.replace(cfg, caption_background_prob=1.5).validate()
+    # scope "home": only captions of an image on a present class's home
+    # lose the phrase; the rest keep it; the default scope is left out.
+    home = dataclasses.replace(never, caption_background_scope="home")
+    assert "caption_background_scope" not in never.to_dict()
+    assert home.to_dict()["caption_background_scope"] == "home"
+    seen = set()
+    for i, scene in enumerate(scenes[:80]):
+        if not scene.meta["objects"]:
+            continue
+        homes = {cfg.classes[cfg.class_names.index(o["class"])].home
+                 for o in scene.meta["objects"]}
+        at_home = scene.meta["background"] in homes
+        seen.add(at_home)
+        caps = syn.captions(home, scene.meta, np.random.default_rng(i))
+        named = [bool(set(c.rstrip(".").split()) & bg_words) for c in caps]
+        assert named == [not at_home] * len(caps), (scene.meta, caps)
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="caption_background_scope"):
+        dataclasses.replace(cfg, caption_background_scope="some").validate()
 
 
 # --- masks agree with labels; occlusion -------------------------------------

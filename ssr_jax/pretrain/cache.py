@@ -118,6 +118,10 @@ def validate(config: config_dict.ConfigDict) -> list[str]:
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         e.append(f"synthetic.caption_background_prob={p!r}: must be in "
                  "[0, 1] (1 = every caption names the background)")
+    scope = config.get("synthetic", {}).get("caption_background_scope", "all")
+    if scope not in ("all", "home"):
+        e.append(f"synthetic.caption_background_scope={scope!r}: choose "
+                 "'all' or 'home'")
     if k.context_length < 3:
         e.append(f"pretrain.clip.context_length={k.context_length}: needs "
                  "room for BOS, a word and EOS")
@@ -312,8 +316,8 @@ def ensure_encoders(config: config_dict.ConfigDict, root: str,
     """
     problems = validate(config)
     if problems:
-        raise ValueError("bad pretraining config:\n  "
-                         + "\n  ".join(problems))
+        raise config_check.ConfigError("bad pretraining config:\n  "
+                                       + "\n  ".join(problems))
     cache_dir = cache_dir or encoder_cache_dir(config)
     if force is None:
         force = bool(config.pretrain.get("force", False))

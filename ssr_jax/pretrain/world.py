@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_dict
 from PIL import Image
 
+from ssr_jax import config_check
 from ssr_jax import text as text_lib
 from ssr_jax.data import synthetic
 
@@ -38,6 +39,8 @@ def world_root(config: config_dict.ConfigDict) -> str:
     p = caption_background_prob(config)
     if p != 1.0:
         tag += f"-capbg{p:g}"
+        if caption_background_scope(config) != "all":
+            tag += f"-{caption_background_scope(config)}"
     return os.path.join(_cache_base(), "ssr_jax", "synthetic", tag)
 
 
@@ -46,11 +49,18 @@ def caption_background_prob(config: config_dict.ConfigDict) -> float:
     return float(config.synthetic.get("caption_background_prob", 1.0))
 
 
+def caption_background_scope(config: config_dict.ConfigDict) -> str:
+    """`synthetic.caption_background_scope` ("all" where a config predates
+    it)."""
+    return str(config.synthetic.get("caption_background_scope", "all"))
+
+
 def world_config(config: config_dict.ConfigDict) -> synthetic.WorldConfig:
     """The `WorldConfig` of `config.synthetic` (the default world's, with
     the fields the config exposes)."""
     return synthetic.WorldConfig(
-        caption_background_prob=caption_background_prob(config))
+        caption_background_prob=caption_background_prob(config),
+        caption_background_scope=caption_background_scope(config))
 
 
 def encoder_cache_dir(config: config_dict.ConfigDict) -> str:
@@ -64,6 +74,11 @@ def ensure_world(config: config_dict.ConfigDict) -> str:
     """Generates the synthetic world of `config.synthetic` if needed
     (idempotent, atomic: `data.synthetic.generate`); returns its root."""
     w = config.synthetic
+    try:  # a user's override: reported as a config problem, not a bug
+        world_config(config).validate(w.image_size)
+    except ValueError as e:
+        raise config_check.ConfigError(
+            f"bad synthetic world (--config.synthetic.*): {e}") from None
     root = world_root(config)
     info = synthetic.generate(root, seed=w.seed, num_train=w.num_train,
                               num_val=w.num_val, image_size=w.image_size,

@@ -65,7 +65,9 @@ def captions(cfg: WorldConfig, meta: dict[str, Any],
     "clean" and "origami" are in the vocabulary and carry no meaning. A
     horizon adds "under the sky". With `caption_background_prob` < 1 each
     caption keeps its background phrase only with that probability
-    ("a boat." instead of "a boat on the water.").
+    ("a boat." instead of "a boat on the water."); with
+    `caption_background_scope="home"` only where the background is the home
+    of a class in the image.
     """
     bg = cfg.backgrounds[cfg.background_names.index(meta["background"])]
     where = bg.phrase + (" under the sky" if meta["horizon"] else "")
@@ -82,6 +84,10 @@ def captions(cfg: WorldConfig, meta: dict[str, Any],
               f"{PROMPT_TEMPLATE.format(nouns)[:-1]} {where}."]
     out = [styles[i % len(styles)] for i in range(cfg.captions_per_image)]
     p = cfg.caption_background_prob
+    if p < 1.0 and cfg.caption_background_scope == "home":
+        homes = {cfg.classes[cfg.class_names.index(name)].home
+                 for name, _ in plain}
+        p = p if bg.name in homes else 1.0
     if p < 1.0:  # no draw at 1: the default world's captions stay as they were
         bare = [f"a photo of {_join(full)}.", f"{plain[0][1]}.",
                 f"{PROMPT_TEMPLATE.format(nouns)}"]

@@ -150,6 +150,12 @@ class WorldConfig:
         alt-text does, so language supervision ties a class to its
         co-occurring background (the confound CMPA targets). Left out of
         `to_dict()` (so of world.json and the world's identity) at 1.
+      caption_background_scope: which captions that draw applies to:
+        "all" (default) or "home", only images whose background is the home
+        of a class in them ("a boat." for a boat on water, but always "a
+        boat on the sand."): the language ties a class to its typical
+        context while every background word stays grounded by the other
+        images. Left out of `to_dict()` at "all".
       placement_tries: placement attempts per group before it is dropped.
     """
 
@@ -169,6 +175,7 @@ class WorldConfig:
     captions_per_image: int = 3
     placement_tries: int = 25
     caption_background_prob: float = 1.0
+    caption_background_scope: str = "all"
 
     @property
     def class_names(self) -> list[str]:
@@ -257,6 +264,10 @@ class WorldConfig:
             raise ValueError(
                 f"caption_background_prob={self.caption_background_prob}: "
                 "must be in [0, 1] (1 = every caption names the background)")
+        if self.caption_background_scope not in ("all", "home"):
+            raise ValueError(
+                f"caption_background_scope={self.caption_background_scope!r}"
+                ": choose 'all' or 'home'")
         if self.void_width < 0 or self.captions_per_image < 1:
             raise ValueError("void_width >= 0 and captions_per_image >= 1")
         if image_size is not None and (
@@ -272,6 +283,8 @@ class WorldConfig:
         # (and the shipped encoders' keys) keep their identity.
         if d["caption_background_prob"] == 1.0:
             del d["caption_background_prob"]
+        if d["caption_background_scope"] == "all":
+            del d["caption_background_scope"]
         return d
 
     def describe(self) -> str:
@@ -304,6 +317,8 @@ class WorldConfig:
             f"{self.void_width} px each side of every instance boundary.",
         ]
         if self.caption_background_prob < 1.0:
-            lines.append(f"A caption names the background with probability "
-                         f"{self.caption_background_prob:.0%}.")
+            where = ("" if self.caption_background_scope == "all" else
+                     " when it is the home of a class in the image")
+            lines.append(f"A caption names the background{where} with "
+                         f"probability {self.caption_background_prob:.0%}.")
         return "\n".join(lines)
