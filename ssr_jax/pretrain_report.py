@@ -57,6 +57,7 @@ from ssr_jax.data import specs, synthetic
 from ssr_jax.models import encoders, loading
 from ssr_jax.models.clip import CLIP
 from ssr_jax.report_format import (
+    CMPA_POOL_SOURCES,
     CMPA_STEPS,
     ORACLE_CAM_STEPS,
     ORACLE_STEPS,
@@ -652,6 +653,12 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
             steps[name] = osteps[key]
         pool = {"tokens": aux["tokens"][:, 1:],
                 "pools": ocams.reshape(ocams.shape[:2] + (-1,)),
+                # fixed learned pools (`cmpa_pools`): the plain initial CAM
+                # and the "+SGC" CAM, clipped like the run's pooling weights
+                "pools_cam": jnp.clip(cams, 0.0, 1.0).reshape(
+                    cams.shape[:2] + (-1,)),
+                "pools_refined": jnp.clip(steps["sgc"], 0.0, 1.0).reshape(
+                    cams.shape[:2] + (-1,)),
                 "cls_ids": cls_ids,
                 "token_valid": ssr.token_valid(batch["valid"], grid)
                 & batch["example_valid"][:, None]}
@@ -751,6 +758,7 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 cam_mix: Sequence[float] = (),
                 cam_mix_affinity: float = 0.0,
                 cam_mix_affinity_dino: float | None = None,
+                cmpa_pools: Sequence[str] = (),
                 ) -> dict[str, Any]:
     """CAM-seed mIoU after each Table 3 step on the train split.
 
@@ -784,6 +792,11 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         also moved toward the oracle affinity, (1-β)·A + β·oracle
         (`diagnostics.oracle_mix`); 0 = as learned.
       cam_mix_affinity_dino: A_DINO's own β (None = `cam_mix_affinity`).
+      cmpa_pools: with `oracle_cmpa`, also train the heads on pools under
+        fixed learned CAMs, each of `CMPA_POOL_SOURCES` ("cam": the plain
+        initial CAM; "refined": the "+SGC" CAM), plain and with the
+        background-pool term (rows `pool_source_rows`; the oracle rows use
+        the ground truth).
 
     Returns:
       {"miou": {step: mIoU}, "scores": {step: metrics.scores dict},
@@ -899,10 +912,10 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         n += int(np.asarray(batch["example_valid"]).sum())
     cmpa_info = None
     if oracle_cmpa:
-        heads, cmpa_info = pretrain_report_cmpa.oracle_cmpa_heads(
-            config, {k: np.concatenate(v) for k, v in pools.items()},
-            text_fg, text_bg)
+        all_pools = {k: np.concatenate(v) for k, v in pools.items()}
         del pools
+        heads, cmpa_info = pretrain_report_cmpa.oracle_cmpa_heads(
+            config, all_pools, text_fg, text_bg)
         cmpa_fn = pretrain_report_cmpa.cmpa_cam_fn(
             clip, config, text_fg, text_bg, float(logit_scale))
         cmpa_conf = np.zeros((len(CMPA_STEPS), num_classes, num_classes),
@@ -916,6 +929,25 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
                 cmpa_conf[i] += np.asarray(cmpa_fn(heads[k], b), np.int64)
         conf = np.concatenate([conf, cmpa_conf])
         keys = keys + CMPA_STEPS
+        for source in cmpa_pools:
+            src_heads, src_info = pretrain_report_cmpa.pooled_cmpa_heads(
+                config, all_pools, text_fg, text_bg, source)
+            cmpa_info[f"pools_{source}"] = src_info
+            rows = pretrain_report_cmpa.pool_source_rows(source)
+            src_conf = np.zeros((len(rows), num_classes, num_classes),
+                                np.int64)
+            for batch in input_pipeline.seed_batches(
+                    config, config.data.seed_split, batch_size, size,
+                    max_images=max_images, process_index=0,
+                    process_count=1):
+                b = {k: jnp.asarray(v) for k, v in batch.items()
+                     if k not in ("name",)}
+                for i, k in enumerate(rows):
+                    src_conf[i] += np.asarray(cmpa_fn(src_heads[k], b),
+                                              np.int64)
+            conf = np.concatenate([conf, src_conf])
+            keys = keys + rows
+        del all_pools
     sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
     grid_out = None
     if mask_grid is not None:
@@ -1031,6 +1063,14 @@ def main(argv: Sequence[str]) -> None:
                          _CAM_MIX_AFFINITY_DINO.value)):
             if b is not None and not 0.0 <= b <= 1.0:
                 raise ValueError(f"{name}={b}: give a weight in [0, 1]")
+        bad = sorted(set(_CMPA_POOLS.value) - set(CMPA_POOL_SOURCES))
+        if bad:
+            raise ValueError(f"cmpa_pools={','.join(_CMPA_POOLS.value)}: "
+                             f"{bad} unknown; choose from "
+                             f"{','.join(CMPA_POOL_SOURCES)}")
+        if _CMPA_POOLS.value and not _ORACLE_CMPA.value:
+            raise ValueError("cmpa_pools needs the oracle CMPA pass; drop "
+                             "--nooracle_cmpa")
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
     errors = config_check.validate(config, check_devices=False)
@@ -1057,7 +1097,8 @@ def main(argv: Sequence[str]) -> None:
                 affinity_mix=alphas, affinity_levers=_AFFINITY_LEVERS.value,
                 cam_mix=cam_alphas,
                 cam_mix_affinity=_CAM_MIX_AFFINITY.value,
-                cam_mix_affinity_dino=_CAM_MIX_AFFINITY_DINO.value)
+                cam_mix_affinity_dino=_CAM_MIX_AFFINITY_DINO.value,
+                cmpa_pools=tuple(_CMPA_POOLS.value))
         except config_check.ConfigError as e:
             raise SystemExit(f"pretrain_report: {e}") from None
         report[f"seeds_scale_{seeds['logit_scale']:g}"] = seeds
@@ -1106,6 +1147,10 @@ if __name__ == "__main__":
     _ORACLE_CMPA = flags.DEFINE_boolean(
         "oracle_cmpa", True, "train and score the oracle CMPA rows (a "
         "second pass; --nooracle_cmpa skips them)")
+    _CMPA_POOLS = flags.DEFINE_list(
+        "cmpa_pools", [], "also train the CMPA heads on pools under fixed "
+        "learned CAMs: cam (plain initial CAM), refined (the +SGC CAM); "
+        "rows cmpa_<source>pool[_bgpool] beside the GT-pool oracle")
     _OUT = flags.DEFINE_string("out", "", "write the reports as JSON here")
     from ssr_jax import cli
 

@@ -81,19 +81,7 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
       "variant", "positive", "bgneg_last_loss", "bgpool_last_loss",
       "bgpool_last_acc", "bgpool_first_bg_loss", "bgpool_last_bg_loss"}).
     """
-    p = config.cmpa
-    kw = dict(steps=int(config.train.num_steps),
-              batch=int(config.train.batch_size),
-              lr=float(config.optim.lr)
-              * float(config.optim.get("heads_lr_mult", 1.0)),
-              hidden_dim=p.hidden_dim, dim=p.dim, tau_init=p.tau_init,
-              tau_min=p.tau_min, tied_init=p.get("tied_init", True),
-              identity_init=p.get("identity_init", False),
-              variant=p.variant if p.variant != "none" else "cross",
-              bg_negatives=p.get("background_negatives", False),
-              bg_pool=p.get("background_pool", False),
-              bg_pool_weight=float(p.get("background_pool_weight", 1.0)),
-              seed=int(config.get("seed", 0)))
+    kw = _heads_kwargs(config)
     args = (pool["tokens"], pool["pools"], pool["cls_ids"], text_fg,
             text_bg)
     trained, log = diagnostics_cmpa.train_heads_on_pools(
@@ -127,3 +115,55 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
     return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
             "cmpa_oracle_bgneg": bgneg, "cmpa_oracle_bgpool": bgpool,
             "cmpa_untrained": untrained}, info
+
+
+def pool_source_rows(source: str) -> tuple[str, str]:
+    """The two report rows of heads trained on `source` pools (plain CMPA,
+    and with the background-pool term)."""
+    return f"cmpa_{source}pool", f"cmpa_{source}pool_bgpool"
+
+
+def pooled_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
+                      text_fg: Array, text_bg: Array, source: str,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Heads trained as the oracle CMPA's, on pools under a fixed learned
+    CAM instead of the ground truth: `pool[f"pools_{source}"]` (the report
+    fills "cam", the plain initial CAM, and "refined", the Table 3 "+SGC"
+    CAM that the run's PAR reads). Beside the GT-pool rows this separates
+    the pools' quality from the run's self-feeding loop (there the CAM that
+    pools comes from the heads being trained).
+
+    Returns:
+      ({`pool_source_rows(source)`[0]: heads, [1]: heads with the
+      background-pool term}, {"last_loss", "last_acc", "bgpool_last_loss"}).
+    """
+    kw = _heads_kwargs(config)
+    args = (pool["tokens"], pool[f"pools_{source}"], pool["cls_ids"],
+            text_fg, text_bg)
+    plain, log = diagnostics_cmpa.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **kw)
+    bgpool, log_bp = diagnostics_cmpa.train_heads_on_pools(
+        *args, token_valid=pool["token_valid"], **{**kw, "bg_pool": True})
+    rows = pool_source_rows(source)
+    return {rows[0]: plain, rows[1]: bgpool}, {
+        "last_loss": log["loss"][-1] if log["loss"] else None,
+        "last_acc": log["acc"][-1] if log["acc"] else None,
+        "bgpool_last_loss": log_bp["loss"][-1] if log_bp["loss"] else None}
+
+
+def _heads_kwargs(config: config_dict.ConfigDict) -> dict[str, Any]:
+    """`train_heads_on_pools` settings of the run: head shapes, budget, the
+    heads' own lr, the CMPA choices."""
+    p = config.cmpa
+    return dict(steps=int(config.train.num_steps),
+                batch=int(config.train.batch_size),
+                lr=float(config.optim.lr)
+                * float(config.optim.get("heads_lr_mult", 1.0)),
+                hidden_dim=p.hidden_dim, dim=p.dim, tau_init=p.tau_init,
+                tau_min=p.tau_min, tied_init=p.get("tied_init", True),
+                identity_init=p.get("identity_init", False),
+                variant=p.variant if p.variant != "none" else "cross",
+                bg_negatives=p.get("background_negatives", False),
+                bg_pool=p.get("background_pool", False),
+                bg_pool_weight=float(p.get("background_pool_weight", 1.0)),
+                seed=int(config.get("seed", 0)))

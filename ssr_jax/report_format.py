@@ -29,6 +29,9 @@ ORACLE_CAM_STEPS = ("oracle_cam", "oracle_cam_clip_attn",
 # "bgpool": with the background-pool term (`cmpa.background_pool`).
 CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
               "cmpa_oracle_bgpool", "cmpa_untrained")
+# Fixed learned pools for the CMPA heads (`pretrain_report --cmpa_pools`):
+# rows cmpa_<source>pool and cmpa_<source>pool_bgpool.
+CMPA_POOL_SOURCES = ("cam", "refined")
 
 
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
@@ -108,6 +111,14 @@ def format_table3(miou: dict[str, float]) -> str:
                    f"negatives {cell('cmpa_oracle_bgneg').strip()}, "
                    f"background pool "
                    f"{cell('cmpa_oracle_bgpool').strip()})")
+    for source in CMPA_POOL_SOURCES:
+        row = f"cmpa_{source}pool"
+        if row in miou:
+            what = {"cam": "the plain initial CAM",
+                    "refined": "the +SGC CAM"}[source]
+            out.append(f"  heads on pools under {what} (fixed): "
+                       f"{cell(row).strip()}, with background pool "
+                       f"{cell(row + '_bgpool').strip()}")
     return "\n".join(out)
 
 

@@ -62,8 +62,14 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
                                                  "kmeans_init": ()},
                                       affinity_mix=(0.0, 1.0),
                                       affinity_levers=True,
-                                      cam_mix=(0.0, 0.5, 1.0))
+                                      cam_mix=(0.0, 0.5, 1.0),
+                                      cmpa_pools=("cam", "refined"))
     assert got["num_images"] == 2
+    for source in ("cam", "refined"):  # heads on fixed learned pools
+        for row in pretrain_report.pretrain_report_cmpa.pool_source_rows(
+                source):
+            assert 0 <= got["miou"][row] <= 1, row
+        assert got["oracle_cmpa"][f"pools_{source}"]["last_loss"] > 0
     # The mask grid at the config's own settings reproduces the Table 3
     # rows that use the same mask (the method's refine_cams path).
     grid = {(g["mask"], g.get("kmeans_init"),
@@ -145,6 +151,7 @@ def test_seed_report_config_scale_is_the_methods(tmp_path):
     assert "affinity mixed toward the oracle" in printed
     assert "CLIP affinity levers" in printed
     assert "initial CAM moved toward the oracle" in printed
+    assert "heads on pools under the +SGC CAM (fixed)" in printed
     assert all(k in printed for k in got["miou"])
 
 
@@ -360,3 +367,42 @@ def test_off_self_drops_the_diagonal_and_keeps_row_sums():
                 want[i, q, q] = 0.0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.sum(-1), aff.sum(-1), rtol=1e-5)
+
+
+def test_pooled_cmpa_heads_train_on_the_named_pools(monkeypatch):
+    """`pooled_cmpa_heads` trains as the oracle CMPA does (the same
+    settings: shapes, budget, the heads' lr, seed), on the pools it is
+    told instead of the ground truth, plain and with the background-pool
+    term. The trainer is replaced by a recorder: its own tests are in
+    tests/test_diagnostics.py."""
+    from ssr_jax import diagnostics_cmpa
+    from ssr_jax import pretrain_report_cmpa as prc
+
+    calls = []
+
+    def record(tokens, pools, cls_ids, text_fg, text_bg, **kw):
+        calls.append((pools, kw))
+        return len(calls), {"loss": [2.0, 1.0], "acc": [0.5, 0.7],
+                            "bg_loss": [0.4, 0.1], "tau": 0.05}
+
+    monkeypatch.setattr(diagnostics_cmpa, "train_heads_on_pools", record)
+    c = _synthetic_config("tiny")
+    c.optim.heads_lr_mult = 0.1
+    gt, cam, refined = (np.full((1, 1, 4), v, np.float32)
+                        for v in (1.0, 0.5, 0.25))
+    pool = {"tokens": np.zeros((1, 4, 3), np.float32), "pools": gt,
+            "pools_cam": cam, "pools_refined": refined,
+            "cls_ids": np.zeros((1, 1), np.int32),
+            "token_valid": np.ones((1, 4), bool)}
+    prc.oracle_cmpa_heads(c, pool, None, None)
+    oracle_kw = calls[0][1]
+    assert calls[0][0] is gt and oracle_kw["lr"] == pytest.approx(
+        c.optim.lr * 0.1)
+    for source, want in (("cam", cam), ("refined", refined)):
+        del calls[:]
+        heads, info = prc.pooled_cmpa_heads(c, pool, None, None, source)
+        assert list(heads) == list(prc.pool_source_rows(source))
+        assert [p is want for p, _ in calls] == [True, True]
+        assert calls[0][1] == oracle_kw
+        assert calls[1][1] == {**oracle_kw, "bg_pool": True}
+        assert info["last_loss"] == 1.0
