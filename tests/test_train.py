@@ -150,7 +150,7 @@ def test_compiles_once_for_different_class_sets(world, tmp_path):
     assert s.update._cache_size() == 1
 
 
-@pytest.mark.slow  # ~50 s CPU, ~100 s on the shared 2 cores (3 compiles)
+@pytest.mark.slow(seconds=50)  # ~100 s on the shared 2 cores (3 compiles)
 def test_class_slot_buckets(world, tmp_path, monkeypatch):
     """Issue 15: each batch runs the update compiled for the smallest
     bucket holding its largest class count, picked on the host; one
@@ -385,7 +385,7 @@ def _final_params(workdir, step):
     return ssr_fixtures.read_checkpoint(workdir, step)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)  # scheduling weight (tests/conftest.py)
 def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     import preemption_utils  # noqa: PLC0415
 
