@@ -85,7 +85,8 @@ def test_chunk_sizes_are_what_worksteal_sends():
     """The initial distribution of pytest-xdist's WorkStealingScheduling,
     run on fake workers: contiguous chunks of the sizes `chunk_sizes`
     gives, in the order the workers came up."""
-    from xdist.scheduler import WorkStealingScheduling
+    WorkStealingScheduling = pytest.importorskip(
+        "xdist.scheduler").WorkStealingScheduling  # noqa: N806
 
     class Node:
         shutting_down = False
