@@ -86,7 +86,7 @@ def test_spec_presets_reach_the_config(shapes):
 # 41 s on the shared 2 cores at load average 5 (76 s at load 10), most of
 # it the train step's compile (train_and_evaluate 43 s, evaluate 4 s, at
 # load 10).
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_toy_dataset_trains_and_evaluates(shapes, tmp_path):
     """Train 2 steps, then evaluate val: the real loops (main's calls)."""
     from ssr_jax import evaluate, train  # noqa: PLC0415 - JAX

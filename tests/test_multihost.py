@@ -29,7 +29,7 @@ def _argv(tree, clip, dino, workdir):
             "--config.model.decoder.dropout=0.0")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)  # scheduling weight (tests/conftest.py)
 def test_two_processes_match_one_process(tmp_path):
     tree = data_fixtures.write_voc_tree(str(tmp_path / "voc"), num_images=6)
     clip, dino = ssr_fixtures.make_tiny_encoders(

@@ -182,7 +182,7 @@ def test_tiny_dinov2_snapshot(registers, world, tmp_path):
 # --- end to end -------------------------------------------------------------
 
 
-@pytest.mark.slow  # 104 s wall (50 s CPU) on the loaded 2-core machine
+@pytest.mark.slow(seconds=60)  # 104 s wall on the loaded 2-core machine
 def test_main_runs_the_dinov2_variant(tmp_path):
     """`python -m ssr_jax.main --config configs/synthetic.py:tiny,dinov2`:
     world, both pretrainings, SSR training with the DINOv2 affinity

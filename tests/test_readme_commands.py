@@ -286,7 +286,7 @@ def _steps(workdir: str) -> list[int]:
                   if p.isdigit())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=170)  # scheduling weight (tests/conftest.py)
 def test_readme_embedded_commands(tmp_path):
     """The embedded default as the README shows it (relative workdir),
     preempted and resumed; eval and pseudo labels on its checkpoint; the
@@ -495,7 +495,7 @@ def _files(directory: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=105)
 def test_readme_real_data_commands(tmp_path):
     """The VOC commands (train, eval, pseudo labels) and the COCO one on
     fixture trees in the real layouts and tiny random snapshots, from a

@@ -150,7 +150,7 @@ def test_compiles_once_for_different_class_sets(world, tmp_path):
     assert s.update._cache_size() == 1
 
 
-@pytest.mark.slow  # ~50 s CPU, ~100 s on the shared 2 cores (3 compiles)
+@pytest.mark.slow(seconds=50)  # ~100 s on the shared 2 cores (3 compiles)
 def test_class_slot_buckets(world, tmp_path, monkeypatch):
     """Issue 15: each batch runs the update compiled for the smallest
     bucket holding its largest class count, picked on the host; one
@@ -260,12 +260,13 @@ def test_box_mask_does_not_need_superpixels(world, tmp_path):
         _path_eqns(world, tmp_path, 6, "superpixel", superpixels=False)
 
 
-@pytest.mark.slow  # ~35 s on 2 cores (two short runs, two compiles)
+@pytest.mark.slow  # ~35 s on 2 cores (a short run and its restart)
 def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
     """The trainer does not import the evaluator: main passes
     `make_eval_hook` (docs/DESIGN.md "Layers"); it is called with the
     loaded encoders and the hook runs every `train.eval_every` steps and at
-    the end. Without one, eval_every only warns."""
+    the end. Without one, eval_every only warns (checked on a restart of
+    the finished run, which trains nothing: no second compile)."""
     c = _config(world)
     c.train.batch_size = 2
     c.train.num_steps = 3
@@ -284,9 +285,11 @@ def test_eval_hook_is_built_by_the_given_factory(world, tmp_path, caplog):
     assert calls == [(True, True, ["bg", "fg"])]
     assert steps == [2, 3]
     with caplog.at_level("WARNING"):
-        train.train_and_evaluate(c, str(tmp_path / "b"),
-                                 devices=jax.devices()[:1])
+        again = train.train_and_evaluate(c, str(tmp_path / "a"),
+                                         devices=jax.devices()[:1])
     assert "no eval hook was given" in caplog.text
+    assert int(again.state["step"]) == 3  # restored, nothing trained
+    assert steps == [2, 3]
 
 
 @pytest.mark.slow
@@ -385,7 +388,7 @@ def _final_params(workdir, step):
     return ssr_fixtures.read_checkpoint(workdir, step)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)  # scheduling weight (tests/conftest.py)
 def test_sigterm_resume_equals_uninterrupted_run(world, tmp_path):
     import preemption_utils  # noqa: PLC0415
 
