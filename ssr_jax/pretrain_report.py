@@ -63,6 +63,7 @@ from ssr_jax.report_format import (
     ORACLE_STEPS,
     STEPS,
     format_report,
+    pool_source_rows,
 )
 
 Array = jax.Array
@@ -572,7 +573,8 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
              mix_alphas: Sequence[float] = (),
              levers: Sequence[dict] = (), cam_alphas: Sequence[float] = (),
              cam_mix_affinity: float = 0.0,
-             cam_mix_affinity_dino: float | None = None):
+             cam_mix_affinity_dino: float | None = None,
+             learned_pools: bool = False):
     """Jitted batch → (confusion per step [S, C, C], purity sums/counts,
     initial-CAM `diagnostics.cam_error_counts`, the pooling inputs of the
     oracle CMPA: projected patch tokens, GT pools, class ids, valid
@@ -653,15 +655,15 @@ def _seed_fn(clip: CLIP, dino: Any, config: config_dict.ConfigDict,
             steps[name] = osteps[key]
         pool = {"tokens": aux["tokens"][:, 1:],
                 "pools": ocams.reshape(ocams.shape[:2] + (-1,)),
-                # fixed learned pools (`cmpa_pools`): the plain initial CAM
-                # and the "+SGC" CAM, clipped like the run's pooling weights
-                "pools_cam": jnp.clip(cams, 0.0, 1.0).reshape(
-                    cams.shape[:2] + (-1,)),
-                "pools_refined": jnp.clip(steps["sgc"], 0.0, 1.0).reshape(
-                    cams.shape[:2] + (-1,)),
                 "cls_ids": cls_ids,
                 "token_valid": ssr.token_valid(batch["valid"], grid)
                 & batch["example_valid"][:, None]}
+        if learned_pools:
+            # fixed learned pools (`cmpa_pools`): the plain initial CAM and
+            # the "+SGC" CAM, clipped like the run's pooling weights
+            for source, c in (("cam", cams), ("refined", steps["sgc"])):
+                pool[f"pools_{source}"] = jnp.clip(c, 0.0, 1.0).reshape(
+                    c.shape[:2] + (-1,))
         confs = []
         errors = None
         for name in STEPS + ORACLE_STEPS + ORACLE_CAM_STEPS:
@@ -844,7 +846,8 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
               if affinity_levers else [])
     fn = _seed_fn(clip, dino, config, text_fg, text_bg, float(logit_scale),
                   home, settings, tuple(alphas), levers, tuple(cam_alphas),
-                  float(cam_mix_affinity), cam_mix_affinity_dino)
+                  float(cam_mix_affinity), cam_mix_affinity_dino,
+                  learned_pools=bool(oracle_cmpa and cmpa_pools))
     num_classes = config.data.num_classes
     grid_cov = np.zeros((2, len(settings), 2, 4))
     grid_conf = np.zeros((len(settings), len(MASK_GRID_ROWS), num_classes,
@@ -916,38 +919,28 @@ def seed_report(config: config_dict.ConfigDict, clip_path: str,
         del pools
         heads, cmpa_info = pretrain_report_cmpa.oracle_cmpa_heads(
             config, all_pools, text_fg, text_bg)
+        rows = list(CMPA_STEPS)
+        for source in cmpa_pools:
+            src_heads, cmpa_info[f"pools_{source}"] = (
+                pretrain_report_cmpa.pooled_cmpa_heads(
+                    config, all_pools, text_fg, text_bg, source))
+            heads.update(src_heads)
+            rows += pool_source_rows(source)
+        del all_pools
+        # One pass over the images scores every set of heads.
         cmpa_fn = pretrain_report_cmpa.cmpa_cam_fn(
             clip, config, text_fg, text_bg, float(logit_scale))
-        cmpa_conf = np.zeros((len(CMPA_STEPS), num_classes, num_classes),
+        cmpa_conf = np.zeros((len(rows), num_classes, num_classes),
                              np.int64)
         for batch in input_pipeline.seed_batches(
                 config, config.data.seed_split, batch_size, size,
                 max_images=max_images, process_index=0, process_count=1):
             b = {k: jnp.asarray(v) for k, v in batch.items()
                  if k not in ("name",)}
-            for i, k in enumerate(CMPA_STEPS):
+            for i, k in enumerate(rows):
                 cmpa_conf[i] += np.asarray(cmpa_fn(heads[k], b), np.int64)
         conf = np.concatenate([conf, cmpa_conf])
-        keys = keys + CMPA_STEPS
-        for source in cmpa_pools:
-            src_heads, src_info = pretrain_report_cmpa.pooled_cmpa_heads(
-                config, all_pools, text_fg, text_bg, source)
-            cmpa_info[f"pools_{source}"] = src_info
-            rows = pretrain_report_cmpa.pool_source_rows(source)
-            src_conf = np.zeros((len(rows), num_classes, num_classes),
-                                np.int64)
-            for batch in input_pipeline.seed_batches(
-                    config, config.data.seed_split, batch_size, size,
-                    max_images=max_images, process_index=0,
-                    process_count=1):
-                b = {k: jnp.asarray(v) for k, v in batch.items()
-                     if k not in ("name",)}
-                for i, k in enumerate(rows):
-                    src_conf[i] += np.asarray(cmpa_fn(src_heads[k], b),
-                                              np.int64)
-            conf = np.concatenate([conf, src_conf])
-            keys = keys + rows
-        del all_pools
+        keys = keys + tuple(rows)
     sc = {k: metrics.scores(conf[i], names) for i, k in enumerate(keys)}
     grid_out = None
     if mask_grid is not None:

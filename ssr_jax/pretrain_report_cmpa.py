@@ -22,6 +22,7 @@ from ssr_jax import cam as cam_lib
 from ssr_jax import diagnostics_cmpa, metrics, pretrain, ssr
 from ssr_jax import par as par_lib
 from ssr_jax.models.clip import CLIP
+from ssr_jax.report_format import pool_source_rows
 
 Array = jax.Array
 
@@ -115,12 +116,6 @@ def oracle_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],
     return {"cmpa_oracle": trained, "cmpa_oracle_bn_only": bn_only,
             "cmpa_oracle_bgneg": bgneg, "cmpa_oracle_bgpool": bgpool,
             "cmpa_untrained": untrained}, info
-
-
-def pool_source_rows(source: str) -> tuple[str, str]:
-    """The two report rows of heads trained on `source` pools (plain CMPA,
-    and with the background-pool term)."""
-    return f"cmpa_{source}pool", f"cmpa_{source}pool_bgpool"
 
 
 def pooled_cmpa_heads(config: config_dict.ConfigDict, pool: dict[str, Any],

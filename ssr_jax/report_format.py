@@ -34,6 +34,12 @@ CMPA_STEPS = ("cmpa_oracle", "cmpa_oracle_bn_only", "cmpa_oracle_bgneg",
 CMPA_POOL_SOURCES = ("cam", "refined")
 
 
+def pool_source_rows(source: str) -> tuple[str, str]:
+    """The two report rows of heads trained on `source` pools (plain CMPA,
+    and with the background-pool term)."""
+    return f"cmpa_{source}pool", f"cmpa_{source}pool_bgpool"
+
+
 def format_report(zs: dict[str, Any], seeds: dict[str, Any]) -> str:
     """A short text summary of both reports."""
     return "\n".join([
@@ -111,14 +117,13 @@ def format_table3(miou: dict[str, float]) -> str:
                    f"negatives {cell('cmpa_oracle_bgneg').strip()}, "
                    f"background pool "
                    f"{cell('cmpa_oracle_bgpool').strip()})")
-    for source in CMPA_POOL_SOURCES:
-        row = f"cmpa_{source}pool"
+    for source, what in zip(CMPA_POOL_SOURCES, ("the plain initial CAM",
+                                                "the +SGC CAM"), strict=True):
+        row, bg_row = pool_source_rows(source)
         if row in miou:
-            what = {"cam": "the plain initial CAM",
-                    "refined": "the +SGC CAM"}[source]
             out.append(f"  heads on pools under {what} (fixed): "
                        f"{cell(row).strip()}, with background pool "
-                       f"{cell(row + '_bgpool').strip()}")
+                       f"{cell(bg_row).strip()}")
     return "\n".join(out)
 
 

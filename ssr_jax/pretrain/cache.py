@@ -30,6 +30,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from ssr_jax import config_check
+from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 from ssr_jax.pretrain.clip import pretrain_clip
 from ssr_jax.pretrain.dino import KINDS, affinity_kind, pretrain_dino
@@ -114,14 +115,10 @@ def validate(config: config_dict.ConfigDict) -> list[str]:
     if k.normalization not in ("clip", "imagenet"):
         e.append(f"pretrain.clip.normalization={k.normalization!r}: choose "
                  "'clip' or 'imagenet'")
-    p = config.get("synthetic", {}).get("caption_background_prob", 1.0)
-    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        e.append(f"synthetic.caption_background_prob={p!r}: must be in "
-                 "[0, 1] (1 = every caption names the background)")
-    scope = config.get("synthetic", {}).get("caption_background_scope", "all")
-    if scope not in ("all", "home"):
-        e.append(f"synthetic.caption_background_scope={scope!r}: choose "
-                 "'all' or 'home'")
+    w = config.get("synthetic", {})
+    e += ["synthetic." + x for x in synthetic.caption_problems(
+        w.get("caption_background_prob", 1.0),
+        w.get("caption_background_scope", "all"))]
     if k.context_length < 3:
         e.append(f"pretrain.clip.context_length={k.context_length}: needs "
                  "room for BOS, a word and EOS")

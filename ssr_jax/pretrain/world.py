@@ -36,11 +36,10 @@ def world_root(config: config_dict.ConfigDict) -> str:
         return os.path.abspath(os.path.expanduser(w.root))
     tag = (f"seed{w.seed}-train{w.num_train}-val{w.num_val}-"
            f"px{w.image_size}")
-    p = caption_background_prob(config)
+    p, scope = caption_background_prob(config), caption_background_scope(
+        config)
     if p != 1.0:
-        tag += f"-capbg{p:g}"
-        if caption_background_scope(config) != "all":
-            tag += f"-{caption_background_scope(config)}"
+        tag += f"-capbg{p:g}" + ("" if scope == "all" else f"-{scope}")
     return os.path.join(_cache_base(), "ssr_jax", "synthetic", tag)
 
 
@@ -74,15 +73,16 @@ def ensure_world(config: config_dict.ConfigDict) -> str:
     """Generates the synthetic world of `config.synthetic` if needed
     (idempotent, atomic: `data.synthetic.generate`); returns its root."""
     w = config.synthetic
+    world = world_config(config)
     try:  # a user's override: reported as a config problem, not a bug
-        world_config(config).validate(w.image_size)
+        world.validate(w.image_size)
     except ValueError as e:
         raise config_check.ConfigError(
             f"bad synthetic world (--config.synthetic.*): {e}") from None
     root = world_root(config)
     info = synthetic.generate(root, seed=w.seed, num_train=w.num_train,
                               num_val=w.num_val, image_size=w.image_size,
-                              config=world_config(config),
+                              config=world,
                               progress=bool(config.pretrain.progress))
     if info["generated"]:
         logging.info("synthetic world written to %s in %.1f s", root,

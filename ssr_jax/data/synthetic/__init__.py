@@ -87,6 +87,7 @@ from ssr_jax.data.synthetic.spec import (
     ClassSpec,
     PairSpec,
     WorldConfig,
+    caption_problems,
 )
 from ssr_jax.data.synthetic.stats import (
     contact_sheet,
@@ -120,6 +121,7 @@ __all__ = [
     "TEXTURE_WORDS",
     "WORLD_VERSION",
     "WorldConfig",
+    "caption_problems",
     "captions",
     "classes_record",
     "contact_sheet",

@@ -121,6 +121,21 @@ DEFAULT_PAIRS = (
 )
 
 
+def caption_problems(prob: Any, scope: Any) -> list[str]:
+    """What is wrong with `WorldConfig.caption_background_prob` / `_scope`
+    (empty when both are good); the config check (`pretrain.validate`)
+    reports them as `synthetic.*` fields."""
+    e = []
+    if (isinstance(prob, bool) or not isinstance(prob, (int, float))
+            or not 0.0 <= prob <= 1.0):
+        e.append(f"caption_background_prob={prob!r}: must be in [0, 1] "
+                 "(1 = every caption names the background)")
+    if scope not in ("all", "home"):
+        e.append(f"caption_background_scope={scope!r}: choose 'all' or "
+                 "'home'")
+    return e
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Every knob of the world. `describe()` renders it for the README.
@@ -260,14 +275,10 @@ class WorldConfig:
                              f"{len(probs)} groups group_probs allows")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
-        if not 0.0 <= self.caption_background_prob <= 1.0:
-            raise ValueError(
-                f"caption_background_prob={self.caption_background_prob}: "
-                "must be in [0, 1] (1 = every caption names the background)")
-        if self.caption_background_scope not in ("all", "home"):
-            raise ValueError(
-                f"caption_background_scope={self.caption_background_scope!r}"
-                ": choose 'all' or 'home'")
+        problems = caption_problems(self.caption_background_prob,
+                                    self.caption_background_scope)
+        if problems:
+            raise ValueError(problems[0])
         if self.void_width < 0 or self.captions_per_image < 1:
             raise ValueError("void_width >= 0 and captions_per_image >= 1")
         if image_size is not None and (
