@@ -307,7 +307,7 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
             cfg.gray_prob)))(x.astype(jnp.float32), keys)
         return normalise(x, "imagenet")
 
-    ibot = ibot_cfg(cfg)["ibot_weight"]
+    ibot_w = ibot_cfg(cfg)["ibot_weight"]
 
     def forward(params, crops):
         """crops [V, B, S, S, 3] → logits [V, B, K]."""
@@ -329,14 +329,14 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
         kg, kl = jax.random.split(key)
         glob, loc = photometric(glob, kg), photometric(loc, kl)
         temp = t_temp(state["step"])
-        if ibot:
+        if ibot_w:
             t_g, t_p = jax.lax.stop_gradient(
                 forward_patches(state["teacher"], glob, None))
         else:
             t_g = jax.lax.stop_gradient(forward(state["teacher"], glob))
 
         def loss_fn(params):
-            if not ibot:
+            if not ibot_w:
                 student = (list(forward(params, glob))
                            + list(forward(params, loc)))
                 loss = dino_loss(student, list(t_g), state["center"],
@@ -348,7 +348,7 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
                             temp)
             patch = ibot_patch_loss(s_p, t_p, masks, state["center_patch"],
                                     cfg.student_temp, temp)
-            return cls + ibot * patch, (cls, patch)
+            return cls + ibot_w * patch, (cls, patch)
 
         (loss, (cls_loss, patch_loss)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state["student"])
@@ -366,7 +366,7 @@ def make_dino_step(graphdef: nnx.GraphDef, cfg: config_dict.ConfigDict,
         used = jnp.mean(probs, axis=(0, 1))
         new = {"student": student, "teacher": teacher, "opt": opt,
                "center": center, "step": state["step"] + 1}
-        if ibot:
+        if ibot_w:
             new["center_patch"] = (
                 cfg.center_momentum * state["center_patch"]
                 + (1 - cfg.center_momentum) * t_p.mean(axis=(0, 1, 2)))
@@ -412,8 +412,8 @@ def train_dino(config: config_dict.ConfigDict, root: str,
              "opt": tx.init(params),
              "center": jnp.zeros((cfg.num_prototypes,), jnp.float32),
              "step": jnp.zeros((), jnp.int32)}
-    ibot = ibot_cfg(cfg)
-    if ibot["ibot_weight"]:
+    ibot_fields = ibot_cfg(cfg)
+    if ibot_fields["ibot_weight"]:
         state["center_patch"] = jnp.zeros_like(state["center"])
         grid = (cfg.global_size // cfg.patch_size,) * 2
     rng = np.random.default_rng([seed, 2])
@@ -425,10 +425,11 @@ def train_dino(config: config_dict.ConfigDict, root: str,
     for i, idx in enumerate(bar):
         glob, loc = multi_crops(images[idx], rng, cfg)
         masks = None
-        if ibot["ibot_weight"]:  # drawn after the crops: DINO's stream kept
+        # drawn after the crops: DINO's random stream is kept
+        if ibot_fields["ibot_weight"]:
             masks = block_masks(
-                rng, 2 * len(idx), grid, ibot["mask_prob"],
-                ibot["mask_ratio"], ibot["mask_min_patches"],
+                rng, 2 * len(idx), grid, ibot_fields["mask_prob"],
+                ibot_fields["mask_ratio"], ibot_fields["mask_min_patches"],
             ).reshape(2, len(idx), -1)
         state, m = step_fn(state, glob, loc, jax.random.fold_in(key, i),
                            masks)
@@ -449,7 +450,7 @@ def train_dino(config: config_dict.ConfigDict, root: str,
             "teacher_mean_entropy": float(last["teacher_mean_entropy"]),
             "seconds": time.perf_counter() - start,
             "cpu_seconds": tr.cpu_seconds() - cpu0}
-    if ibot["ibot_weight"]:
+    if ibot_fields["ibot_weight"]:
         info["final_patch_loss"] = float(np.mean(
             [h["patch_loss"] for h in history[-10:]]))
         info["final_cls_loss"] = float(np.mean(
