@@ -63,6 +63,11 @@ def _seeds(errors, config, spec) -> None:
     the embedded default's training only."""
     seeds = tuple(config.get("seeds", ()) or ())
     if not seeds:
+        if config.get("sweep_encoders", False):
+            errors.append("sweep_encoders=True without seeds: it varies the "
+                          "encoders across a seed sweep; add "
+                          "--config.seeds=0,1,2 (one run: set "
+                          "--config.pretrain.seed=N instead)")
         return
     bad = [s for s in seeds
            if isinstance(s, bool) or not isinstance(s, numbers.Integral)

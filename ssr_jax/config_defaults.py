@@ -26,6 +26,11 @@ def base_config() -> config_dict.ConfigDict:
     # with `seed`. Embedded default only (ssr_jax/embedded.py `sweep`):
     # <workdir>/seed<N>/ each, sweep.json with mean ± sd.
     c.seeds = ()
+    # With `seeds`: seed N of the sweep also pretrains (or reuses from the
+    # cache) its own tiny encoders with `pretrain.seed=N`, so the spread
+    # covers the encoders' draw as well as SSR's training. Off: the
+    # encoders are fixed (`pretrain.seed`) and only SSR's seed varies.
+    c.sweep_encoders = False
 
     # --- data ---------------------------------------------------------------
     c.data = d = config_dict.ConfigDict()

@@ -447,17 +447,25 @@ def sweep_table(summary: dict[str, Any]) -> str:
                      f"{100 * o['margin']:+.1f} (per seed {diffs}), "
                      f"sd {sd}")
     lines.append(summary["rule"] + ".")
+    if summary.get("sweep_encoders"):
+        lines.append("Each seed N also pretrained its own encoders "
+                     "(pretrain.seed=N): the spread covers the encoders' "
+                     "draw and SSR's training.")
     return "\n".join(lines)
 
 
 def seed_config(config, seed: int):
-    """The config of one training seed of a sweep: the same as a single run
-    with `--config.seed=<seed>` (and no sweep)."""
+    """The config of one seed of a sweep: the same as a single run with
+    `--config.seed=<seed>` (and no sweep); with `sweep_encoders`, also
+    `--config.pretrain.seed=<seed>`."""
     import copy  # noqa: PLC0415
 
     c = copy.deepcopy(config)
     c.seed = int(seed)
     c.seeds = ()
+    if config.get("sweep_encoders", False):
+        c.pretrain.seed = int(seed)
+        c.sweep_encoders = False
     return c
 
 
@@ -468,16 +476,22 @@ def seed_workdir(workdir: str, seed: int) -> str:
 def sweep(config, workdir: str) -> dict[str, Any]:
     """`--config.seeds=0,1,2`: the embedded default once per training seed
     in `<workdir>/seed<N>/` (each exactly `run` with `--config.seed=N`;
-    world and encoders are shared through their caches), then
+    world and encoders are shared through their caches; with
+    `sweep_encoders` seed N also uses the encoders of `pretrain.seed=N`,
+    pretrained on the first use and cached), then
     `<workdir>/sweep.json` / `sweep.md` and the table. A seed whose
     results.json exists (from the same config: `config_hash`) is reused,
     so re-running the command after a preemption (exit 75) resumes the
     interrupted seed from its checkpoint and loses nothing."""
     seeds = [int(s) for s in config.seeds]
-    prepare(config)  # paths of the world / encoders, for the config hash
+    vary = bool(config.get("sweep_encoders", False))
+    if not vary:  # paths of the world / encoders, for the config hash
+        prepare(config)
     per_seed, reused = {}, []
     for s in seeds:
         cfg, wd = seed_config(config, s), seed_workdir(workdir, s)
+        if vary:  # this seed's own encoders (pretrained here if not cached)
+            prepare(cfg)
         path = os.path.join(wd, "results.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -497,6 +511,9 @@ def sweep(config, workdir: str) -> dict[str, Any]:
             res = run(cfg, wd)
         per_seed[s] = res
     summary = summarize(per_seed)
+    summary["sweep_encoders"] = vary
+    summary["encoders"] = {str(s): per_seed[s].get("encoders")
+                           for s in seeds}
     summary["workdirs"] = {str(s): seed_workdir(workdir, s) for s in seeds}
     summary["reused"] = reused
     if jax.process_index() == 0:

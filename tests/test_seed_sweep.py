@@ -231,3 +231,89 @@ def test_preempted_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
     with pytest.raises(config_check.ConfigError, match="another config"):
         embedded.sweep(c2, str(tmp_path))
     assert calls == [0, 1, 1, 2]
+
+
+def _synthetic(**kw):
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "configs_synthetic_sweep", os.path.join(root, "configs",
+                                                "synthetic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_config_check_sweep_encoders_needs_a_sweep():
+    errors = config_check.validate(_synthetic(sweep_encoders=True),
+                                   check_devices=False)
+    assert [e for e in errors if e.startswith("sweep_encoders")], errors
+    errors = config_check.validate(
+        _synthetic(sweep_encoders=True, seeds=(0, 1)), check_devices=False)
+    assert not [e for e in errors if e.startswith(("sweep_encoders",
+                                                   "seeds="))], errors
+
+
+def test_seed_config_with_sweep_encoders_sets_the_pretrain_seed():
+    """Seed N of an encoder sweep is the single run with --config.seed=N
+    --config.pretrain.seed=N (same config hash, so its results are
+    reused); without the flag the encoders stay at pretrain.seed."""
+    from ssr_jax import checkpointing  # noqa: PLC0415
+
+    c = _synthetic(seeds=(0, 2), sweep_encoders=True)
+    one = embedded.seed_config(c, 2)
+    assert one.seed == 2 and one.pretrain.seed == 2
+    assert one.sweep_encoders is False and tuple(one.seeds) == ()
+    assert c.pretrain.seed == 0 and c.sweep_encoders is True
+    single = _synthetic(seed=2)
+    single.pretrain.seed = 2
+    assert checkpointing.config_hash(one) == checkpointing.config_hash(
+        single)
+    fixed = embedded.seed_config(_synthetic(seeds=(0, 2)), 2)
+    assert fixed.seed == 2 and fixed.pretrain.seed == 0
+
+
+def test_encoder_sweep_prepares_each_seeds_encoders(tmp_path, monkeypatch):
+    """Control flow with `run` / `prepare` replaced: each seed's config is
+    prepared with its own pretrain.seed (never the sweep's own), the
+    summary says the encoders varied and names them, the table says so."""
+    import json  # noqa: PLC0415
+
+    from ssr_jax import checkpointing  # noqa: PLC0415
+
+    prepared = []
+
+    def fake_prepare(config):
+        prepared.append((int(config.seed), int(config.pretrain.seed)))
+        config.model.clip_path = f"/enc/clip{config.pretrain.seed}"
+
+    def fake_run(cfg, wd):
+        fake_prepare(cfg)
+        v = 0.3 + 0.01 * cfg.seed
+        res = dict(_results(v, v, v - 0.1, v - 0.05, v - 0.06),
+                   seed=int(cfg.seed),
+                   encoders={"clip": cfg.model.clip_path},
+                   config_hash=checkpointing.config_hash(cfg))
+        with open(f"{wd}/results.json", "w") as f:
+            json.dump(res, f)
+        return res
+
+    monkeypatch.setattr(embedded, "run", fake_run)
+    monkeypatch.setattr(embedded, "prepare", fake_prepare)
+    c = _synthetic(seeds=(1, 3), sweep_encoders=True)
+    summary = embedded.sweep(c, str(tmp_path))
+    assert prepared == [(1, 1), (1, 1), (3, 3), (3, 3)]  # sweep, then run
+    assert summary["sweep_encoders"] is True
+    assert summary["encoders"] == {"1": {"clip": "/enc/clip1"},
+                                   "3": {"clip": "/enc/clip3"}}
+    assert "pretrained its own encoders" in (tmp_path / "sweep.md"
+                                             ).read_text()
+    # Re-run: the hash of each seed's prepared config matches, reused.
+    prepared.clear()
+    again = embedded.sweep(c, str(tmp_path))
+    assert again["reused"] == [1, 3] and prepared == [(1, 1), (3, 3)]
