@@ -203,6 +203,7 @@ def test_every_readme_command_is_covered():
         ("synthetic", "train", "runs/synth", f),
         ("synthetic", "train", "runs/smoke", f),
         ("synthetic", "train", "runs/synth_seeds", f),
+        ("synthetic", "train", "runs/synth_encoders", f),
         ("synthetic", "eval", "runs/synth", f),
         ("synthetic", "pseudo_labels", "runs/synth", f),
         ("voc", "train", "runs/voc", f),
@@ -286,11 +287,11 @@ def _steps(workdir: str) -> list[int]:
                   if p.isdigit())
 
 
-@pytest.mark.slow(seconds=170)  # scheduling weight (tests/conftest.py)
+@pytest.mark.slow(seconds=200)  # scheduling weight (tests/conftest.py)
 def test_readme_embedded_commands(tmp_path):
     """The embedded default as the README shows it (relative workdir),
     preempted and resumed; eval and pseudo labels on its checkpoint; the
-    smoke variant; the seed sweep."""
+    smoke variant; the seed sweep and the encoder sweep."""
     import preemption_utils  # noqa: PLC0415 - tests/ on sys.path
 
     cases = _cases("synthetic")
@@ -359,6 +360,9 @@ def test_readme_embedded_commands(tmp_path):
     sweep = cases.get(("train", "runs/synth_seeds"))
     assert sweep is not None, "README lost the seed-sweep command"
     _check_seed_sweep(sweep, cwd, env, res)
+    encoders = cases.get(("train", "runs/synth_encoders"))
+    assert encoders is not None, "README lost the encoder-sweep command"
+    _check_encoder_sweep(encoders, cwd, env, res)
 
     # Deterministic across processes: a fresh process (another hash seed,
     # an empty cache) generates the same world and pretrains bitwise-equal
@@ -424,6 +428,34 @@ def _check_seed_sweep(sweep: Case, cwd: str, env: dict[str, str],
     assert other.returncode == 2, other.stderr[-2000:]
     assert "exists from another config" in other.stderr
     assert "Traceback" not in other.stderr
+
+
+def _check_encoder_sweep(sweep: Case, cwd: str, env: dict[str, str],
+                         reference: dict) -> None:
+    """The README's encoder sweep (2 tiny seeds): seed 0 is the default
+    run exactly (pretrain.seed 0 is the default's), seed 1 pretrains its
+    own encoders (other files, other plain-CLIP CAM) into the cache."""
+    assert "--config.sweep_encoders=True" in sweep.argv, sweep.argv
+    workdir = os.path.join(cwd, sweep.effective_workdir)
+    r = _run(sweep, cwd, env)
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        summary = json.load(f)
+    assert summary["sweep_encoders"] is True
+    assert summary["training_seeds"] == [0, 1]
+    enc = summary["encoders"]
+    assert enc["0"] == reference["encoders"]
+    for kind in ("clip", "dino"):
+        assert enc["1"][kind] != enc["0"][kind]
+        f0, f1 = _files(enc["0"][kind]), _files(enc["1"][kind])
+        assert f0 and f1 and f0 != f1
+    with open(os.path.join(workdir, "seed0", "results.json")) as f:
+        seed0 = json.load(f)
+    assert seed0["config_hash"] == reference["config_hash"]
+    assert seed0["seeds"] == reference["seeds"]
+    row = summary["rows"]["CAM seeds (train): initial CAM, plain CLIP"]
+    assert row["values"][0] == reference["cmpa"]["initial_cam_without"]
+    assert row["values"][1] != row["values"][0]  # other encoders
+    assert "pretrained its own encoders" in r.stdout
 
 
 def _check_results(res: dict, stdout: str, workdir: str) -> None:
