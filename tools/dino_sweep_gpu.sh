@@ -9,6 +9,9 @@
 # Every variant: tools/dino_sweep.py → pretrain_report (train split, 500
 # images, no oracle CMPA). Deterministic GPU ops, so a variant trained twice
 # (ibot1500 and ibot1500_rep) shows whether the snapshot is reproducible.
+# base_s1 / ibot1500_s1 draw another pair (pretrain.seed=1, so the CLIP is
+# pretrained too): a DINO gain must hold across encoder draws, whose spread
+# is as large as the Table 3 steps on CPU (docs/diagnostics.md, session 23).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -39,13 +42,15 @@ L=pretrain.dino
 LONG="$L.steps=${LONG_STEPS:-1500},$L.warmup_steps=100,$L.teacher_momentum=0.996"
 "$PY" tools/dino_sweep.py --config "${CONFIG:-configs/synthetic.py}" \
   --seed_cache "$XDG_CACHE_HOME/ssr_jax/encoders" --work /tmp/sweep \
-  --jobs "${JOBS:-6}" --out "$OUT/summary.json" --tar "$OUT/encoders.tar" \
+  --jobs "${JOBS:-8}" --out "$OUT/summary.json" --tar "$OUT/encoders.tar" \
   --variant base: \
   --variant "ibot150:$L.ibot_weight=1" \
   --variant "long1500:$LONG" \
   --variant "ibot1500:$LONG,$L.ibot_weight=1" \
   --variant "ibot1500_rep:$LONG,$L.ibot_weight=1" \
   --variant "ibot1500_lr5e-4:$LONG,$L.ibot_weight=1,$L.lr=5e-4" \
+  --variant "base_s1:pretrain.seed=1" \
+  --variant "ibot1500_s1:$LONG,$L.ibot_weight=1,pretrain.seed=1" \
   ${SWEEP_ARGS:-}
 rc=$?
 tail -n 3 /tmp/sweep/*.log > "$OUT/variant_logs_tail.txt" 2>/dev/null
