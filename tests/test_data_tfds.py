@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import config_fixtures
 import numpy as np
 import pytest
 
@@ -139,11 +140,7 @@ def test_synthetic_builder_records(tmp_path):
 
     root = tmp_path / "world"
     synthetic.generate(root, num_train=3, num_val=2, image_size=64)
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_config", os.path.join(ROOT, "configs", "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_fixtures.load_config("configs/synthetic.py:tiny")
     config.data.root = str(root)
     config.data.tfds_dir = str(tmp_path / "t")
     out = _build(config)

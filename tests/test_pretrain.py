@@ -5,11 +5,11 @@ are shared by the module; the cache tests replace the trainers by fakes
 that write a valid snapshot, so that they check the cache logic alone.
 """
 
-import importlib.util
 import json
 import os
 import time
 
+import config_fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_config(arg: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(
-        "configs_synthetic", os.path.join(ROOT, "configs", "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_fixtures.load_config(f"configs/synthetic.py:{arg}")
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ every seed pixel background).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
+import config_fixtures
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,15 +22,9 @@ from ssr_jax import pretrain_report, report_format, ssr, text
 from ssr_jax.data import synthetic
 from ssr_jax.models import loading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _synthetic_config(arg: str):
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_config", os.path.join(ROOT, "configs", "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_fixtures.load_config(f"configs/synthetic.py:{arg}")
 
 
 def _world_and_encoders(tmp_path, num_train: int, num_val: int):

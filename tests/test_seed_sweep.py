@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import config_fixtures
 import pytest
 
 from ssr_jax import config_check, embedded
@@ -234,16 +235,7 @@ def test_preempted_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def _synthetic(**kw):
-    import importlib.util  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        "configs_synthetic_sweep", os.path.join(root, "configs",
-                                                "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = config_fixtures.load_config("configs/synthetic.py:tiny")
     for k, v in kw.items():
         c[k] = v
     return c

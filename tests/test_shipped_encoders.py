@@ -8,13 +8,13 @@ tests check which path `ensure_encoders` takes. The real rebuild is
 (docs/pretrain.md, "Shipped encoders").
 """
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import config_fixtures
 import pytest
 
 from ssr_jax import pretrain
@@ -26,13 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT, SMOKE = "configs/synthetic.py", "configs/synthetic.py:smoke"
 
 
-def load_config(arg: str):
-    path, _, variant = arg.partition(":")
-    spec = importlib.util.spec_from_file_location(
-        "configs_synthetic", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+load_config = config_fixtures.load_config
 
 
 MANIFEST = cache.read_manifest()

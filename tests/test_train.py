@@ -515,12 +515,9 @@ def test_optimizer_groups_take_their_lr_multipliers(heads_mult, decoder_mult):
 def test_synthetic_default_slows_the_heads_only():
     """configs/synthetic.py: the heads at a tenth of WeCLIP's rate, the
     decoder at WeCLIP's ×10 (docs/diagnostics.md, issue 10)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_cfg", os.path.join(ROOT, "configs", "synthetic.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    import config_fixtures  # noqa: PLC0415 - tests/ on sys.path
+
+    c = config_fixtures.load_config("configs/synthetic.py")
     assert (c.optim.lr, c.optim.decoder_lr_mult, c.optim.heads_lr_mult) == (
         2e-4, 10.0, 0.1)
 
